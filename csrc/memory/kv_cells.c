@@ -1,0 +1,572 @@
+/* kv_cells.c - cell metadata of one KV stream (llama.cpp's llama_kv_cells, SPEC section 3).
+ *
+ * Structure of arrays: pos, shift, ext and a 256-bit sequence set per cell, a bitmap of
+ * used cells, and per sequence an ordered index of (pos, cell) pairs kept as a treap whose
+ * shape is a pure function of its keys (priorities are hashes), so seq_pos_min/max and
+ * range queries never scan the cells.  An optional journal records the first change of
+ * each cell so that a failed composite operation can be undone exactly.
+ */
+#include "mem_internal.h"
+
+#include <stdlib.h>
+
+static const pmi_ext EXT_RESET = {0, 0, -1};
+
+/* ---- per-sequence treap ------------------------------------------------------------- */
+
+static inline uint64_t key_of(pm_pos pos, uint32_t cell) {
+    return ((uint64_t)((uint32_t)pos ^ 0x80000000u) << 32) | cell;
+}
+
+static inline uint64_t prio_of(uint64_t k) {
+    k += 0x9e3779b97f4a7c15ULL;
+    k = (k ^ (k >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    k = (k ^ (k >> 27)) * 0x94d049bb133111ebULL;
+    return k ^ (k >> 31);
+}
+
+static uint32_t node_new(pmi_cells *c, uint64_t key) {
+    uint32_t n = c->nfree;
+    c->nfree = c->nl[n];
+    c->nkey[n] = key;
+    c->nl[n] = PMI_NONE;
+    c->nr[n] = PMI_NONE;
+    c->nlive++;
+    return n;
+}
+
+static void node_free(pmi_cells *c, uint32_t n) {
+    c->nl[n] = c->nfree;
+    c->nfree = n;
+    c->nlive--;
+}
+
+/* keys < key go to *lo, the others to *hi */
+static void tr_split(pmi_cells *c, uint32_t t, uint64_t key, uint32_t *lo, uint32_t *hi) {
+    if (t == PMI_NONE) {
+        *lo = *hi = PMI_NONE;
+    } else if (c->nkey[t] < key) {
+        tr_split(c, c->nr[t], key, &c->nr[t], hi);
+        *lo = t;
+    } else {
+        tr_split(c, c->nl[t], key, lo, &c->nl[t]);
+        *hi = t;
+    }
+}
+
+static uint32_t tr_merge(pmi_cells *c, uint32_t a, uint32_t b) {
+    if (a == PMI_NONE) {
+        return b;
+    }
+    if (b == PMI_NONE) {
+        return a;
+    }
+    if (prio_of(c->nkey[a]) > prio_of(c->nkey[b])) {
+        c->nr[a] = tr_merge(c, c->nr[a], b);
+        return a;
+    }
+    c->nl[b] = tr_merge(c, a, c->nl[b]);
+    return b;
+}
+
+static uint32_t tr_insert(pmi_cells *c, uint32_t t, uint32_t n) {
+    if (t == PMI_NONE) {
+        return n;
+    }
+    uint64_t k = c->nkey[n];
+    if (prio_of(k) > prio_of(c->nkey[t])) {
+        tr_split(c, t, k, &c->nl[n], &c->nr[n]);
+        return n;
+    }
+    if (k < c->nkey[t]) {
+        c->nl[t] = tr_insert(c, c->nl[t], n);
+    } else {
+        c->nr[t] = tr_insert(c, c->nr[t], n);
+    }
+    return t;
+}
+
+static uint32_t tr_erase(pmi_cells *c, uint32_t t, uint64_t key) {
+    if (t == PMI_NONE) {
+        return t;
+    }
+    if (c->nkey[t] == key) {
+        uint32_t r = tr_merge(c, c->nl[t], c->nr[t]);
+        node_free(c, t);
+        return r;
+    }
+    if (key < c->nkey[t]) {
+        c->nl[t] = tr_erase(c, c->nl[t], key);
+    } else {
+        c->nr[t] = tr_erase(c, c->nr[t], key);
+    }
+    return t;
+}
+
+static void idx_add(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
+    uint32_t n = node_new(c, key_of(pos, i));
+    c->root[s] = tr_insert(c, c->root[s], n);
+    c->cnt[s]++;
+}
+
+static void idx_rm(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
+    c->root[s] = tr_erase(c, c->root[s], key_of(pos, i));
+    c->cnt[s]--;
+}
+
+static void idx_all(pmi_cells *c, uint32_t i, bool add) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+        uint64_t bits = w[k];
+        while (bits) {
+            pm_seq_id s = (pm_seq_id)(k * 64 + (uint32_t)__builtin_ctzll(bits));
+            bits &= bits - 1;
+            if (add) {
+                idx_add(c, s, c->pos[i], i);
+            } else {
+                idx_rm(c, s, c->pos[i], i);
+            }
+        }
+    }
+}
+
+/* ---- lifetime --------------------------------------------------------------------------- */
+
+pm_status pmi_cells_init(pmi_cells *c, uint32_t size) {
+    memset(c, 0, sizeof(*c));
+    c->size = size;
+    c->nwords = (size + 63) / 64;
+    c->pos = malloc(sizeof(pm_pos) * size);
+    c->shift = calloc(size, sizeof(int32_t));
+    c->ext = malloc(sizeof(pmi_ext) * size);
+    c->seq = calloc((size_t)size * PMI_SEQ_WORDS, sizeof(uint64_t));
+    c->used_bits = calloc(c->nwords ? c->nwords : 1, sizeof(uint64_t));
+    c->ncap = size ? size : 1;
+    c->nkey = malloc(sizeof(uint64_t) * c->ncap);
+    c->nl = malloc(sizeof(uint32_t) * c->ncap);
+    c->nr = malloc(sizeof(uint32_t) * c->ncap);
+    if (!c->pos || !c->shift || !c->ext || !c->seq || !c->used_bits || !c->nkey || !c->nl ||
+        !c->nr) {
+        pmi_cells_free(c);
+        return pmi_fail(PM_E_NOMEM, "out of memory for %u cells", size);
+    }
+    for (uint32_t i = 0; i < size; ++i) {
+        c->pos[i] = -1;
+        c->ext[i] = EXT_RESET;
+    }
+    for (uint32_t n = 0; n < c->ncap; ++n) {
+        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
+    }
+    c->nfree = 0;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        c->root[s] = PMI_NONE;
+    }
+    return PM_OK;
+}
+
+void pmi_cells_free(pmi_cells *c) {
+    free(c->pos);
+    free(c->shift);
+    free(c->ext);
+    free(c->seq);
+    free(c->used_bits);
+    free(c->nkey);
+    free(c->nl);
+    free(c->nr);
+    free(c->jmark);
+    free(c->jrec);
+    memset(c, 0, sizeof(*c));
+}
+
+uint64_t pmi_cells_nbytes(const pmi_cells *c) {
+    uint64_t n = (uint64_t)c->size * (sizeof(pm_pos) + sizeof(int32_t) + sizeof(pmi_ext) +
+                                      PMI_SEQ_WORDS * sizeof(uint64_t));
+    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 16;
+    if (c->jmark) {
+        n += (uint64_t)c->size * (sizeof(uint32_t) + sizeof(pmi_jrec));
+    }
+    return n;
+}
+
+pm_status pmi_cells_reserve(pmi_cells *c, uint64_t extra) {
+    if ((uint64_t)c->nlive + extra <= c->ncap) {
+        return PM_OK;
+    }
+    uint64_t want = (uint64_t)c->ncap * 2;
+    if (want < (uint64_t)c->nlive + extra) {
+        want = (uint64_t)c->nlive + extra;
+    }
+    if (want > (uint64_t)c->size * PM_MAX_SEQ + 1) {
+        want = (uint64_t)c->size * PM_MAX_SEQ + 1;
+    }
+    if (want >= PMI_NONE || want < (uint64_t)c->nlive + extra) {
+        return pmi_fail(PM_E_NOMEM, "sequence index cannot grow to %llu entries",
+                        (unsigned long long)((uint64_t)c->nlive + extra));
+    }
+    uint64_t *k = realloc(c->nkey, sizeof(uint64_t) * want);
+    if (k == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
+    }
+    c->nkey = k;
+    uint32_t *l = realloc(c->nl, sizeof(uint32_t) * want);
+    if (l == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
+    }
+    c->nl = l;
+    uint32_t *r = realloc(c->nr, sizeof(uint32_t) * want);
+    if (r == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
+    }
+    c->nr = r;
+    /* chain the new nodes in front of the free list */
+    uint32_t old = c->ncap;
+    for (uint32_t n = old; n < (uint32_t)want; ++n) {
+        c->nl[n] = n + 1 < (uint32_t)want ? n + 1 : c->nfree;
+    }
+    c->nfree = old;
+    c->ncap = (uint32_t)want;
+    return PM_OK;
+}
+
+/* ---- queries -------------------------------------------------------------------------- */
+
+uint32_t pmi_cells_seq_count(const pmi_cells *c, uint32_t i) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    return (uint32_t)(__builtin_popcountll(w[0]) + __builtin_popcountll(w[1]) +
+                      __builtin_popcountll(w[2]) + __builtin_popcountll(w[3]));
+}
+
+pm_seq_id pmi_cells_seq_get(const pmi_cells *c, uint32_t i) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+        if (w[k]) {
+            return (pm_seq_id)(k * 64 + (uint32_t)__builtin_ctzll(w[k]));
+        }
+    }
+    return -1;
+}
+
+pm_pos pmi_cells_seq_pos_min(const pmi_cells *c, pm_seq_id s) {
+    uint32_t t = c->root[s];
+    if (t == PMI_NONE) {
+        return -1;
+    }
+    while (c->nl[t] != PMI_NONE) {
+        t = c->nl[t];
+    }
+    return (pm_pos)((uint32_t)(c->nkey[t] >> 32) ^ 0x80000000u);
+}
+
+pm_pos pmi_cells_seq_pos_max(const pmi_cells *c, pm_seq_id s) {
+    uint32_t t = c->root[s];
+    if (t == PMI_NONE) {
+        return -1;
+    }
+    while (c->nr[t] != PMI_NONE) {
+        t = c->nr[t];
+    }
+    return (pm_pos)((uint32_t)(c->nkey[t] >> 32) ^ 0x80000000u);
+}
+
+uint32_t pmi_cells_used_max_p1(const pmi_cells *c) {
+    for (uint32_t w = c->nwords; w-- > 0;) {
+        if (c->used_bits[w]) {
+            return w * 64 + 64 - (uint32_t)__builtin_clzll(c->used_bits[w]);
+        }
+    }
+    return 0;
+}
+
+static uint32_t tr_range(const pmi_cells *c, uint32_t t, uint64_t lo, uint64_t hi,
+                         uint32_t *out, uint32_t n) {
+    while (t != PMI_NONE) {
+        uint64_t k = c->nkey[t];
+        if (k < lo) {
+            t = c->nr[t];
+        } else if (k >= hi) {
+            t = c->nl[t];
+        } else {
+            n = tr_range(c, c->nl[t], lo, hi, out, n);
+            out[n++] = (uint32_t)k;
+            t = c->nr[t];
+        }
+    }
+    return n;
+}
+
+uint32_t pmi_cells_seq_range(const pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1,
+                             uint32_t *out) {
+    if (p0 >= p1) {
+        return 0;
+    }
+    return tr_range(c, c->root[s], key_of(p0, 0), key_of(p1, 0), out, 0);
+}
+
+pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p) {
+    /* the largest key <= (p, max cell) */
+    uint64_t bound = key_of(p, UINT32_MAX);
+    uint32_t t = c->root[s], best = PMI_NONE;
+    while (t != PMI_NONE) {
+        if (c->nkey[t] <= bound) {
+            best = t;
+            t = c->nr[t];
+        } else {
+            t = c->nl[t];
+        }
+    }
+    return best == PMI_NONE ? -1 : c->ext[(uint32_t)c->nkey[best]].tok;
+}
+
+/* ---- journal ------------------------------------------------------------------------------ */
+
+static inline void jtouch(pmi_cells *c, uint32_t i) {
+    if (c->jon && c->jmark[i] != c->jepoch) {
+        c->jmark[i] = c->jepoch;
+        pmi_jrec *r = &c->jrec[c->jn++];
+        r->idx = i;
+        r->pos = c->pos[i];
+        r->shift = c->shift[i];
+        r->ext = c->ext[i];
+        memcpy(r->seq, c->seq + (size_t)i * PMI_SEQ_WORDS, sizeof(r->seq));
+    }
+}
+
+pm_status pmi_cells_tx_begin(pmi_cells *c) {
+    if (c->jmark == NULL) {
+        c->jmark = calloc(c->size ? c->size : 1, sizeof(uint32_t));
+        c->jrec = malloc(sizeof(pmi_jrec) * (c->size ? c->size : 1));
+        if (c->jmark == NULL || c->jrec == NULL) {
+            free(c->jmark);
+            free(c->jrec);
+            c->jmark = NULL;
+            c->jrec = NULL;
+            return pmi_fail(PM_E_NOMEM, "out of memory for the undo journal");
+        }
+        c->jepoch = 0;
+    }
+    if (++c->jepoch == 0) {
+        memset(c->jmark, 0, sizeof(uint32_t) * c->size);
+        c->jepoch = 1;
+    }
+    c->jon = true;
+    c->jn = 0;
+    c->j_has_shift = c->has_shift;
+    return PM_OK;
+}
+
+void pmi_cells_tx_commit(pmi_cells *c) {
+    c->jon = false;
+    c->jn = 0;
+}
+
+static inline void used_set(pmi_cells *c, uint32_t i, bool on) {
+    uint64_t bit = 1ULL << (i & 63);
+    bool was = (c->used_bits[i >> 6] & bit) != 0;
+    if (on && !was) {
+        c->used_bits[i >> 6] |= bit;
+        c->used++;
+    } else if (!on && was) {
+        c->used_bits[i >> 6] &= ~bit;
+        c->used--;
+    }
+}
+
+void pmi_cells_tx_rollback(pmi_cells *c) {
+    c->jon = false;
+    /* first drop every current membership of the touched cells, then restore: the node
+     * count never exceeds the larger of its values before and after */
+    for (uint32_t k = c->jn; k-- > 0;) {
+        uint32_t i = c->jrec[k].idx;
+        if (c->pos[i] != -1) {
+            idx_all(c, i, false);
+        }
+    }
+    for (uint32_t k = c->jn; k-- > 0;) {
+        const pmi_jrec *r = &c->jrec[k];
+        uint32_t i = r->idx;
+        c->pos[i] = r->pos;
+        c->shift[i] = r->shift;
+        c->ext[i] = r->ext;
+        memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, r->seq, sizeof(r->seq));
+        used_set(c, i, r->pos != -1);
+        if (r->pos != -1) {
+            idx_all(c, i, true);
+        }
+    }
+    c->has_shift = c->j_has_shift;
+    c->jn = 0;
+}
+
+/* ---- mutations -------------------------------------------------------------------------- */
+
+static inline void seq_clear(pmi_cells *c, uint32_t i) {
+    memset(c->seq + (size_t)i * PMI_SEQ_WORDS, 0, sizeof(uint64_t) * PMI_SEQ_WORDS);
+}
+
+void pmi_cells_reset(pmi_cells *c) {
+    if (c->jon) {
+        for (uint32_t w = 0; w < c->nwords; ++w) {
+            uint64_t bits = c->used_bits[w];
+            while (bits) {
+                jtouch(c, w * 64 + (uint32_t)__builtin_ctzll(bits));
+                bits &= bits - 1;
+            }
+        }
+        for (uint32_t i = 0; i < c->size; ++i) {
+            if (c->shift[i] != 0 || memcmp(&c->ext[i], &EXT_RESET, sizeof(pmi_ext)) != 0) {
+                jtouch(c, i);
+            }
+        }
+    }
+    for (uint32_t i = 0; i < c->size; ++i) {
+        c->pos[i] = -1;
+        c->ext[i] = EXT_RESET;
+        c->shift[i] = 0;
+    }
+    memset(c->seq, 0, sizeof(uint64_t) * PMI_SEQ_WORDS * c->size);
+    memset(c->used_bits, 0, sizeof(uint64_t) * c->nwords);
+    c->used = 0;
+    c->has_shift = false;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        c->root[s] = PMI_NONE;
+        c->cnt[s] = 0;
+    }
+    for (uint32_t n = 0; n < c->ncap; ++n) {
+        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
+    }
+    c->nfree = 0;
+    c->nlive = 0;
+}
+
+void pmi_cells_reset_shift(pmi_cells *c) {
+    if (c->jon) {
+        for (uint32_t i = 0; i < c->size; ++i) {
+            if (c->shift[i] != 0) {
+                jtouch(c, i);
+            }
+        }
+    }
+    memset(c->shift, 0, sizeof(int32_t) * c->size);
+    c->has_shift = false;
+}
+
+void pmi_cells_rm(pmi_cells *c, uint32_t i) {
+    jtouch(c, i);
+    idx_all(c, i, false);
+    seq_clear(c, i);
+    c->pos[i] = -1;
+    c->ext[i] = EXT_RESET;
+    c->shift[i] = 0;
+    used_set(c, i, false);
+}
+
+bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s) {
+    jtouch(c, i);
+    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] &= ~(1ULL << ((uint32_t)s & 63));
+    idx_rm(c, s, c->pos[i], i);
+    if (pmi_cells_seq_count(c, i) == 0) {
+        c->pos[i] = -1;
+        c->ext[i] = EXT_RESET;
+        c->shift[i] = 0;
+        used_set(c, i, false);
+        return true;
+    }
+    return false;
+}
+
+bool pmi_cells_seq_keep(pmi_cells *c, uint32_t i, pm_seq_id s) {
+    if (pmi_cells_seq_has(c, i, s)) {
+        if (pmi_cells_seq_count(c, i) > 1) {
+            jtouch(c, i);
+            idx_all(c, i, false);
+            seq_clear(c, i);
+            c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
+            idx_add(c, s, c->pos[i], i);
+        }
+        return false;
+    }
+    if (pmi_cells_seq_count(c, i) > 0) {
+        jtouch(c, i);
+        idx_all(c, i, false);
+        seq_clear(c, i);
+        c->pos[i] = -1;
+        c->ext[i] = EXT_RESET;
+        c->shift[i] = 0;
+        used_set(c, i, false);
+        return true;
+    }
+    return false;
+}
+
+void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s) {
+    if (pmi_cells_seq_has(c, i, s)) {
+        return;
+    }
+    jtouch(c, i);
+    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
+    idx_add(c, s, c->pos[i], i);
+}
+
+void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p) {
+    jtouch(c, i);
+    c->pos[i] = p;
+    used_set(c, i, true);
+}
+
+void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e) {
+    jtouch(c, i);
+    c->ext[i] = e;
+}
+
+bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
+    jtouch(c, i);
+    idx_all(c, i, false);
+    c->pos[i] += d;
+    c->shift[i] += d;
+    c->has_shift = true;
+    if (c->pos[i] < 0) {
+        seq_clear(c, i);
+        c->pos[i] = -1;
+        c->shift[i] = 0;
+        used_set(c, i, false);
+        return true; /* ext deliberately kept (llama.cpp) */
+    }
+    idx_all(c, i, true);
+    return false;
+}
+
+void pmi_cells_pos_div(pmi_cells *c, uint32_t i, int32_t d) {
+    jtouch(c, i);
+    pm_pos p_old = c->pos[i];
+    idx_all(c, i, false);
+    c->pos[i] = p_old / d;
+    c->shift[i] += p_old - c->pos[i];
+    idx_all(c, i, true);
+    c->has_shift = true;
+}
+
+void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_cellsnap *out) {
+    for (uint32_t j = 0; j < n; ++j) {
+        uint32_t i = idxs[j];
+        out[j].pos = c->pos[i];
+        out[j].ext = c->ext[i];
+        memcpy(out[j].seq, c->seq + (size_t)i * PMI_SEQ_WORDS, sizeof(out[j].seq));
+    }
+}
+
+void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cellsnap *snap) {
+    for (uint32_t j = 0; j < n; ++j) {
+        uint32_t i = idxs[j];
+        jtouch(c, i);
+        if (c->pos[i] != -1) {
+            idx_all(c, i, false);
+        }
+        c->pos[i] = snap[j].pos;
+        c->ext[i] = snap[j].ext;
+        memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, snap[j].seq, sizeof(snap[j].seq));
+        used_set(c, i, snap[j].pos != -1);
+        if (snap[j].pos != -1) {
+            idx_all(c, i, true);
+        }
+    }
+}

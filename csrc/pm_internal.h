@@ -1,0 +1,165 @@
+/* pm_internal.h - private helpers shared by the core's .c files (never seen by cffi). */
+#ifndef PM_INTERNAL_H
+#define PM_INTERNAL_H
+
+#include "pymem.h"
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PMI_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define PMI_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define PMI_NONE UINT32_MAX
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PMI_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#define PMI_LIKELY(x) __builtin_expect(!!(x), 1)
+#define PMI_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define PMI_PRINTF(f, a)
+#define PMI_LIKELY(x) (x)
+#define PMI_UNLIKELY(x) (x)
+#endif
+
+/* ---- status.c ------------------------------------------------------------------------ */
+/* Record a message for pm_last_error() and return st. */
+pm_status pmi_fail(pm_status st, const char *fmt, ...) PMI_PRINTF(2, 3);
+/* Prefix the current message with context ("what: ..."), return st unchanged. */
+pm_status pmi_fail_ctx(pm_status st, const char *fmt, ...) PMI_PRINTF(2, 3);
+
+/* 64-byte aligned, zeroed allocations (NULL on failure or n == 0). */
+void *pmi_aligned_calloc(size_t n);
+void pmi_aligned_free(void *p);
+
+/* ---- types.c ------------------------------------------------------------------------- */
+bool pmi_type_known(int32_t type);
+bool pmi_type_is_quantized(int32_t type);
+/* Row size; the caller guarantees n % block == 0 and a known type. */
+uint64_t pmi_row_size(int32_t type, uint64_t n);
+
+float pmi_f16_to_f32(uint16_t h);
+uint16_t pmi_f32_to_f16(float f); /* round to nearest even */
+float pmi_bf16_to_f32(uint16_t h);
+uint16_t pmi_f32_to_bf16(float f); /* llama.cpp's rounding; NaN -> quiet */
+
+/* Dequantize / quantize one row of n elements (n multiple of the block size).
+ * pmi_quantize_row uses llama.cpp's x86 CPU backend quantizer (what ggml_cpy / set_rows
+ * produce there); pmi_quantize_row_ref uses ggml's reference (*_ref) quantizers. */
+void pmi_dequantize_row(int32_t type, const void *src, float *dst, uint64_t n);
+void pmi_quantize_row(int32_t type, const float *src, void *dst, uint64_t n);
+void pmi_quantize_row_ref(int32_t type, const float *src, void *dst, uint64_t n);
+
+/* ---- kernels (kernels/dispatch.c, scalar.c, avx2.c, avx512.c, neon.c) ----------------- */
+/* Parameters of one KQ-mask row (one query token against cells 0..n-1 of one stream). */
+typedef struct pmk_mask_row {
+    pm_pos p1;          /* query position */
+    uint32_t causal;    /* drop cells with p0 > p1 */
+    int32_t swa_type;   /* pm_swa_type */
+    uint32_t n_swa;
+    pm_pos span_min;    /* SWA is not applied to cells with p0 >= span_min (INT32_MAX = never) */
+    uint32_t alibi;     /* kept value is -|p0 - p1| instead of 0 */
+} pmk_mask_row;
+
+typedef struct pmk_table {
+    const char *name; /* "scalar", "avx2", "avx512", "neon" */
+    uint32_t needs;   /* PMK_CPU_* bits */
+    void (*f16_to_f32)(const uint16_t *src, float *dst, size_t n);
+    void (*f32_to_f16)(const float *src, uint16_t *dst, size_t n);
+    void (*f32_to_bf16)(const float *src, uint16_t *dst, size_t n);
+    /* dst[j] for j in 0..n-1: cell j is visible when bit j of member is set and the
+     * causal/SWA rules of r keep it; value 0 (or -|p0-p1| with alibi), else -INFINITY. */
+    void (*mask_row)(float *dst, const pm_pos *cell_pos, const uint64_t *member, size_t n,
+                     const pmk_mask_row *r);
+    /* Rotate pairs in place: for i in 0..n_pairs-1, with (a, b) = (x[ia], x[ib]) where
+     * NORM: ia = 2i, ib = 2i+1; NEOX: ia = i, ib = i + n_pairs:
+     * x[ia] = a*cs[2i] - b*cs[2i+1]; x[ib] = a*cs[2i+1] + b*cs[2i]
+     * (cs = interleaved cos/sin cache; products then sum, no FMA). */
+    void (*rope_f32)(float *x, const float *cs, size_t n_pairs, int neox);
+    /* Fast Walsh-Hadamard transform of n floats (n power of two), scaled by 1/sqrt(n)
+     * first, butterflies (u+v, u-v) with len = 1, 2, 4, ...: ggml's CPU fwht. */
+    void (*fwht_f32)(float *x, size_t n, float scale);
+} pmk_table;
+
+#define PMK_CPU_AVX2 1u
+#define PMK_CPU_AVX512 2u
+#define PMK_CPU_NEON 4u
+
+extern const pmk_table pmk_scalar;
+#if defined(PM_HAVE_X86)
+extern const pmk_table pmk_avx2;
+extern const pmk_table pmk_avx512;
+#endif
+#if defined(PM_HAVE_NEON)
+extern const pmk_table pmk_neon;
+#endif
+/* The active table (chosen once from the CPU and PYMEM_FORCE_SCALAR / PYMEM_FORCE_KERNEL). */
+const pmk_table *pmk_get(void);
+/* All tables compiled in (supported or not), NULL-terminated; and the CPU's bits. */
+const pmk_table *const *pmk_all(void);
+uint32_t pmk_cpu_bits(void);
+
+/* ---- rope.c: K-shift math ------------------------------------------------------------- */
+/* Fill cs[2*i], cs[2*i+1] (i < n_rot/2) with cos/sin * mscale for position p, exactly as
+ * ggml's CPU rope cache (rope_yarn, theta *= theta_scale). */
+void pmi_rope_cache(const pm_rope *rope, float p, float *cs);
+/* Can a K-shift be applied to this layer?  PM_OK, or PM_E_SHIFT with a message for types
+ * that cannot be shifted: BF16 (ggml's CPU rope has no BF16), a quantized type without a
+ * Hadamard rotation (rot <= 0: llama.cpp dereferences a null matrix), a quantized type with
+ * n_rot != head_dim or rot_off != 0, or odd n_rot. */
+pm_status pmi_kshift_check(int32_t type, uint32_t head_dim, uint32_t n_rot, uint32_t rot_off,
+                           int32_t rot);
+/* Apply the K-shift to the K rows of n_cells cells of one layer and stream (row_bytes per
+ * cell, n_head_kv heads of head_dim elements).  shift[c] is the position delta of cell c
+ * (0 for empty cells; every cell is rotated, as llama.cpp does, so attn_factor != 1 scales
+ * zero-shift cells too).  f32/f16: in place, exactly ggml's CPU rope.  Quantized (after
+ * pmi_kshift_check): dequantize, FWHT(rot), rope, FWHT(rot), quantize (pmi_quantize_row).
+ * Allocates its work memory first: PM_E_NOMEM leaves k untouched. */
+pm_status pmi_kshift(uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int32_t *shift,
+                     int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t rot_off,
+                     const pm_rope *rope, int32_t rot);
+
+/* ---- state/io.c: bounded writer and reader -------------------------------------------- */
+typedef struct pmi_writer {
+    uint8_t *buf;     /* NULL: count only */
+    uint64_t cap;
+    uint64_t n;       /* bytes written (or counted) so far */
+    bool overflow;
+} pmi_writer;
+
+void pmi_w_bytes(pmi_writer *w, const void *src, uint64_t n);
+void pmi_w_u32(pmi_writer *w, uint32_t v);
+void pmi_w_i32(pmi_writer *w, int32_t v);
+void pmi_w_u64(pmi_writer *w, uint64_t v);
+/* Reserve n bytes and return a pointer to fill (NULL when counting or on overflow). */
+uint8_t *pmi_w_reserve(pmi_writer *w, uint64_t n);
+
+typedef struct pmi_reader {
+    const uint8_t *buf;
+    uint64_t len;
+    uint64_t off;
+} pmi_reader;
+
+/* Each returns false (and records a PM_E_FORMAT message naming `what` and the offset)
+ * when fewer bytes remain. */
+bool pmi_r_u32(pmi_reader *r, uint32_t *v, const char *what);
+bool pmi_r_i32(pmi_reader *r, int32_t *v, const char *what);
+bool pmi_r_u64(pmi_reader *r, uint64_t *v, const char *what);
+/* Point at the next n bytes and skip them. */
+bool pmi_r_span(pmi_reader *r, uint64_t n, const uint8_t **p, const char *what);
+
+static inline uint32_t pmi_rd_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+static inline int32_t pmi_rd_i32(const uint8_t *p) { return (int32_t)pmi_rd_u32(p); }
+static inline void pmi_wr_u32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+#endif /* PM_INTERNAL_H */
