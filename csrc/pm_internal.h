@@ -75,8 +75,9 @@ typedef struct pmk_table {
                      const pmk_mask_row *r);
     /* Rotate pairs in place: for i in 0..n_pairs-1, with (a, b) = (x[ia], x[ib]) where
      * NORM: ia = 2i, ib = 2i+1; NEOX: ia = i, ib = i + n_pairs:
-     * x[ia] = a*cs[2i] - b*cs[2i+1]; x[ib] = a*cs[2i+1] + b*cs[2i]
-     * (cs = interleaved cos/sin cache; products then sum, no FMA). */
+     * x[ia] = fmaf(a, cs[2i], -(b*cs[2i+1])); x[ib] = fmaf(a, cs[2i+1], b*cs[2i])
+     * (cs = interleaved cos/sin cache; fused exactly as ggml's x86 CPU build computes it,
+     * checked bit for bit against the b11739 wheel). */
     void (*rope_f32)(float *x, const float *cs, size_t n_pairs, int neox);
     /* Fast Walsh-Hadamard transform of n floats (n power of two), scaled by 1/sqrt(n)
      * first, butterflies (u+v, u-v) with len = 1, 2, 4, ...: ggml's CPU fwht. */

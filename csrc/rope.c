@@ -1,7 +1,13 @@
 /* rope.c - K-shift math: ggml's CPU RoPE cache, and the in-place re-rotation of K rows.
  *
  * The cache follows ggml-cpu's ops.cpp (rope_yarn, ggml_rope_cache_init) and ggml.c
- * (ggml_rope_yarn_corr_dims) operation for operation in float arithmetic (SPEC 4.10.3).
+ * (ggml_rope_yarn_corr_dims) operation for operation in float arithmetic (SPEC 4.10.3), with
+ * the multiply-adds that llama.cpp's x86 CPU backend fuses (its C++ is compiled with FMA and
+ * contraction on) written as fmaf: the YaRN theta mix, the YaRN magnitude correction, and
+ * the rotation itself (kernels: fmaf(a, c, -(b*s)), fmaf(a, s, b*c)).  Checked bit for bit
+ * against ggml_rope_ext of the llama.cpp b11739 CPU wheel (x86-64, AVX2/FMA), f32 and f16,
+ * NORM and NEOX, with and without YaRN and freq factors; quantized K-shifts byte for byte
+ * against llama.cpp's graph (cast, Hadamard mul_mat, rope, Hadamard, cpy).
  * Quantized K follows llama.cpp's build_rope_shift: dequantize, Hadamard (FWHT), rope,
  * Hadamard, quantize with the CPU backend's from_float (SPEC 4.10.4). */
 #include "pm_internal.h"
@@ -30,6 +36,9 @@ static float pmi_yarn_ramp(float low, float high, int i0) {
 
 void pmi_rope_cache(const pm_rope *rope, float p, float *cs) {
     const int n_dims = (int)rope->n_rot;
+    if (n_dims < 2) {
+        return; /* nothing to fill */
+    }
     const float freq_base = rope->freq_base;
     const float freq_scale = rope->freq_scale;
     const float ext_factor = rope->ext_factor;
@@ -52,8 +61,10 @@ void pmi_rope_cache(const pm_rope *rope, float p, float *cs) {
         float mscale = rope->attn_factor;
         if (ext_factor != 0.0f) {
             const float ramp_mix = pmi_yarn_ramp(lo, hi, i0) * ext_factor;
-            t = theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix;
-            mscale *= 1.0f + 0.1f * logf(1.0f / freq_scale);
+            /* theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix, and
+             * 1 + 0.1 * logf(1 / freq_scale), contracted as the x86 build contracts them */
+            t = fmaf(theta_interp, 1 - ramp_mix, theta_extrap * ramp_mix);
+            mscale *= fmaf(0.1f, logf(1.0f / freq_scale), 1.0f);
         }
         cs[i0] = cosf(t) * mscale;
         cs[i0 + 1] = sinf(t) * mscale;

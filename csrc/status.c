@@ -50,6 +50,17 @@ pm_status pmi_fail(pm_status st, const char *fmt, ...) {
     return st;
 }
 
+/* Append s to the message buffer at *pos, keeping room for the terminator. */
+static void pmi_append(char *buf, size_t *pos, const char *s) {
+    size_t n = strlen(s);
+    size_t room = PMI_ERR_CAP - 1 - *pos;
+    if (n > room) {
+        n = room;
+    }
+    memcpy(buf + *pos, s, n);
+    *pos += n;
+}
+
 /* Prefix the recorded message with "<context>: " (or set it to the context when there is no
  * message yet) and return st unchanged. */
 pm_status pmi_fail_ctx(pm_status st, const char *fmt, ...) {
@@ -64,11 +75,14 @@ pm_status pmi_fail_ctx(pm_status st, const char *fmt, ...) {
     }
     memcpy(old, g_err, sizeof old);
     old[sizeof old - 1] = '\0';
+    /* g_err = ctx [+ ": " + old], truncated to the buffer */
+    size_t pos = 0;
+    pmi_append(g_err, &pos, ctx);
     if (old[0] != '\0') {
-        snprintf(g_err, sizeof g_err, "%s: %s", ctx, old);
-    } else {
-        snprintf(g_err, sizeof g_err, "%s", ctx);
+        pmi_append(g_err, &pos, ": ");
+        pmi_append(g_err, &pos, old);
     }
+    g_err[pos] = '\0';
     return st;
 }
 

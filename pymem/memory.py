@@ -298,11 +298,20 @@ class Memory:
                   "init_batch")
             return BatchContext(self, out[0])
 
+    def check_batch(self, batch: Batch, n_vocab: int = 0, embd_all: bool = False) -> None:
+        """Raise BatchError if llama.cpp would reject the batch (llama_decode returns -1)."""
+        with self._lock:
+            check(lib.pm_mem_check_batch(self._live(), batch._ptr, int(n_vocab), bool(embd_all)), "batch")
+
     def decode(self, batch: Batch, n_ubatch: int = 512, n_vocab: int = 0) -> BatchContext:
-        """llama_decode's memory steps: update(), init_batch(), apply every ubatch."""
-        self.update()
-        ctx = self.init_batch(batch, n_ubatch=n_ubatch, n_vocab=n_vocab)
-        ctx.apply_all()
+        """llama_decode's memory steps, in its order: validate the batch (BatchError, nothing
+        changed), apply pending updates, init_batch (NoSlotError), apply every ubatch.
+        Store K/V rows afterwards through the returned context's ubatch cells."""
+        with self._lock:
+            self.check_batch(batch, n_vocab)
+            self.update()
+            ctx = self.init_batch(batch, n_ubatch=n_ubatch, n_vocab=n_vocab)
+            ctx.apply_all()
         return ctx
 
     @property

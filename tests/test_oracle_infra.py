@@ -391,8 +391,9 @@ _LOAD_SNIPPET = ("from pymem.llama import _loader; ffi, lib, g = _loader.load();
 
 
 def _run_loader(cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYMEM_CACHE_DIR=str(cache), PYTHONPATH=PKG_ROOT)
-    return subprocess.Popen([sys.executable, "-c", _LOAD_SNIPPET], env=env, text=True,
+    env = dict(os.environ, PYMEM_CACHE_DIR=str(cache))
+    # cwd outside the source tree: `python -c` puts the cwd first on sys.path
+    return subprocess.Popen([sys.executable, "-c", _LOAD_SNIPPET], env=env, text=True, cwd=str(cache.parent),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -419,14 +420,14 @@ def test_loader_never_modifies_installed_package_and_is_race_safe(tmp_path):
         assert Path(dirs.pop()) == installed
 
 
-def test_loader_unavailable_message():
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
+def test_loader_unavailable_message(tmp_path):
+    env = dict(os.environ)
     code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
             "importlib.util.find_spec = lambda n, *a: None if n == 'llama_cpp_py_sync' else real(n, *a)\n"
             "from pymem.llama import _loader\n"
             "try:\n    _loader.load()\nexcept _loader.OracleUnavailable as e:\n"
             "    assert isinstance(e, RuntimeError); print('UNAVAILABLE', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "UNAVAILABLE" in out.stdout and "llama-cpp-py-sync==0.11739" in out.stdout

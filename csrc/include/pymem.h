@@ -302,6 +302,10 @@ typedef struct pm_ubatch_info {
     uint32_t applied;
 } pm_ubatch_info;
 
+/* Validate the batch as llama_decode does first (before its update step): PM_E_BATCH with
+ * llama.cpp's reason where it returns -1.  Changes nothing. */
+pm_status pm_mem_check_batch(const pm_memory *mem, const pm_batch *batch, uint32_t n_vocab,
+                             bool embd_all);
 /* Validate the batch as llama_decode does, split it into ubatches and dry-run their
  * placement.  n_vocab = 0 skips the token-id check.  On failure nothing changes:
  * PM_E_BATCH (llama.cpp returns -1), PM_E_NO_SLOT (llama.cpp returns 1). */

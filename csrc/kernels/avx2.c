@@ -1,6 +1,7 @@
 /* avx2.c - AVX2 + F16C kernels (x86-64 only; this file alone is built with -mavx2 -mfma
- * -mf16c -mbmi2).  Results are bit-identical to scalar.c: the same operation order, no FMA,
- * hardware f16 conversion with round-to-nearest-even, and the scalar helpers for the tails. */
+ * -mf16c -mbmi2).  Results are bit-identical to scalar.c: the same operations in the same
+ * order (FMA exactly where scalar.c calls fmaf), hardware f16 conversion with round to
+ * nearest even, and the scalar helpers for the tails. */
 #include "pmk_common.h"
 
 #if defined(PM_HAVE_X86) && (defined(__x86_64__) || defined(_M_X64))
@@ -119,24 +120,22 @@ static void pmk_rope_f32_avx2(float *x, const float *cs, size_t n_pairs, int neo
             s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xd8));
             __m256 a = _mm256_loadu_ps(x + i);
             __m256 b = _mm256_loadu_ps(x + i + n_pairs);
-            __m256 ra = _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s));
-            __m256 rb = _mm256_add_ps(_mm256_mul_ps(a, s), _mm256_mul_ps(b, c));
+            __m256 ra = _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)); /* fmaf(a, c, -(b*s)) */
+            __m256 rb = _mm256_fmadd_ps(a, s, _mm256_mul_ps(b, c)); /* fmaf(a, s, b*c) */
             _mm256_storeu_ps(x + i, ra);
             _mm256_storeu_ps(x + i + n_pairs, rb);
         }
     } else {
-        /* 4 pairs per vector: x = [a0 b0 a1 b1 ...], cs = [c0 s0 c1 s1 ...] */
+        /* 4 pairs per vector: x = [a0 b0 a1 b1 ...], cs = [c0 s0 c1 s1 ...];
+         * fmaddsub: even lanes a*c - b*s, odd lanes a*s + b*c, one rounding each */
         for (; i + W / 2 <= n_pairs; i += W / 2) {
             __m256 v = _mm256_loadu_ps(x + 2 * i);
-            __m256 t = _mm256_loadu_ps(cs + 2 * i);
-            __m256 cc = _mm256_moveldup_ps(t);       /* c c */
-            __m256 ss = _mm256_movehdup_ps(t);       /* s s */
-            __m256 sw = _mm256_permute_ps(v, 0xb1);  /* b a */
-            __m256 p = _mm256_mul_ps(v, cc);         /* a*c  b*c */
-            __m256 q = _mm256_mul_ps(sw, ss);        /* b*s  a*s */
-            __m256 even = _mm256_sub_ps(p, q);       /* a*c - b*s */
-            __m256 odd = _mm256_add_ps(q, p);        /* a*s + b*c */
-            _mm256_storeu_ps(x + 2 * i, _mm256_blend_ps(even, odd, 0xaa));
+            __m256 t = _mm256_loadu_ps(cs + 2 * i);   /* c s */
+            __m256 aa = _mm256_moveldup_ps(v);        /* a a */
+            __m256 bb = _mm256_movehdup_ps(v);        /* b b */
+            __m256 ts = _mm256_permute_ps(t, 0xb1);   /* s c */
+            __m256 r = _mm256_fmaddsub_ps(aa, t, _mm256_mul_ps(bb, ts));
+            _mm256_storeu_ps(x + 2 * i, r);
         }
     }
     pmk_rope_range(x, cs, i, n_pairs, neox);

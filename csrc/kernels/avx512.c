@@ -1,6 +1,7 @@
 /* avx512.c - AVX-512 (F/BW/VL/DQ) kernels (x86-64 only; this file alone is built with the
- * AVX-512 flags).  Bit-identical to scalar.c: same operation order, no FMA, hardware f16
- * conversion with round-to-nearest-even, scalar helpers for the tails. */
+ * AVX-512 flags).  Bit-identical to scalar.c: the same operations in the same order (FMA
+ * exactly where scalar.c calls fmaf), hardware f16 conversion with round to nearest even,
+ * scalar helpers for the tails. */
 #include "pmk_common.h"
 
 #if defined(PM_HAVE_X86) && (defined(__x86_64__) || defined(_M_X64))
@@ -113,24 +114,21 @@ static void pmk_rope_f32_avx512(float *x, const float *cs, size_t n_pairs, int n
             __m512 s = _mm512_permutex2var_ps(lo, odd_idx, hi);
             __m512 a = _mm512_loadu_ps(x + i);
             __m512 b = _mm512_loadu_ps(x + i + n_pairs);
-            __m512 ra = _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s));
-            __m512 rb = _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c));
+            __m512 ra = _mm512_fmsub_ps(a, c, _mm512_mul_ps(b, s)); /* fmaf(a, c, -(b*s)) */
+            __m512 rb = _mm512_fmadd_ps(a, s, _mm512_mul_ps(b, c)); /* fmaf(a, s, b*c) */
             _mm512_storeu_ps(x + i, ra);
             _mm512_storeu_ps(x + i + n_pairs, rb);
         }
     } else {
-        /* 8 pairs per vector: x = [a0 b0 a1 b1 ...], cs = [c0 s0 c1 s1 ...] */
+        /* 8 pairs per vector (see avx2.c): even lanes a*c - b*s, odd lanes a*s + b*c */
         for (; i + W / 2 <= n_pairs; i += W / 2) {
             __m512 v = _mm512_loadu_ps(x + 2 * i);
             __m512 t = _mm512_loadu_ps(cs + 2 * i);
-            __m512 cc = _mm512_moveldup_ps(t);
-            __m512 ss = _mm512_movehdup_ps(t);
-            __m512 sw = _mm512_permute_ps(v, 0xb1);
-            __m512 p = _mm512_mul_ps(v, cc);  /* a*c  b*c */
-            __m512 q = _mm512_mul_ps(sw, ss); /* b*s  a*s */
-            __m512 even = _mm512_sub_ps(p, q);
-            __m512 odd = _mm512_add_ps(q, p);
-            _mm512_storeu_ps(x + 2 * i, _mm512_mask_blend_ps((__mmask16)0xaaaa, even, odd));
+            __m512 aa = _mm512_moveldup_ps(v);
+            __m512 bb = _mm512_movehdup_ps(v);
+            __m512 ts = _mm512_permute_ps(t, 0xb1);
+            __m512 r = _mm512_fmaddsub_ps(aa, t, _mm512_mul_ps(bb, ts));
+            _mm512_storeu_ps(x + 2 * i, r);
         }
     }
     pmk_rope_range(x, cs, i, n_pairs, neox);

@@ -1,6 +1,7 @@
 /* neon.c - AArch64 NEON kernels (arm64 only; NEON is baseline there, no flags needed).
- * Bit-identical to scalar.c: same operation order, no FMA (vmul + vadd/vsub, never vfma),
- * hardware f16 conversion (round to nearest even under the default FPCR), scalar tails. */
+ * Bit-identical to scalar.c: the same operations in the same order (vfma exactly where
+ * scalar.c calls fmaf), hardware f16 conversion (round to nearest even under the default
+ * FPCR), scalar tails. */
 #include "pmk_common.h"
 
 #if defined(PM_HAVE_NEON) && defined(__aarch64__)
@@ -106,8 +107,9 @@ static void pmk_rope_f32_neon(float *x, const float *cs, size_t n_pairs, int neo
             float32x4x2_t t = vld2q_f32(cs + 2 * i); /* val[0] = cos, val[1] = sin */
             float32x4_t a = vld1q_f32(x + i);
             float32x4_t b = vld1q_f32(x + i + n_pairs);
-            float32x4_t ra = vsubq_f32(vmulq_f32(a, t.val[0]), vmulq_f32(b, t.val[1]));
-            float32x4_t rb = vaddq_f32(vmulq_f32(a, t.val[1]), vmulq_f32(b, t.val[0]));
+            /* vfmaq_f32(acc, p, q) = acc + p*q with one rounding */
+            float32x4_t ra = vfmaq_f32(vnegq_f32(vmulq_f32(b, t.val[1])), a, t.val[0]);
+            float32x4_t rb = vfmaq_f32(vmulq_f32(b, t.val[0]), a, t.val[1]);
             vst1q_f32(x + i, ra);
             vst1q_f32(x + i + n_pairs, rb);
         }
@@ -116,8 +118,8 @@ static void pmk_rope_f32_neon(float *x, const float *cs, size_t n_pairs, int neo
             float32x4x2_t t = vld2q_f32(cs + 2 * i);
             float32x4x2_t v = vld2q_f32(x + 2 * i); /* val[0] = a, val[1] = b */
             float32x4x2_t r;
-            r.val[0] = vsubq_f32(vmulq_f32(v.val[0], t.val[0]), vmulq_f32(v.val[1], t.val[1]));
-            r.val[1] = vaddq_f32(vmulq_f32(v.val[0], t.val[1]), vmulq_f32(v.val[1], t.val[0]));
+            r.val[0] = vfmaq_f32(vnegq_f32(vmulq_f32(v.val[1], t.val[1])), v.val[0], t.val[0]);
+            r.val[1] = vfmaq_f32(vmulq_f32(v.val[1], t.val[0]), v.val[0], t.val[1]);
             vst2q_f32(x + 2 * i, r);
         }
     }

@@ -183,7 +183,12 @@ static inline void pmk_mask_range(float *dst, const pm_pos *cell_pos, const uint
     }
 }
 
-/* Pairs i0 .. n_pairs-1 of the rotation described in pm_internal.h. */
+/* Pairs i0 .. n_pairs-1 of the rotation: with (a, b) the pair and (c, s) = cs[2i], cs[2i+1],
+ *   x[ia] = fmaf(a, c, -(b*s)),  x[ib] = fmaf(a, s, b*c).
+ * This is what llama.cpp's x86 CPU backend computes in ggml-cpu's rotate_pairs (its C++ is
+ * built with FMA and contracts a*c - b*s that way; checked bit for bit against the b11739
+ * wheel).  The SIMD kernels use the same fused operations (vfmsub/vfmadd/vfmaddsub, NEON
+ * vfma), which round exactly like fmaf. */
 static inline void pmk_rope_range(float *x, const float *cs, size_t i0, size_t n_pairs,
                                   int neox) {
     for (size_t i = i0; i < n_pairs; i++) {
@@ -193,8 +198,10 @@ static inline void pmk_rope_range(float *x, const float *cs, size_t i0, size_t n
         float b = x[ib];
         float c = cs[2 * i];
         float s = cs[2 * i + 1];
-        x[ia] = a * c - b * s;
-        x[ib] = a * s + b * c;
+        float bs = b * s;
+        float bc = b * c;
+        x[ia] = fmaf(a, c, -bs);
+        x[ib] = fmaf(a, s, bc);
     }
 }
 

@@ -596,6 +596,19 @@ pm_status pm_mem_init_batch(pm_memory *m, const pm_batch *batch, uint32_t n_ubat
     return PM_OK;
 }
 
+pm_status pm_mem_check_batch(const pm_memory *m, const pm_batch *batch, uint32_t n_vocab, bool embd_all) {
+    CHECK_MEM(m);
+    if (batch == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "batch is NULL");
+    }
+    pmi_balloc ba;
+    pm_status st = pmi_balloc_init(&ba, batch, m, m->n_seq_max, m->n_pos_per_embd, n_vocab, embd_all);
+    if (st == PM_OK) {
+        pmi_balloc_free(&ba);
+    }
+    return st;
+}
+
 uint32_t pm_mctx_n_ubatch(const pm_mctx *ctx) { return ctx ? ctx->n_ubatch : 0; }
 
 static pm_status check_ub(const pm_mctx *ctx, uint32_t i) {

@@ -1,0 +1,261 @@
+"""Run the same memory operations in real llama.cpp and in a pymem memory, and compare their
+states byte for byte.
+
+llama.cpp computes K/V rows in its forward pass; pymem does not run models.  After each
+successful decode the mirror copies the rows llama.cpp computed for the *newly placed*
+cells (and only those) into pymem, located through pymem's own placement.  Everything
+else (metadata, placement, sequence operations, K-shift rotation, stream copies, state
+writes and restores) is pymem's own work, so an opaque copy of llama.cpp's bytes cannot
+pass: a wrong placement puts rows in the wrong cells and the next comparison fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .. import _errors as E
+from .._sections import KVSection, parse_kv
+from ..batch import Batch
+from ..memory import KVCache, Memory
+
+__all__ = ["Mirror", "Mismatch", "first_difference"]
+
+Item = tuple  # (token, pos or None, seq ids)
+
+
+@dataclass
+class Mismatch:
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.detail}"
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    if a == b:
+        return ""
+    n = min(len(a), len(b))
+    i = next((k for k in range(n) if a[k] != b[k]), n)
+    return (f"lengths {len(a)} / {len(b)}, first difference at byte {i}: "
+            f"{a[i:i + 8].hex()} vs {b[i:i + 8].hex()}")
+
+
+def _kv_parts(mem: Memory) -> list[KVCache]:
+    if isinstance(mem, KVCache):
+        return [mem]
+    parts = getattr(mem, "kv_parts", None)
+    return list(parts()) if callable(parts) else []
+
+
+@dataclass
+class Mirror:
+    """``llama``: a worker ContextHandle (or capi.Context); ``mem``: the pymem memory built for
+    the same model and context parameters."""
+
+    llama: Any
+    mem: Memory
+    n_ubatch: int
+    n_vocab: int = 0
+    n_seq_max: int = 1
+    k_tolerance: float = 0.0
+    log: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    # -- batches -----------------------------------------------------------------------------
+    def decode(self, items: Sequence[Item], output: Any = None) -> int:
+        """llama_decode on both; returns the common return code (0, 1 or -1)."""
+        auto = all(it[1] is None for it in items)
+        rc_l = self.llama.decode([(t, p, list(s) if not isinstance(s, int) else [s]) for t, p, s in items],
+                                 output)
+        batch = Batch(tokens=[it[0] for it in items],
+                      pos=None if auto else [it[1] for it in items],
+                      seq_ids=[it[2] for it in items], output=output)
+        try:
+            ctx = self.mem.decode(batch, n_ubatch=self.n_ubatch, n_vocab=self.n_vocab)
+            rc_p = 0
+        except E.BatchError as exc:
+            rc_p, ctx, why = -1, None, str(exc)
+        except E.NoSlotError as exc:
+            rc_p, ctx, why = 1, None, str(exc)
+        if rc_l != rc_p:
+            raise AssertionError(f"decode: llama.cpp returned {rc_l}, pymem {rc_p}"
+                                 + (f" ({why})" if ctx is None else ""))
+        self._count(f"decode rc={rc_l}")
+        if rc_l == 0:
+            self._copy_new_rows(ctx)
+        return rc_l
+
+    def _copy_new_rows(self, ctx: Any) -> None:
+        whole = self.llama.state_get()
+        n = int.from_bytes(whole[:4], "little")
+        off = 4 + n
+        for part_index, kv in enumerate(_kv_parts(self.mem)):
+            sec, off = parse_kv(whole, off, format=kv.format, cell_ext=kv.cell_ext)
+            self._copy_part(ctx, part_index, kv, sec)
+
+    def _copy_part(self, ctx: Any, part: int, kv: KVCache, sec: KVSection) -> None:
+        for ub in ctx:
+            streams, cells = ub._cells(part)
+            for g, strm in enumerate(streams):
+                used = np.flatnonzero(kv.cells_view(int(strm)).pos != -1)
+                lst = sec.streams[int(strm)]
+                if len(used) != len(lst.cells):
+                    raise AssertionError(f"stream {strm}: pymem holds {len(used)} cells, llama.cpp {len(lst.cells)}")
+                for cell in cells[g]:
+                    rank = int(np.searchsorted(used, cell))
+                    if rank >= len(used) or used[rank] != cell:
+                        continue  # overwritten later in the same batch
+                    for li, il in enumerate(kv.layers):
+                        kview = kv.k(il, int(strm)).view(np.uint8).reshape(kv.size, -1)
+                        kview[cell] = np.frombuffer(lst.k_row_of(li, rank), np.uint8)
+                        vv = kv.v(il, int(strm))
+                        vb = np.frombuffer(lst.v_row_of(li, rank), np.uint8)
+                        if kv.v_trans:
+                            el = vv.dtype.itemsize
+                            vu = vv.view(np.uint8).reshape(vv.shape[0], kv.size, el)
+                            vu[:, cell, :] = vb.reshape(-1, el)
+                        else:
+                            vv.view(np.uint8).reshape(kv.size, -1)[cell] = vb
+
+    # -- operations ------------------------------------------------------------------------------
+    def seq_rm(self, s: int, p0: int = -1, p1: int = -1) -> bool:
+        a = self.llama.seq_rm(s, p0, p1)
+        b = self.mem.seq_rm(s, p0, p1)
+        if a != b:
+            raise AssertionError(f"seq_rm({s}, {p0}, {p1}): llama.cpp {a}, pymem {b}")
+        self._count("seq_rm")
+        return a
+
+    def seq_cp(self, a: int, b: int, p0: int = -1, p1: int = -1) -> None:
+        self.llama.seq_cp(a, b, p0, p1)
+        self.mem.seq_cp(a, b, p0, p1)
+        self._count("seq_cp")
+
+    def seq_keep(self, s: int) -> None:
+        self.llama.seq_keep(s)
+        self.mem.seq_keep(s)
+        self._count("seq_keep")
+
+    def seq_add(self, s: int, p0: int, p1: int, d: int) -> None:
+        self.llama.seq_add(s, p0, p1, d)
+        self.mem.seq_add(s, p0, p1, d)
+        self._count("seq_add")
+
+    def seq_div(self, s: int, p0: int, p1: int, d: int) -> None:
+        self.llama.seq_div(s, p0, p1, d)
+        self.mem.seq_div(s, p0, p1, d)
+        self._count("seq_div")
+
+    def clear(self, data: bool = True) -> None:
+        self.llama.clear(data)
+        self.mem.clear(data)
+        self._count("clear")
+
+    def seq_restore(self, src: int, dst: int, flags: int = 0) -> int:
+        """Save sequence src and restore it into dst, each side with its own blob."""
+        lb = self.llama.state_seq_get(src, flags)
+        pb = self.mem.state_write(src, flags=flags, envelope="llama")
+        ok_l = self.llama.state_seq_set(lb, dst, flags)
+        try:
+            self.mem.state_read(pb, dst, flags=flags, envelope="llama")
+            ok_p = len(pb)
+        except E.StateError:
+            ok_p = 0
+        except E.NoSlotError:
+            ok_p = 0
+        if (ok_l != 0) != (ok_p != 0):
+            raise AssertionError(f"seq restore {src}->{dst}: llama.cpp returned {ok_l}, pymem {ok_p}")
+        self._count("seq_restore")
+        return ok_l
+
+    def whole_restore(self, from_llama: bool = True) -> None:
+        """Restore one whole blob into both sides: llama.cpp's (from_llama) or pymem's.  A whole
+        restore repacks the cells, so both sides must read the same bytes to stay aligned."""
+        blob = self.llama.state_get() if from_llama else self.mem.state_write(envelope="llama")
+        if self.llama.state_set(blob) != len(blob):
+            raise AssertionError("llama.cpp rejected the whole state")
+        self.mem.state_read(blob, envelope="llama")
+        self._count("whole_restore")
+
+    # -- comparison -------------------------------------------------------------------------------
+    def compare(self, seqs: Iterable[int] | None = None, per_seq: bool = True) -> list[Mismatch]:
+        """Differences between the two memories: positions, whole blob, per-sequence blobs."""
+        out: list[Mismatch] = []
+        seqs = list(range(self.n_seq_max)) if seqs is None else list(seqs)
+        for s in seqs:
+            lp = (self.llama.pos_min(s), self.llama.pos_max(s))
+            pp = (self.mem.seq_pos_min(s), self.mem.seq_pos_max(s))
+            if lp != pp:
+                out.append(Mismatch(f"seq {s} positions", f"llama.cpp {lp}, pymem {pp}"))
+        self._cmp_blob(out, "whole state", self.llama.state_get(), self.mem.state_write(envelope="llama"))
+        if per_seq:
+            for s in seqs:
+                self._cmp_blob(out, f"seq {s} state", self.llama.state_seq_get(s),
+                               self.mem.state_write(s, envelope="llama"))
+        self._count("compare")
+        self.stats["bytes compared"] = self.stats.get("bytes compared", 0)
+        return out
+
+    def _cmp_blob(self, out: list, what: str, a: bytes, b: bytes) -> None:
+        self.stats["states compared"] = self.stats.get("states compared", 0) + 1
+        self.stats["bytes compared"] = self.stats.get("bytes compared", 0) + len(a)
+        if a == b:
+            return
+        if self.k_tolerance > 0 and len(a) == len(b) and self._close(a, b):
+            self._count("compared within K tolerance")
+            return
+        out.append(Mismatch(what, first_difference(a, b)))
+
+    def _close(self, a: bytes, b: bytes) -> bool:
+        """Equal metadata and V, K within tolerance (after K-shifts of quantized caches)."""
+        kvs = _kv_parts(self.mem)
+        if a[:4] != b[:4] and not a.startswith(b"\xd8\x3c\x14\xaf"):
+            return False
+        off = 8 if a.startswith(b"\xd8\x3c\x14\xaf") else 4 + int.from_bytes(a[:4], "little")
+        if a[:off] != b[:off]:
+            return False
+        for kv in kvs:
+            sa, oa = parse_kv(a, off, kv.format, kv.cell_ext)
+            sb, ob = parse_kv(b, off, kv.format, kv.cell_ext)
+            if oa != ob:
+                return False
+            for x, y in zip(sa.streams, sb.streams):
+                if x.cells != y.cells or len(x.layers) != len(y.layers):
+                    return False
+                for la, lb in zip(x.layers, y.layers):
+                    if la.v != lb.v or la.k_row != lb.k_row or la.k_type != lb.k_type:
+                        return False
+                    if la.k != lb.k and not _k_close(la.k, lb.k, la.k_type, self.k_tolerance):
+                        return False
+            off = oa
+        return a[off:] == b[off:]
+
+    def check(self, seqs: Iterable[int] | None = None, per_seq: bool = True) -> None:
+        bad = self.compare(seqs, per_seq)
+        if bad:
+            raise AssertionError("; ".join(map(str, bad)))
+
+
+def _k_close(a: bytes, b: bytes, type_id: int, tol: float) -> bool:
+    from ..memory import type_name
+    from .._native import ffi, lib
+
+    name = type_name(type_id)
+    if name == "f32":
+        x, y = np.frombuffer(a, np.float32), np.frombuffer(b, np.float32)
+    elif name == "f16":
+        x, y = np.frombuffer(a, np.float16).astype(np.float32), np.frombuffer(b, np.float16).astype(np.float32)
+    else:
+        block = lib.pm_type_block_size(type_id)
+        n = len(a) // lib.pm_type_size(type_id) * block
+        x = np.empty(n, np.float32)
+        y = np.empty(n, np.float32)
+        lib.pm_type_to_float(type_id, ffi.from_buffer(a), ffi.from_buffer("float[]", x, require_writable=True), n)
+        lib.pm_type_to_float(type_id, ffi.from_buffer(b), ffi.from_buffer("float[]", y, require_writable=True), n)
+    return bool(np.all(np.abs(x - y) <= tol * (1.0 + np.abs(y))))
