@@ -21,6 +21,7 @@ from ._errors import (
 from ._native import ffi as _ffi
 from ._native import lib as _lib
 from .batch import Batch, BatchContext, UBatch, seq_set_order
+from .gguf import estimate, from_gguf, max_context, memory_spec, read_hparams
 from .memory import (
     STATE_PARTIAL_ONLY,
     STATE_SWA_ONLY,
@@ -53,7 +54,12 @@ __all__ = [
     "StateFileError",
     "UBatch",
     "UnsupportedError",
+    "estimate",
+    "from_gguf",
     "kernels",
+    "max_context",
+    "memory_spec",
+    "read_hparams",
     "row_size",
     "seq_set_order",
     "type_id",

@@ -61,7 +61,8 @@ def demo(args: argparse.Namespace) -> int:
             layout = tinymodels.layout(name)
             n_seq_max = 3
             ctx = w.context(paths[name], n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
-            mem = _memory_for(pymem, layout, 256, n_seq_max, cfg["kv_unified"], cfg["flash_attn"])
+            mem = pymem.from_gguf(paths[name], 256, n_seq_max=n_seq_max, unified=cfg["kv_unified"],
+                                  flash_attn=cfg["flash_attn"], swa_full=True)
             m = Mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
             label = f"{name} {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
                     f"{'flash attn' if cfg['flash_attn'] else 'V transposed'}"
@@ -88,19 +89,6 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\n{n - failures}/{n} steps byte-identical to llama.cpp b11739 "
           f"(positions, whole state and every sequence state), {time.perf_counter() - t0:.1f} s")
     return 1 if failures else 0
-
-
-def _memory_for(pymem, layout: dict, n_ctx: int, n_seq_max: int, unified: bool, flash_attn: bool):
-    """The pymem memory llama.cpp builds for a tiny model."""
-    gguf = getattr(pymem, "from_gguf", None)
-    pad = lambda x: (x + 255) // 256 * 256  # noqa: E731
-    size = pad(n_ctx) if unified else pad(max(1, n_ctx // n_seq_max))
-    return pymem.KVCache(
-        n_layer=layout["n_layer"], layers=layout["attn_layers"], n_head_kv=layout["n_head_kv"],
-        n_embd_head_k=layout["head_dim_k"], n_embd_head_v=layout["head_dim_v"], size=size,
-        n_seq_max=n_seq_max, v_trans=not flash_attn, unified=unified,
-        rope=pymem.Rope(n_rot=layout["head_dim_k"], mode=layout["rope_type"], n_ctx_orig=131072),
-        arch=layout["arch"]) if gguf is None or True else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,38 +46,6 @@ def models(oracle):
     return oracle.ensure_models(tinymodels.names())
 
 
-def kv_size(n_ctx: int, n_seq_max: int, unified: bool) -> int:
-    pad = lambda x: (x + 255) // 256 * 256  # noqa: E731
-    return pad(n_ctx) if unified else pad(n_ctx // n_seq_max if n_ctx >= n_seq_max else 1)
-
-
-def yarn_attn_factor(factor: float) -> float:
-    """llama-context.cpp's yarn_attn_factor for a YaRN model without a log multiplier."""
-    f = np.float32(factor)
-    mscale = np.float32(0.1) * np.float32(1.0) * np.log(f, dtype=np.float32) + np.float32(1.0)
-    a = mscale * (np.float32(1.0) / (np.float32(1.0) + np.float32(0.1) * np.log(f, dtype=np.float32)))
-    return float(np.float32(a))
-
-
-def kv_from_layout(layout: dict, n_ctx: int, n_seq_max: int, unified: bool, flash_attn: bool,
-                   type_k: str = "f16", type_v: str = "f16", format: int = 11) -> pymem.KVCache:
-    """The KV cache llama.cpp builds for a plain-KV tiny model (used until from_gguf)."""
-    assert layout["memory"] == "kv"
-    scaling = layout.get("rope_scaling") or {}
-    n_ctx_orig = 131072
-    rope = pymem.Rope(n_rot=layout["head_dim_k"], mode=layout["rope_type"], n_ctx_orig=n_ctx_orig)
-    if scaling.get("type") == "yarn":
-        rope.freq_scale = 1.0 / scaling["factor"]
-        rope.ext_factor = 1.0
-        rope.attn_factor = yarn_attn_factor(scaling["factor"])
-        rope.n_ctx_orig = scaling.get("original_context_length", n_ctx_orig)
-    return pymem.KVCache(
-        n_layer=layout["n_layer"], layers=layout["attn_layers"], n_head_kv=layout["n_head_kv"],
-        n_embd_head_k=layout["head_dim_k"], n_embd_head_v=layout["head_dim_v"],
-        size=kv_size(n_ctx, n_seq_max, unified), n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
-        v_trans=not flash_attn, unified=unified, rope=rope, arch=layout["arch"], format=format)
-
-
 @pytest.fixture
 def pair(oracle, models):
     """pair(name, n_ctx=256, n_seq_max=4, unified=True, flash_attn=False, type_k="f16",
@@ -94,7 +62,9 @@ def pair(oracle, models):
         ctx = oracle.context(models[name], n_ctx=n_ctx, n_seq_max=n_seq_max, kv_unified=unified,
                              flash_attn=flash_attn, type_k=type_k, type_v=type_v, swa_full=swa_full,
                              n_ubatch=n_ubatch, **extra)
-        mem = kv_from_layout(layout, n_ctx, n_seq_max, unified, flash_attn, type_k, type_v)
+        mem = pymem.from_gguf(models[name], n_ctx, n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
+                              flash_attn=flash_attn, unified=unified, swa_full=swa_full,
+                              n_ubatch=n_ubatch or 512, n_rs_seq=extra.get("n_rs_seq", 0))
         m = Mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
         made.append(ctx)
         return m
