@@ -15,7 +15,6 @@ Target: llama.cpp b11739 (the ``llama-cpp-py-sync==0.11739`` wheel).
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -822,6 +821,7 @@ def memory_spec(
             "type_r": "f32",
             "type_s": "f32",
             "n_rs_seq": cp["n_rs_seq"],
+            "arch": hp.arch,
         }
         return PartSpec("recurrent", "recurrent", kw)
 
@@ -868,14 +868,6 @@ _CLASSES = {
 }
 
 
-def _accepts(cls: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return True
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
 def build_memory(spec: MemorySpec) -> Any:
     """Instantiate the pymem memory a :class:`MemorySpec` describes.  This is the ONE place that
     maps specs to constructors:
@@ -886,9 +878,9 @@ def build_memory(spec: MemorySpec) -> Any:
     * hybrid: ``HybridMemory(attn=attn, recurrent=recurrent)``
     * hybrid_iswa: ``HybridISWAMemory(attn={"base": base, "swa": swa}, recurrent=recurrent)``
 
-    (each argument being a part's ``kwargs``; ``arch`` and ``format`` are passed to composite
-    constructors that accept them).  Classes are looked up on the ``pymem`` module at call
-    time; a missing one raises ``pymem.UnsupportedError``."""
+    (each argument being a part's ``kwargs``, which carry ``arch``; ``format`` only concerns
+    KV parts).  Classes are looked up on the ``pymem`` module at call time; a missing one
+    raises ``pymem.UnsupportedError``."""
     pkg = sys.modules[__package__ or "pymem"]
     cls_name = _CLASSES[spec.kind]
     cls = getattr(pkg, cls_name, None)
@@ -905,9 +897,6 @@ def build_memory(spec: MemorySpec) -> Any:
         args = {"attn": kw["attn"], "recurrent": kw["recurrent"]}
     else:
         args = {"attn": {"base": kw["base"], "swa": kw["swa"]}, "recurrent": kw["recurrent"]}
-    for extra, value in (("arch", spec.arch), ("format", spec.format)):
-        if extra not in args and _accepts(cls, extra):
-            args[extra] = value
     return cls(**args)
 
 

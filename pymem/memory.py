@@ -18,6 +18,12 @@ __all__ = [
     "Rope",
     "Memory",
     "KVCache",
+    "KVCacheISWA",
+    "RecurrentMemory",
+    "HybridMemory",
+    "HybridISWAMemory",
+    "KVPart",
+    "RecurrentPart",
     "STATE_PARTIAL_ONLY",
     "STATE_SWA_ONLY",
     "type_id",
@@ -138,6 +144,11 @@ class Memory:
         self.arch = arch
 
     # -- lifetime ----------------------------------------------------------------------------
+    def _export(self, handle: Any, ptr: Any, shape: tuple, typestr: str) -> np.ndarray:
+        base = _View(handle, ptr, shape, typestr, None)
+        self._views.add(base)
+        return np.asarray(base)
+
     def _live(self) -> Any:
         h = self._handle
         if h is None:
@@ -341,145 +352,165 @@ def _per_layer(value: Any, n_layer: int, what: str) -> list[int]:
 
 _DTYPES = {0: ("<f4", 4), 1: ("<f2", 2), 30: ("<u2", 2)}
 
+_KV_DEFAULTS = dict(
+    layers=None, n_head_kv=1, n_embd_head_k=32, n_embd_head_v=None, size=4096, n_seq_max=4,
+    type_k="f16", type_v="f16", v_trans=True, unified=True, n_swa=0, swa_type="none",
+    n_pos_per_embd=1, rope=None, arch=None, format=11, k_rot=None, v_rot=None, cell_ext=None,
+    n_embd_v_gqa_max=0, can_shift=True, k_rope_offset=0,
+)
 
-class KVCache(Memory):
-    """llama.cpp's KV cache (``llama_kv_cache``): cells with positions and sequence sets,
-    slot search, K-shift, one or many streams, byte-compatible state.
 
-    ``layers``, ``n_head_kv``, ``n_embd_head_k``/``n_embd_head_v`` and ``rope`` follow the
-    model's layers (ints apply to every layer).  See DESIGN.md section 3."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        layers: Sequence[int] | None = None,
-        n_head_kv: int | Sequence[int] = 1,
-        n_embd_head_k: int | Sequence[int] = 32,
-        n_embd_head_v: int | Sequence[int] | None = None,
-        size: int = 4096,
-        n_seq_max: int = 4,
-        type_k: str | int = "f16",
-        type_v: str | int = "f16",
-        v_trans: bool = True,
-        unified: bool = True,
-        n_swa: int = 0,
-        swa_type: str | int = "none",
-        n_pos_per_embd: int = 1,
-        rope: Rope | Sequence[Rope | None] | None = None,
-        arch: str | None = None,
-        format: int = 11,
-        k_rot: int | None = None,
-        v_rot: int | None = None,
-        cell_ext: bool | None = None,
-        n_embd_v_gqa_max: int = 0,
-        can_shift: bool = True,
-        k_rope_offset: int | Sequence[int] = 0,
-    ) -> None:
-        ptr, keep = self._build(locals())
-        super().__init__(ptr, arch)
-        del keep
-        self._info()
-
-    @staticmethod
-    def _params(a: dict, keep: list) -> Any:
-        n_layer = int(a["n_layer"])
-        if n_layer < 0:
-            raise E.InvalidArgumentError("n_layer must be >= 0")
-        held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
-        heads = _per_layer(a["n_head_kv"], n_layer, "n_head_kv") if n_layer else []
-        hk = _per_layer(a["n_embd_head_k"], n_layer, "n_embd_head_k") if n_layer else []
-        hv_in = a["n_embd_head_v"] if a["n_embd_head_v"] is not None else a["n_embd_head_k"]
-        hv = _per_layer(hv_in, n_layer, "n_embd_head_v") if n_layer else []
-        offs = _per_layer(a["k_rope_offset"], n_layer, "k_rope_offset") if n_layer else []
-        rope = a["rope"]
-        ropes: list[Rope | None]
-        if rope is None or isinstance(rope, Rope):
-            ropes = [rope] * n_layer
+def _kv_params(kw: dict, keep: list) -> Any:
+    """pm_kv_params for KVCache keyword arguments (see KVCache)."""
+    unknown = set(kw) - set(_KV_DEFAULTS) - {"n_layer"}
+    if unknown:
+        raise TypeError(f"unknown KV cache argument(s): {', '.join(sorted(unknown))}")
+    if "n_layer" not in kw:
+        raise TypeError("a KV cache needs n_layer (the model's layer count)")
+    a = {**_KV_DEFAULTS, **kw}
+    n_layer = int(a["n_layer"])
+    if n_layer < 0:
+        raise E.InvalidArgumentError("n_layer must be >= 0")
+    held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
+    heads = _per_layer(a["n_head_kv"], n_layer, "n_head_kv") if n_layer else []
+    hk = _per_layer(a["n_embd_head_k"], n_layer, "n_embd_head_k") if n_layer else []
+    hv_in = a["n_embd_head_v"] if a["n_embd_head_v"] is not None else a["n_embd_head_k"]
+    hv = _per_layer(hv_in, n_layer, "n_embd_head_v") if n_layer else []
+    offs = _per_layer(a["k_rope_offset"], n_layer, "k_rope_offset") if n_layer else []
+    rope = a["rope"]
+    if rope is None or isinstance(rope, Rope):
+        ropes: list = [rope] * n_layer
+    else:
+        ropes = list(rope)
+        if len(ropes) != n_layer:
+            raise E.InvalidArgumentError(f"rope needs one entry per model layer ({n_layer})")
+    for il in held:
+        if not 0 <= il < n_layer:
+            raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
+    arr = ffi.new("pm_kv_layer[]", max(1, len(held)))
+    keep.append(arr)
+    any_rope = False
+    for k, il in enumerate(held):
+        L = arr[k]
+        L.il = il
+        L.n_head_kv = heads[il]
+        L.n_embd_head_k = hk[il]
+        L.n_embd_head_v = hv[il]
+        L.k_rope_offset = offs[il]
+        r = ropes[il]
+        if r is not None:
+            any_rope = True
+            L.has_rope = 1
+            rr = r if r.n_rot else Rope(**{**r.__dict__, "n_rot": hk[il]})
+            rr._fill(L.rope, keep)
         else:
-            ropes = list(rope)
-            if len(ropes) != n_layer:
-                raise E.InvalidArgumentError(f"rope needs one entry per model layer ({n_layer})")
-        for il in held:
-            if not 0 <= il < n_layer:
-                raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
-        arr = ffi.new("pm_kv_layer[]", max(1, len(held)))
-        keep.append(arr)
-        any_rope = False
-        for k, il in enumerate(held):
-            L = arr[k]
-            L.il = il
-            L.n_head_kv = heads[il]
-            L.n_embd_head_k = hk[il]
-            L.n_embd_head_v = hv[il]
-            L.k_rope_offset = offs[il]
-            r = ropes[il]
-            if r is not None:
-                any_rope = True
-                L.has_rope = 1
-                rr = r if r.n_rot else Rope(**{**r.__dict__, "n_rot": hk[il]})
-                rr._fill(L.rope, keep)
-            else:
-                L.has_rope = 0
-                L.rope.mode = -1
-        p = ffi.new("pm_kv_params *")
-        keep.append(p)
-        p.n_layer_model = n_layer
-        p.n_layer = len(held)
-        p.layers = arr
-        p.size = int(a["size"])
-        p.n_seq_max = int(a["n_seq_max"])
-        p.type_k = type_id(a["type_k"])
-        p.type_v = type_id(a["type_v"])
-        p.v_trans = bool(a["v_trans"])
-        p.unified = bool(a["unified"])
-        p.n_swa = int(a["n_swa"])
-        p.swa_type = _enum(_SWA, a["swa_type"], "swa_type")
-        p.n_pos_per_embd = int(a["n_pos_per_embd"])
-        p.cell_ext = bool(a["cell_ext"]) if a["cell_ext"] is not None else p.n_pos_per_embd > 1
-        p.n_embd_v_gqa_max = int(a["n_embd_v_gqa_max"])
-        p.k_rot = -1 if a["k_rot"] is None else int(a["k_rot"])
-        p.v_rot = -1 if a["v_rot"] is None else int(a["v_rot"])
-        # without RoPE parameters a pending shift cannot be applied: the cache cannot shift
-        p.can_shift = bool(a["can_shift"]) and (any_rope or not held)
-        p.format = int(a["format"])
-        arch = a["arch"]
-        if arch is not None:
-            ab = ffi.new("char[]", arch.encode())
-            keep.append(ab)
-            p.arch = ab
-        return p
+            L.has_rope = 0
+            L.rope.mode = -1
+    p = ffi.new("pm_kv_params *")
+    keep.append(p)
+    p.n_layer_model = n_layer
+    p.n_layer = len(held)
+    p.layers = arr
+    p.size = int(a["size"])
+    p.n_seq_max = int(a["n_seq_max"])
+    p.type_k = type_id(a["type_k"])
+    p.type_v = type_id(a["type_v"])
+    p.v_trans = bool(a["v_trans"])
+    p.unified = bool(a["unified"])
+    p.n_swa = int(a["n_swa"])
+    p.swa_type = _enum(_SWA, a["swa_type"], "swa_type")
+    p.n_pos_per_embd = int(a["n_pos_per_embd"])
+    p.cell_ext = bool(a["cell_ext"]) if a["cell_ext"] is not None else p.n_pos_per_embd > 1
+    p.n_embd_v_gqa_max = int(a["n_embd_v_gqa_max"])
+    p.k_rot = -1 if a["k_rot"] is None else int(a["k_rot"])
+    p.v_rot = -1 if a["v_rot"] is None else int(a["v_rot"])
+    # without RoPE parameters a pending shift cannot be applied: the cache cannot shift
+    p.can_shift = bool(a["can_shift"]) and (any_rope or not held)
+    p.format = int(a["format"])
+    if a["arch"] is not None:
+        ab = ffi.new("char[]", str(a["arch"]).encode())
+        keep.append(ab)
+        p.arch = ab
+    return p
 
-    @classmethod
-    def _build(cls, a: dict) -> tuple[Any, list]:
-        keep: list = []
-        p = cls._params(a, keep)
-        out = ffi.new("pm_memory **")
-        check(lib.pm_kv_new(p, out), "KVCache")
-        return out[0], keep
 
-    def _info(self, part: int = 0) -> None:
+_REC_DEFAULTS = dict(layers=None, n_embd_r=0, n_embd_s=0, n_embd_p=0, size=None, n_seq_max=1,
+                     type_r="f32", type_s="f32", n_rs_seq=0, arch=None)
+
+
+def _rec_params(kw: dict, keep: list) -> Any:
+    """pm_rec_params for RecurrentMemory keyword arguments."""
+    unknown = set(kw) - set(_REC_DEFAULTS) - {"n_layer"}
+    if unknown:
+        raise TypeError(f"unknown recurrent memory argument(s): {', '.join(sorted(unknown))}")
+    if "n_layer" not in kw:
+        raise TypeError("a recurrent memory needs n_layer (the model's layer count)")
+    a = {**_REC_DEFAULTS, **kw}
+    n_layer = int(a["n_layer"])
+    held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
+    rr = _per_layer(a["n_embd_r"], n_layer, "n_embd_r") if n_layer else []
+    ss = _per_layer(a["n_embd_s"], n_layer, "n_embd_s") if n_layer else []
+    pp = _per_layer(a["n_embd_p"], n_layer, "n_embd_p") if n_layer else []
+    for il in held:
+        if not 0 <= il < n_layer:
+            raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
+    arr = ffi.new("pm_rec_layer[]", max(1, len(held)))
+    keep.append(arr)
+    for k, il in enumerate(held):
+        arr[k].il = il
+        arr[k].n_embd_r = rr[il]
+        arr[k].n_embd_s = ss[il]
+        arr[k].n_embd_p = pp[il]
+    p = ffi.new("pm_rec_params *")
+    keep.append(p)
+    p.n_layer_model = n_layer
+    p.n_layer = len(held)
+    p.layers = arr
+    n_seq_max = int(a["n_seq_max"])
+    p.n_seq_max = n_seq_max
+    p.size = int(a["size"]) if a["size"] is not None else max(1, n_seq_max)
+    p.type_r = type_id(a["type_r"])
+    p.type_s = type_id(a["type_s"])
+    p.n_rs_seq = int(a["n_rs_seq"])
+    if a["arch"] is not None:
+        ab = ffi.new("char[]", str(a["arch"]).encode())
+        keep.append(ab)
+        p.arch = ab
+    return p
+
+
+class KVPart:
+    """The KV cache part of a memory (the memory itself for a KVCache; base / swa / attn
+    parts of composites): its layout, zero-copy views of K and V, cell metadata, KQ masks."""
+
+    def __init__(self, mem: "Memory", part: int) -> None:
+        self._mem = mem
+        self._init_part(mem, part)
+
+    def _init_part(self, mem: "Memory", part: int) -> None:
+        self._part = part
         info = ffi.new("pm_kv_info *")
-        check(lib.pm_kv_info_get(self._live(), part, info), "info")
+        check(lib.pm_kv_info_get(mem._live(), part, info), "info")
         self.size: int = info.size
         self.n_stream: int = info.n_stream
         self.n_seq_max: int = info.n_seq_max
         self.type_k: str = type_name(info.type_k)
         self.type_v: str = type_name(info.type_v)
         self.v_trans: bool = bool(info.v_trans)
+        self.unified: bool = info.n_stream == 1
         self.n_swa: int = info.n_swa
         self.swa_type: str = {v: k for k, v in _SWA.items()}[info.swa_type]
         self.k_rot: int = info.k_rot
         self.v_rot: int = info.v_rot
         self.format: int = info.format
         self.cell_ext: bool = bool(info.cell_ext)
-        self._part = part
+        self._type_k_id = info.type_k
+        self._type_v_id = info.type_v
         self._layers: dict[int, tuple[int, Any]] = {}
         for l in range(info.n_layer):
             li = ffi.new("pm_kv_layer_info *")
-            check(lib.pm_kv_layer_info_get(self._live(), part, l, li))
+            check(lib.pm_kv_layer_info_get(mem._live(), part, l, li))
             self._layers[li.il] = (l, li)
-        self._type_k_id = info.type_k
-        self._type_v_id = info.type_v
 
     @property
     def layers(self) -> list[int]:
@@ -499,9 +530,10 @@ class KVCache(Memory):
             raise E.InvalidArgumentError(f"stream {stream} of {self.n_stream}")
         ptr = ffi.new("uint8_t **")
         nbytes = ffi.new("uint64_t *")
-        with self._lock:
-            h = self._handle
-            check(lib.pm_kv_tensor(self._live(), self._part, idx, stream, which, ptr, nbytes), "view")
+        mem = self._mem
+        with mem._lock:
+            h = mem._handle
+            check(lib.pm_kv_tensor(mem._live(), self._part, idx, stream, which, ptr, nbytes), "view")
             tid = self._type_k_id if which == 0 else self._type_v_id
             width = li.n_embd_k_gqa if which == 0 else li.n_embd_v_gqa
             dt = _DTYPES.get(tid)
@@ -512,9 +544,7 @@ class KVCache(Memory):
             else:
                 row = li.k_row_bytes if which == 0 else li.v_row_bytes
                 shape, typestr = (self.size, int(row)), "|u1"
-            base = _View(h, ptr[0], shape, typestr, None)
-            self._views.add(base)
-            return np.asarray(base)
+            return mem._export(h, ptr[0], shape, typestr)
 
     def k(self, layer: int, stream: int = 0) -> np.ndarray:
         """Zero-copy, writable view of K of a MODEL layer and stream: ``[size, n_embd_k_gqa]``
@@ -536,8 +566,9 @@ class KVCache(Memory):
         shift = np.empty(self.size, np.int32)
         seq = np.empty((self.size, 4), np.uint64)
         ext = np.empty((self.size, 3), np.int32)
-        with self._lock:
-            check(lib.pm_kv_cells_get(self._live(), self._part, stream,
+        mem = self._mem
+        with mem._lock:
+            check(lib.pm_kv_cells_get(mem._live(), self._part, stream,
                                       ffi.from_buffer("pm_pos[]", pos, require_writable=True),
                                       ffi.from_buffer("int32_t[]", shift, require_writable=True),
                                       ffi.from_buffer("uint64_t[]", seq, require_writable=True),
@@ -552,21 +583,250 @@ class KVCache(Memory):
         used = ffi.new("uint32_t *")
         mx = ffi.new("uint32_t *")
         hs = ffi.new("bool *")
-        with self._lock:
-            check(lib.pm_kv_stream_get(self._live(), self._part, stream, head, used, mx, hs), "stream_info")
+        mem = self._mem
+        with mem._lock:
+            check(lib.pm_kv_stream_get(mem._live(), self._part, stream, head, used, mx, hs), "stream_info")
         return {"head": head[0], "used": used[0], "used_max_p1": mx[0], "has_shift": bool(hs[0])}
 
     def kq_mask(self, ub: UBatch, causal: bool = True, non_causal: str = "all", alibi: bool = False) -> np.ndarray:
-        """The KQ mask llama.cpp builds for an applied ubatch: float32
+        """The KQ mask llama.cpp builds for this cache and an applied ubatch: float32
         ``[n_stream, n_tokens_per_stream, n_kv]`` of 0 (visible) or -inf."""
-        n_kv = ub.n_kv
+        info = ffi.new("pm_ubatch_info *")
+        check(lib.pm_mctx_ubatch_info(ub._ctx._ptr, ub.index, info))
         ns = max(ub.n_stream, 1)
-        out = np.empty((ns, ub.n_tokens // ns, n_kv), np.float32)
         nk = ffi.new("uint32_t *")
-        with self._lock:
-            self._live()
+        mem = self._mem
+        with mem._lock:
+            mem._live()
+            lib.pm_mctx_kq_mask(ub._ctx._ptr, ub.index, self._part, bool(causal), 0, False, ffi.NULL, 0, nk)
+            out = np.empty((ns, ub.n_tokens // ns, nk[0]), np.float32)
             check(lib.pm_mctx_kq_mask(ub._ctx._ptr, ub.index, self._part, bool(causal),
                                       _enum(_NON_CAUSAL, non_causal, "non_causal"), bool(alibi),
                                       ffi.from_buffer("float[]", out, require_writable=True), out.size, nk),
                   "kq_mask")
         return out
+
+    def __repr__(self) -> str:
+        return (f"KVPart(layers={self.layers}, size={self.size}, n_stream={self.n_stream}, "
+                f"type_k={self.type_k}, type_v={self.type_v}, swa={self.swa_type})")
+
+
+class RecurrentPart:
+    """The recurrent part of a memory: layout, zero-copy views of the r / s (/ p) rows of
+    every layer (all snapshot planes: row ``k*size + c`` is plane k of cell c) and cells."""
+
+    def __init__(self, mem: "Memory") -> None:
+        self._mem = mem
+        info = ffi.new("pm_rec_info *")
+        check(lib.pm_rec_info_get(mem._live(), info), "info")
+        self.size: int = info.size
+        self.n_seq_max: int = info.n_seq_max
+        self.n_rs_seq: int = info.n_rs_seq
+        self.type_r: str = type_name(info.type_r)
+        self.type_s: str = type_name(info.type_s)
+        self._layers: dict[int, tuple[int, Any]] = {}
+        for l in range(info.n_layer):
+            li = ffi.new("pm_rec_layer_info *")
+            check(lib.pm_rec_layer_info_get(mem._live(), l, li))
+            self._layers[li.il] = (l, li)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._layers)
+
+    def _view(self, layer: int, which: int) -> np.ndarray:
+        try:
+            idx, li = self._layers[int(layer)]
+        except KeyError:
+            raise E.InvalidArgumentError(f"model layer {layer} is not a recurrent layer (holds {self.layers})") from None
+        ptr = ffi.new("uint8_t **")
+        nbytes = ffi.new("uint64_t *")
+        mem = self._mem
+        with mem._lock:
+            h = mem._handle
+            check(lib.pm_rec_tensor(mem._live(), idx, which, ptr, nbytes), "view")
+            tid = type_id(self.type_r if which != 1 else self.type_s)
+            row = int(li.row_bytes[which])
+            dt = _DTYPES.get(tid)
+            if dt is not None:
+                shape, typestr = (int(li.n_rows), row // dt[1]), dt[0]
+            else:
+                shape, typestr = (int(li.n_rows), row), "|u1"
+            return mem._export(h, ptr[0], shape, typestr)
+
+    def r(self, layer: int) -> np.ndarray:
+        """Zero-copy view of the r rows (conv / token-shift state) of a MODEL layer."""
+        return self._view(layer, 0)
+
+    def s(self, layer: int) -> np.ndarray:
+        """Zero-copy view of the s rows (SSM / WKV state) of a MODEL layer."""
+        return self._view(layer, 1)
+
+    def p(self, layer: int) -> np.ndarray:
+        return self._view(layer, 2)
+
+    def info(self) -> dict:
+        """head and n of the last placed range, used, rs_z."""
+        i = ffi.new("pm_rec_info *")
+        with self._mem._lock:
+            check(lib.pm_rec_info_get(self._mem._live(), i), "info")
+        return {"head": i.head, "n": i.n, "used": i.used, "rs_z": i.rs_z}
+
+    def cells_view(self) -> np.ndarray:
+        """A copy of the cells: ``pos``, ``src``, ``src0``, ``tail``, ``seq`` (4 x uint64)."""
+        n = self.size
+        pos, src, src0, tail = (np.empty(n, np.int32) for _ in range(4))
+        seq = np.empty((n, 4), np.uint64)
+        rs = np.empty(self.n_seq_max, np.uint32)
+        fb = lambda a, t: ffi.from_buffer(t, a, require_writable=True)  # noqa: E731
+        with self._mem._lock:
+            check(lib.pm_rec_cells_get(self._mem._live(), fb(pos, "pm_pos[]"), fb(src, "int32_t[]"),
+                                       fb(src0, "int32_t[]"), fb(tail, "int32_t[]"), fb(seq, "uint64_t[]"),
+                                       fb(rs, "uint32_t[]")), "cells_view")
+        dt = np.dtype([("pos", "<i4"), ("src", "<i4"), ("src0", "<i4"), ("tail", "<i4"), ("seq", "<u8", (4,))])
+        out = np.empty(n, dt)
+        out["pos"], out["src"], out["src0"], out["tail"], out["seq"] = pos, src, src0, tail, seq
+        return out.view(np.recarray)
+
+    def rs_idx(self) -> np.ndarray:
+        """Pending rollback plane of every sequence (0 = none)."""
+        rs = np.empty(self.n_seq_max, np.uint32)
+        with self._mem._lock:
+            check(lib.pm_rec_cells_get(self._mem._live(), ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL,
+                                       ffi.from_buffer("uint32_t[]", rs, require_writable=True)))
+        return rs
+
+    def __repr__(self) -> str:
+        return f"RecurrentPart(layers={self.layers}, size={self.size}, n_rs_seq={self.n_rs_seq})"
+
+
+def _make(fn: str, *params: Any) -> Any:
+    out = ffi.new("pm_memory **")
+    check(getattr(lib, fn)(*params, out), fn.replace("pm_", "").replace("_new", ""))
+    return out[0]
+
+
+class KVCache(Memory, KVPart):
+    """llama.cpp's KV cache (``llama_kv_cache``): cells with positions and sequence sets,
+    slot search, K-shift, one or many streams, byte-compatible state.
+
+    ``layers``, ``n_head_kv``, ``n_embd_head_k``/``n_embd_head_v`` and ``rope`` follow the
+    model's layers (ints apply to every layer).  See DESIGN.md section 3."""
+
+    def __init__(self, n_layer: int, **kwargs: Any) -> None:
+        keep: list = []
+        p = _kv_params({"n_layer": n_layer, **kwargs}, keep)
+        Memory.__init__(self, _make("pm_kv_new", p), kwargs.get("arch"))
+        self._init_part(self, 0)
+
+    @property
+    def _mem(self) -> "KVCache":  # the cache is its own (only) KV part
+        return self
+
+    def kv_parts(self) -> list[KVPart]:
+        return [self]
+
+    __repr__ = Memory.__repr__
+
+
+class RecurrentMemory(Memory):
+    """llama.cpp's recurrent memory (Mamba, RWKV, short-conv): one cell per sequence slot with
+    the state rows of every recurrent layer; rollback snapshots with ``n_rs_seq``.
+
+    ``RecurrentMemory(n_layer=4, layers=[1, 3], n_embd_r=96, n_embd_s=256, size=4,
+    n_seq_max=4, type_r="f32", type_s="f32", n_rs_seq=0)``; size defaults to max(1, n_seq_max)."""
+
+    def __init__(self, n_layer: int, **kwargs: Any) -> None:
+        keep: list = []
+        p = _rec_params({"n_layer": n_layer, **kwargs}, keep)
+        super().__init__(_make("pm_recurrent_new", p), kwargs.get("arch"))
+        self.recurrent = RecurrentPart(self)
+        self.n_seq_max = self.recurrent.n_seq_max
+
+    def kv_parts(self) -> list[KVPart]:
+        return []
+
+
+def _iswa_kwargs(base: dict | None, swa: dict | None, kw: dict) -> tuple[dict, dict]:
+    """base / swa KV kwargs, or llama.cpp's iSWA sizing from model-level arguments."""
+    if base is not None or swa is not None:
+        if base is None or swa is None or kw:
+            raise TypeError("give both base= and swa= (KVCache keyword dicts), or model-level arguments")
+        return dict(base), dict(swa)
+    kw = dict(kw)
+    swa_layers = set(int(x) for x in kw.pop("swa_layers"))
+    swa_full = kw.pop("swa_full", True)
+    n_ubatch = int(kw.pop("n_ubatch", 512))
+    n_swa = int(kw.pop("n_swa"))
+    swa_type = kw.pop("swa_type", "standard")
+    n_layer = int(kw["n_layer"])
+    layers = kw.pop("layers", None)
+    held = list(range(n_layer)) if layers is None else [int(x) for x in layers]
+    size = int(kw.get("size", _KV_DEFAULTS["size"]))
+    n_seq_max = int(kw.get("n_seq_max", _KV_DEFAULTS["n_seq_max"]))
+    unified = bool(kw.get("unified", True))
+    size_swa = size if swa_full else min(size, n_swa * (n_seq_max if unified else 1) + n_ubatch)
+    size_swa = (size_swa + 255) // 256 * 256 if not swa_full else size_swa
+    base = dict(kw, layers=[il for il in held if il not in swa_layers])
+    swa = dict(kw, layers=[il for il in held if il in swa_layers], size=size_swa, n_swa=n_swa, swa_type=swa_type)
+    return base, swa
+
+
+class KVCacheISWA(Memory):
+    """llama.cpp's iSWA cache: a full-attention ``base`` cache plus a sliding-window ``swa``
+    cache over disjoint layers.
+
+    Either ``KVCacheISWA(base={...}, swa={...})`` with KVCache keyword arguments for each
+    part, or model-level arguments with llama.cpp's sizing: ``KVCacheISWA(n_layer=4,
+    swa_layers=[0, 2], n_swa=8, size=4096, swa_full=True, n_ubatch=512, ...)``."""
+
+    def __init__(self, base: dict | None = None, swa: dict | None = None, **kwargs: Any) -> None:
+        b, w = _iswa_kwargs(base, swa, kwargs)
+        keep: list = []
+        pb = _kv_params(b, keep)
+        pw = _kv_params(w, keep)
+        super().__init__(_make("pm_iswa_new", pb, pw), b.get("arch"))
+        self.base = KVPart(self, 0)
+        self.swa = KVPart(self, 1)
+        self.n_seq_max = self.base.n_seq_max
+
+    def kv_parts(self) -> list[KVPart]:
+        return [self.base, self.swa]
+
+
+class HybridMemory(Memory):
+    """llama.cpp's hybrid memory: an attention KV cache (``attn``) plus a recurrent memory
+    (``recurrent``) over disjoint layers (Jamba, LFM2, Granite-hybrid, ...)."""
+
+    def __init__(self, attn: dict, recurrent: dict) -> None:
+        keep: list = []
+        pa = _kv_params(dict(attn), keep)
+        pr = _rec_params(dict(recurrent), keep)
+        super().__init__(_make("pm_hybrid_new", pa, pr), attn.get("arch"))
+        self.attn = KVPart(self, 0)
+        self.recurrent = RecurrentPart(self)
+
+    def kv_parts(self) -> list[KVPart]:
+        return [self.attn]
+
+
+class HybridISWAMemory(Memory):
+    """llama.cpp's hybrid-iSWA memory: an iSWA attention cache (``base`` + ``swa``) plus a
+    recurrent memory.  ``attn`` is ``{"base": {...}, "swa": {...}}`` or model-level iSWA
+    arguments (see KVCacheISWA)."""
+
+    def __init__(self, attn: dict, recurrent: dict) -> None:
+        a = dict(attn)
+        b, w = _iswa_kwargs(a.pop("base", None), a.pop("swa", None), a)
+        keep: list = []
+        pb = _kv_params(b, keep)
+        pw = _kv_params(w, keep)
+        pr = _rec_params(dict(recurrent), keep)
+        super().__init__(_make("pm_hybrid_iswa_new", pb, pw, pr), b.get("arch"))
+        self.base = KVPart(self, 0)
+        self.swa = KVPart(self, 1)
+        self.recurrent = RecurrentPart(self)
+        self.n_seq_max = self.base.n_seq_max
+
+    def kv_parts(self) -> list[KVPart]:
+        return [self.base, self.swa]

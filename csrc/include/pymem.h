@@ -181,8 +181,38 @@ typedef struct pm_kv_params {
     const char *arch;             /* architecture name for the context envelope; may be NULL */
 } pm_kv_params;
 
+/* One recurrent layer (Mamba / RWKV / short-conv state rows). */
+typedef struct pm_rec_layer {
+    uint32_t il;            /* model layer id */
+    uint32_t n_embd_r;      /* elements of the r (conv / token-shift) row */
+    uint32_t n_embd_s;      /* elements of the s (ssm / wkv) row; may be 0 */
+    uint32_t n_embd_p;      /* elements of the PLE conv row; 0 = none */
+} pm_rec_layer;
+
+typedef struct pm_rec_params {
+    uint32_t n_layer_model;       /* layers of the model (written in the state) */
+    uint32_t n_layer;             /* recurrent layers held */
+    const pm_rec_layer *layers;   /* ascending model layer id */
+    uint32_t size;                /* cells: llama.cpp uses max(1, n_seq_max) */
+    uint32_t n_seq_max;
+    int32_t type_r;
+    int32_t type_s;
+    uint32_t n_rs_seq;            /* rollback snapshots per sequence (0 = off) */
+    const char *arch;
+} pm_rec_params;
+
+/* Constructors of the five memory types.  Composite memories take the parameters of their
+ * parts; all parts must agree on n_seq_max (and the KV parts on unified, types, v_trans). */
 pm_status pm_kv_new(const pm_kv_params *params, pm_memory **out);
+pm_status pm_iswa_new(const pm_kv_params *base, const pm_kv_params *swa, pm_memory **out);
+pm_status pm_recurrent_new(const pm_rec_params *params, pm_memory **out);
+pm_status pm_hybrid_new(const pm_kv_params *attn, const pm_rec_params *rec, pm_memory **out);
+pm_status pm_hybrid_iswa_new(const pm_kv_params *base, const pm_kv_params *swa,
+                             const pm_rec_params *rec, pm_memory **out);
 void pm_memory_free(pm_memory *mem);
+/* Number of KV parts (0, 1 or 2) and whether there is a recurrent part. */
+uint32_t pm_memory_n_kv(const pm_memory *mem);
+bool pm_memory_has_rec(const pm_memory *mem);
 int32_t pm_memory_kind(const pm_memory *mem);
 /* Bytes allocated for cell metadata and tensors. */
 uint64_t pm_memory_nbytes(const pm_memory *mem);
@@ -270,6 +300,40 @@ pm_status pm_kv_stream_get(const pm_memory *mem, uint32_t part, uint32_t stream,
                            bool *has_shift);
 
 /* ---------------------------------------------------------------------------------------
+ * Recurrent inspection and data access
+ * ------------------------------------------------------------------------------------- */
+typedef struct pm_rec_info {
+    uint32_t size;
+    uint32_t n_seq_max;
+    uint32_t n_rs_seq;
+    uint32_t n_layer;             /* recurrent layers held */
+    uint32_t n_layer_model;
+    int32_t type_r;
+    int32_t type_s;
+    uint32_t head;                /* first cell of the last placed range */
+    uint32_t n;                   /* cells of that range */
+    uint32_t used;
+    int32_t rs_z;
+} pm_rec_info;
+
+typedef struct pm_rec_layer_info {
+    uint32_t il;
+    uint64_t row_bytes[3];        /* r, s, p (0 when absent) */
+    uint32_t n_rows;              /* size * (1 + n_rs_seq) */
+} pm_rec_layer_info;
+
+pm_status pm_rec_info_get(const pm_memory *mem, pm_rec_info *out);
+pm_status pm_rec_layer_info_get(const pm_memory *mem, uint32_t layer, pm_rec_layer_info *out);
+/* Cell metadata: arrays of `size` entries (any may be NULL); seq_bits 4 x uint64 per cell;
+ * rs_idx: n_seq_max entries. */
+pm_status pm_rec_cells_get(const pm_memory *mem, pm_pos *pos, int32_t *src, int32_t *src0,
+                           int32_t *tail, uint64_t *seq_bits, uint32_t *rs_idx);
+/* Rows of layer `layer` (index among the held layers); which: 0 = r, 1 = s, 2 = p.  All
+ * planes: row k*size + c is snapshot plane k of cell c. */
+pm_status pm_rec_tensor(pm_memory *mem, uint32_t layer, uint32_t which, uint8_t **ptr,
+                        uint64_t *nbytes);
+
+/* ---------------------------------------------------------------------------------------
  * Batches, ubatches and memory contexts
  * ------------------------------------------------------------------------------------- */
 typedef struct pm_batch pm_batch;
@@ -329,6 +393,13 @@ pm_status pm_mctx_cells(const pm_mctx *ctx, uint32_t i, uint32_t part, uint32_t 
  * raw rows of the cache type.  NULL skips K or V. */
 pm_status pm_mctx_store(pm_mctx *ctx, uint32_t i, uint32_t il, const void *k, uint64_t k_len,
                         const void *v, uint64_t v_len, bool is_f32);
+/* Store the new recurrent states of an applied ubatch (model layer il): one r row and one s
+ * row per sequence set (n_seqs rows), raw rows of the state types, into the cells llama.cpp
+ * computes them into.  NULL skips r or s. */
+pm_status pm_mctx_store_rs(pm_mctx *ctx, uint32_t i, uint32_t il, const void *r, uint64_t r_len,
+                           const void *s, uint64_t s_len);
+/* The recurrent range of an applied ubatch: first cell and count (sets occupy head..head+n_seqs). */
+pm_status pm_mctx_rec_range(const pm_mctx *ctx, uint32_t i, uint32_t *head, uint32_t *n);
 /* KQ mask of an applied ubatch: float32 [n_stream][n_tps][n_kv], 0 or -INFINITY.
  * part selects the iSWA half; causal/non_causal as the context; alibi adds -|p0 - p1|. */
 pm_status pm_mctx_kq_mask(const pm_mctx *ctx, uint32_t i, uint32_t part, bool causal,

@@ -403,7 +403,7 @@ pm_status pmi_kv_seq_rm(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, bool *out
     return PM_OK;
 }
 
-static pm_status check_seq(const pmi_kv *kv, pm_seq_id s, const char *op) {
+pm_status pmi_kv_check_seq(const pmi_kv *kv, pm_seq_id s, const char *op) {
     if (!pmi_kv_seq_valid(kv, s)) {
         return pmi_fail(PM_E_INVALID_ARG, "%s: seq_id %d is not in [0, %u)", op, s,
                         kv->seq_to_stream_len);
@@ -411,11 +411,40 @@ static pm_status check_seq(const pmi_kv *kv, pm_seq_id s, const char *op) {
     return PM_OK;
 }
 
-pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
-    pm_status st = check_seq(kv, a, "seq_cp (src)");
+pm_status pmi_kv_seq_cp_prepare(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
+    pm_status st = pmi_kv_check_seq(kv, a, "seq_cp (src)");
     if (st == PM_OK) {
-        st = check_seq(kv, b, "seq_cp (dst)");
+        st = pmi_kv_check_seq(kv, b, "seq_cp (dst)");
     }
+    if (st != PM_OK) {
+        return st;
+    }
+    uint32_t sa = pmi_kv_stream(kv, a), sb = pmi_kv_stream(kv, b);
+    if (sa == sb) {
+        return a == b ? PM_OK : pmi_cells_reserve(&kv->cells[sa], kv->cells[sa].cnt[a]);
+    }
+    int64_t size = kv->size;
+    bool full = !((int64_t)p0 > 0 && (int64_t)p0 + 1 < size) &&
+                !((int64_t)p1 > 0 && (int64_t)p1 + 1 < size);
+    if (!full) {
+        return pmi_fail(PM_E_UNSUPPORTED,
+                        "seq_cp across streams copies whole sequences only (p0 %d, p1 %d; llama.cpp aborts)",
+                        p0, p1);
+    }
+    if (kv->n_copies + 1 > kv->cap_copies) {
+        uint32_t ncap = kv->cap_copies ? kv->cap_copies * 2 : 8;
+        uint32_t *nc = realloc(kv->copies, sizeof(uint32_t) * 2 * ncap);
+        if (nc == NULL) {
+            return pmi_fail(PM_E_NOMEM, "out of memory");
+        }
+        kv->copies = nc;
+        kv->cap_copies = ncap;
+    }
+    return pmi_cells_reserve(&kv->cells[sb], kv->cells[sa].cnt[a]);
+}
+
+pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
+    pm_status st = pmi_kv_seq_cp_prepare(kv, a, b, p0, p1);
     if (st != PM_OK) {
         return st;
     }
@@ -426,10 +455,6 @@ pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos 
         }
         norm_range(&p0, &p1);
         pmi_cells *c = &kv->cells[sa];
-        st = pmi_cells_reserve(c, c->cnt[a]);
-        if (st != PM_OK) {
-            return st;
-        }
         uint32_t n = pmi_cells_seq_range(c, a, p0, p1, kv->work);
         for (uint32_t k = 0; k < n; ++k) {
             pmi_cells_seq_add(c, kv->work[k], b);
@@ -437,28 +462,7 @@ pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos 
         return PM_OK;
     }
     /* cross-stream: whole sequence, data copy deferred to the next update */
-    int64_t size = kv->size;
-    bool full = !((int64_t)p0 > 0 && (int64_t)p0 + 1 < size) &&
-                !((int64_t)p1 > 0 && (int64_t)p1 + 1 < size);
-    if (!full) {
-        return pmi_fail(PM_E_UNSUPPORTED,
-                        "seq_cp across streams copies whole sequences only (p0 %d, p1 %d; llama.cpp aborts)",
-                        p0, p1);
-    }
     pmi_cells *cs = &kv->cells[sa], *cd = &kv->cells[sb];
-    if (kv->n_copies + 1 > kv->cap_copies) {
-        uint32_t ncap = kv->cap_copies ? kv->cap_copies * 2 : 8;
-        uint32_t *nc = realloc(kv->copies, sizeof(uint32_t) * 2 * ncap);
-        if (nc == NULL) {
-            return pmi_fail(PM_E_NOMEM, "out of memory");
-        }
-        kv->copies = nc;
-        kv->cap_copies = ncap;
-    }
-    st = pmi_cells_reserve(cd, cs->cnt[a]);
-    if (st != PM_OK) {
-        return st;
-    }
     kv->copies[2 * kv->n_copies] = sa;
     kv->copies[2 * kv->n_copies + 1] = sb;
     kv->n_copies++;
@@ -482,7 +486,7 @@ pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos 
 }
 
 pm_status pmi_kv_seq_keep(pmi_kv *kv, pm_seq_id s) {
-    pm_status st = check_seq(kv, s, "seq_keep");
+    pm_status st = pmi_kv_check_seq(kv, s, "seq_keep");
     if (st != PM_OK) {
         return st;
     }
@@ -503,24 +507,25 @@ pm_status pmi_kv_seq_keep(pmi_kv *kv, pm_seq_id s) {
     return PM_OK;
 }
 
-pm_status pmi_kv_seq_add(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
-    pm_status st = check_seq(kv, s, "seq_add");
-    if (st != PM_OK) {
+static pm_status check_shift_op(const pmi_kv *kv, pm_seq_id s, const char *op) {
+    pm_status st = pmi_kv_check_seq(kv, s, op);
+    if (st == PM_OK && kv->n_pos_per_embd > 1) {
+        st = pmi_fail(PM_E_UNSUPPORTED, "%s is not supported with M-RoPE (n_pos_per_embd %u)", op,
+                      kv->n_pos_per_embd);
+    }
+    return st;
+}
+
+pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
+    pm_status st = check_shift_op(kv, s, "seq_add");
+    if (st != PM_OK || d == 0) {
         return st;
-    }
-    if (kv->n_pos_per_embd > 1) {
-        return pmi_fail(PM_E_UNSUPPORTED, "seq_add is not supported with M-RoPE (n_pos_per_embd %u)",
-                        kv->n_pos_per_embd);
-    }
-    if (d == 0) {
-        return PM_OK;
     }
     norm_range(&p0, &p1);
     if (p0 == p1) {
         return PM_OK;
     }
-    uint32_t strm = pmi_kv_stream(kv, s);
-    pmi_cells *c = &kv->cells[strm];
+    const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
     uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t i = kv->work[k];
@@ -529,6 +534,21 @@ pm_status pmi_kv_seq_add(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d
             return pmi_fail(PM_E_INVALID_ARG, "seq_add: position %d + %d overflows int32", c->pos[i], d);
         }
     }
+    return PM_OK;
+}
+
+pm_status pmi_kv_seq_add(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
+    pm_status st = pmi_kv_seq_add_check(kv, s, p0, p1, d);
+    if (st != PM_OK || d == 0) {
+        return st;
+    }
+    norm_range(&p0, &p1);
+    if (p0 == p1) {
+        return PM_OK;
+    }
+    uint32_t strm = pmi_kv_stream(kv, s);
+    pmi_cells *c = &kv->cells[strm];
+    uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     uint32_t new_head = PMI_NONE;
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t i = kv->work[k];
@@ -540,17 +560,10 @@ pm_status pmi_kv_seq_add(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d
     return PM_OK;
 }
 
-pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
-    pm_status st = check_seq(kv, s, "seq_div");
-    if (st != PM_OK) {
+pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
+    pm_status st = check_shift_op(kv, s, "seq_div");
+    if (st != PM_OK || d == 1) {
         return st;
-    }
-    if (kv->n_pos_per_embd > 1) {
-        return pmi_fail(PM_E_UNSUPPORTED, "seq_div is not supported with M-RoPE (n_pos_per_embd %u)",
-                        kv->n_pos_per_embd);
-    }
-    if (d == 1) {
-        return PM_OK;
     }
     if (d <= 0) {
         return pmi_fail(PM_E_INVALID_ARG, "seq_div: divisor %d must be >= 1", d);
@@ -559,7 +572,7 @@ pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t 
     if (p0 == p1) {
         return PM_OK;
     }
-    pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
+    const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
     uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t i = kv->work[k];
@@ -568,6 +581,20 @@ pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t 
             return pmi_fail(PM_E_INVALID_ARG, "seq_div: accumulated shift overflows int32");
         }
     }
+    return PM_OK;
+}
+
+pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
+    pm_status st = pmi_kv_seq_div_check(kv, s, p0, p1, d);
+    if (st != PM_OK || d == 1) {
+        return st;
+    }
+    norm_range(&p0, &p1);
+    if (p0 == p1) {
+        return PM_OK;
+    }
+    pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
+    uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     for (uint32_t k = 0; k < n; ++k) {
         pmi_cells_pos_div(c, kv->work[k], d);
     }
@@ -575,7 +602,7 @@ pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t 
 }
 
 pm_status pmi_kv_seq_pos_min(const pmi_kv *kv, pm_seq_id s, pm_pos *out) {
-    pm_status st = check_seq(kv, s, "seq_pos_min");
+    pm_status st = pmi_kv_check_seq(kv, s, "seq_pos_min");
     if (st == PM_OK) {
         *out = pmi_cells_seq_pos_min(&kv->cells[pmi_kv_stream(kv, s)], s);
     }
@@ -583,7 +610,7 @@ pm_status pmi_kv_seq_pos_min(const pmi_kv *kv, pm_seq_id s, pm_pos *out) {
 }
 
 pm_status pmi_kv_seq_pos_max(const pmi_kv *kv, pm_seq_id s, pm_pos *out) {
-    pm_status st = check_seq(kv, s, "seq_pos_max");
+    pm_status st = pmi_kv_check_seq(kv, s, "seq_pos_max");
     if (st == PM_OK) {
         *out = pmi_cells_seq_pos_max(&kv->cells[pmi_kv_stream(kv, s)], s);
     }
@@ -1175,17 +1202,8 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq) {
 
 /* ---- state: read ----------------------------------------------------------------------------- */
 
-/* One stream section of a blob, parsed and validated. */
-typedef struct kv_section {
-    uint32_t cc;
-    const uint8_t *meta;  /* cell records */
-    uint64_t meta_len;
-    const uint8_t **k;    /* per layer: rows */
-    const uint8_t **v;    /* per layer: rows or transposed elements */
-} kv_section;
-
 static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
-                               kv_section *sec) {
+                               pmi_kv_section *sec) {
     char what[96];
     if (!pmi_r_u32(r, &sec->cc, "cell_count")) {
         return pmi_fail_ctx(PM_E_FORMAT, "KV stream %u", s);
@@ -1338,8 +1356,8 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
     return PM_OK;
 }
 
-static pm_status sections_alloc(const pmi_kv *kv, kv_section **out) {
-    kv_section *secs = calloc(kv->n_stream, sizeof(kv_section));
+static pm_status sections_alloc(const pmi_kv *kv, pmi_kv_section **out) {
+    pmi_kv_section *secs = calloc(kv->n_stream, sizeof(pmi_kv_section));
     const uint8_t **ptrs = calloc((size_t)kv->n_stream * 2 * (kv->n_layer ? kv->n_layer : 1),
                                   sizeof(uint8_t *));
     if (secs == NULL || ptrs == NULL) {
@@ -1356,14 +1374,14 @@ static pm_status sections_alloc(const pmi_kv *kv, kv_section **out) {
     return PM_OK;
 }
 
-static void sections_free(kv_section *secs) {
+static void sections_free(pmi_kv_section *secs) {
     if (secs) {
         free((void *)secs[0].k);
         free(secs);
     }
 }
 
-static pm_status parse_all(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, kv_section *secs) {
+static pm_status parse_all(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, pmi_kv_section *secs) {
     uint32_t n;
     if (!pmi_r_u32(r, &n, "KV n_stream")) {
         return PM_E_FORMAT;
@@ -1389,17 +1407,38 @@ static pm_status check_read_seq(const pmi_kv *kv, pm_seq_id seq) {
     return PM_OK;
 }
 
-pm_status pmi_kv_state_check(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq) {
+pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, pmi_kv_plan *plan) {
+    memset(plan, 0, sizeof(*plan));
+    plan->seq = seq;
+    plan->n_stream = kv->n_stream;
     pm_status st = check_read_seq(kv, seq);
-    kv_section *secs = NULL;
     if (st == PM_OK) {
-        st = sections_alloc(kv, &secs);
+        st = sections_alloc(kv, &plan->secs);
     }
     if (st == PM_OK) {
-        st = parse_all(kv, r, seq, secs);
+        plan->slots = calloc(kv->n_stream, sizeof(uint32_t *));
+        if (plan->slots == NULL) {
+            st = pmi_fail(PM_E_NOMEM, "out of memory");
+        }
     }
-    sections_free(secs);
+    if (st == PM_OK) {
+        st = parse_all(kv, r, seq, plan->secs);
+    }
+    if (st != PM_OK) {
+        pmi_kv_plan_free(plan);
+    }
     return st;
+}
+
+void pmi_kv_plan_free(pmi_kv_plan *plan) {
+    if (plan->slots) {
+        for (uint32_t s = 0; s < plan->n_stream; ++s) {
+            free(plan->slots[s]);
+        }
+    }
+    free(plan->slots);
+    sections_free(plan->secs);
+    memset(plan, 0, sizeof(*plan));
 }
 
 /* Copy cc rows into the cells of a slot (idx list), run by run. */
@@ -1416,7 +1455,7 @@ static void read_rows(uint8_t *base, uint64_t row, const uint32_t *idx, uint32_t
     }
 }
 
-static void apply_data(pmi_kv *kv, uint32_t st, const kv_section *sec, const uint32_t *idx) {
+static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const uint32_t *idx) {
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         pmi_kv_layer *L = &kv->layers[l];
         read_rows(L->k + st * L->k_stream, L->k_row, idx, sec->cc, sec->k[l]);
@@ -1435,124 +1474,115 @@ static void apply_data(pmi_kv *kv, uint32_t st, const kv_section *sec, const uin
     }
 }
 
-pm_status pmi_kv_state_apply(pmi_kv *kv, pmi_reader *r, pm_seq_id seq) {
-    pm_status st = check_read_seq(kv, seq);
-    kv_section *secs = NULL;
-    uint32_t **slots = NULL;
-    pmi_ubatch ub;
-    memset(&ub, 0, sizeof(ub));
-    if (st == PM_OK) {
-        st = sections_alloc(kv, &secs);
-    }
-    if (st == PM_OK) {
-        st = parse_all(kv, r, seq, secs);
-    }
-    if (st == PM_OK) {
-        slots = calloc(kv->n_stream, sizeof(uint32_t *));
-        if (slots == NULL) {
-            st = pmi_fail(PM_E_NOMEM, "out of memory");
-        }
-    }
-    if (st != PM_OK) {
-        sections_free(secs);
-        return st;
-    }
-    if (seq == -1) {
+pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
+    pmi_kv_section *secs = plan->secs;
+    pm_status st = PM_OK;
+    if (plan->seq == -1) {
         /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1 */
         for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
             uint64_t ids = (secs[s].meta_len - (uint64_t)secs[s].cc * (kv->cell_ext ? 20 : 8)) / 4;
             st = pmi_cells_reserve(&kv->cells[s], ids);
         }
-        if (st == PM_OK) {
-            pmi_kv_clear(kv, true);
-            for (uint32_t s = 0; s < kv->n_stream; ++s) {
-                pmi_cells *c = &kv->cells[s];
-                const uint8_t *p = secs[s].meta;
-                for (uint32_t i = 0; i < secs[s].cc; ++i) {
-                    pmi_cells_pos_set(c, i, pmi_rd_i32(p));
-                    uint32_t nid = pmi_rd_u32(p + 4);
-                    p += 8;
-                    if (kv->cell_ext) {
-                        pmi_ext e = {pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
-                        pmi_cells_ext_set(c, i, e);
-                        p += 12;
-                    }
-                    for (uint32_t q = 0; q < nid; ++q) {
-                        pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
-                    }
-                    p += 4ull * nid;
-                }
-                kv->head[s] = 0;
-                for (uint32_t i = 0; i < secs[s].cc; ++i) {
-                    kv->work[i] = i;
-                }
-                apply_data(kv, s, &secs[s], kv->work);
-            }
+        if (st != PM_OK) {
+            return st;
         }
-    } else {
-        /* per-sequence restore into stream(seq), section by section: seq_rm, find_slot,
-         * apply_ubatch; the data is written after every section was placed */
-        uint32_t strm = pmi_kv_stream(kv, seq);
-        pmi_cells *c = &kv->cells[strm];
-        for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
-            const kv_section *sec = &secs[s];
-            if (sec->cc == 0) {
-                continue;
-            }
-            kv_seq_rm(kv, seq, -1, -1);
-            st = pmi_ubatch_reserve(&ub, sec->cc, kv->n_pos_per_embd, seq);
-            if (st != PM_OK) {
-                break;
-            }
-            const uint8_t *p = sec->meta;
-            for (uint32_t i = 0; i < sec->cc; ++i) {
-                ub.pos[i] = pmi_rd_i32(p);
+        pmi_kv_clear(kv, false);
+        for (uint32_t s = 0; s < kv->n_stream; ++s) {
+            pmi_cells *c = &kv->cells[s];
+            const uint8_t *p = secs[s].meta;
+            for (uint32_t i = 0; i < secs[s].cc; ++i) {
+                pmi_cells_pos_set(c, i, pmi_rd_i32(p));
+                uint32_t nid = pmi_rd_u32(p + 4);
                 p += 8;
                 if (kv->cell_ext) {
-                    ub.token[i] = pmi_rd_i32(p + 8);
-                    if (kv->n_pos_per_embd > 1) {
-                        ub.pos[i + sec->cc] = pmi_rd_i32(p + 4);
-                        ub.pos[i + 2 * sec->cc] = pmi_rd_i32(p);
-                    }
+                    pmi_ext e = {pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
+                    pmi_cells_ext_set(c, i, e);
                     p += 12;
                 }
-                p += 4;
-            }
-            pmi_slot slot;
-            st = pmi_kv_find_slot(kv, &ub, &slot);
-            if (st == PM_OK) {
-                st = pmi_kv_apply_ubatch(kv, &slot, &ub);
-                if (st != PM_OK) {
-                    pmi_slot_free(&slot);
+                for (uint32_t q = 0; q < nid; ++q) {
+                    pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
                 }
+                p += 4ull * nid;
             }
-            if (st != PM_OK) {
-                break;
-            }
-            if (kv->cell_ext) {
-                p = sec->meta;
-                for (uint32_t i = 0; i < sec->cc; ++i) {
-                    pmi_ext e = {pmi_rd_i32(p + 8), pmi_rd_i32(p + 12), pmi_rd_i32(p + 16)};
-                    pmi_cells_ext_set(c, slot.idxs[i], e);
-                    p += 24;
-                }
-            }
-            slots[s] = slot.idxs;
-            pmi_ubatch_free(&ub);
+            kv->head[s] = 0;
         }
-        if (st == PM_OK) {
-            for (uint32_t s = 0; s < kv->n_stream; ++s) {
-                if (slots[s] != NULL) {
-                    apply_data(kv, strm, &secs[s], slots[s]);
+        return PM_OK;
+    }
+    /* per-sequence restore into stream(seq), section by section: seq_rm, find_slot,
+     * apply_ubatch (the data follows in pmi_kv_state_data, after every part placed) */
+    pm_seq_id seq = plan->seq;
+    pmi_cells *c = &kv->cells[pmi_kv_stream(kv, seq)];
+    pmi_ubatch ub;
+    for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
+        const pmi_kv_section *sec = &secs[s];
+        if (sec->cc == 0) {
+            continue;
+        }
+        kv_seq_rm(kv, seq, -1, -1);
+        st = pmi_ubatch_reserve(&ub, sec->cc, kv->n_pos_per_embd, seq);
+        if (st != PM_OK) {
+            break;
+        }
+        const uint8_t *p = sec->meta;
+        for (uint32_t i = 0; i < sec->cc; ++i) {
+            ub.pos[i] = pmi_rd_i32(p);
+            p += 8;
+            if (kv->cell_ext) {
+                ub.token[i] = pmi_rd_i32(p + 8);
+                if (kv->n_pos_per_embd > 1) {
+                    ub.pos[i + sec->cc] = pmi_rd_i32(p + 4);
+                    ub.pos[i + 2 * sec->cc] = pmi_rd_i32(p);
                 }
+                p += 12;
+            }
+            p += 4;
+        }
+        pmi_slot slot;
+        st = pmi_kv_find_slot(kv, &ub, &slot);
+        if (st == PM_OK) {
+            st = pmi_kv_apply_ubatch(kv, &slot, &ub);
+            if (st != PM_OK) {
+                pmi_slot_free(&slot);
             }
         }
         pmi_ubatch_free(&ub);
+        if (st != PM_OK) {
+            break;
+        }
+        if (kv->cell_ext) {
+            p = sec->meta;
+            for (uint32_t i = 0; i < sec->cc; ++i) {
+                pmi_ext e = {pmi_rd_i32(p + 8), pmi_rd_i32(p + 12), pmi_rd_i32(p + 16)};
+                pmi_cells_ext_set(c, slot.idxs[i], e);
+                p += 24;
+            }
+        }
+        free(plan->slots[s]);
+        plan->slots[s] = slot.idxs;
     }
-    for (uint32_t s = 0; s < kv->n_stream; ++s) {
-        free(slots[s]);
-    }
-    free(slots);
-    sections_free(secs);
     return st;
+}
+
+void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
+    if (plan->seq == -1) {
+        for (uint32_t l = 0; l < kv->n_layer; ++l) {
+            memset(kv->layers[l].k, 0, (size_t)(kv->layers[l].k_stream * kv->n_stream));
+            if (kv->layers[l].v) {
+                memset(kv->layers[l].v, 0, (size_t)(kv->layers[l].v_stream * kv->n_stream));
+            }
+        }
+        for (uint32_t s = 0; s < kv->n_stream; ++s) {
+            for (uint32_t i = 0; i < plan->secs[s].cc; ++i) {
+                kv->work[i] = i;
+            }
+            apply_data(kv, s, &plan->secs[s], kv->work);
+        }
+        return;
+    }
+    uint32_t strm = pmi_kv_stream(kv, plan->seq);
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        if (plan->slots[s] != NULL) {
+            apply_data(kv, strm, &plan->secs[s], plan->slots[s]);
+        }
+    }
 }

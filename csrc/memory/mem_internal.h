@@ -260,11 +260,36 @@ pm_status pmi_kv_kq_mask(const pmi_kv *kv, const pmi_slot *si, const pmi_ubatch 
 
 /* state */
 pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq);
-/* Parse and validate one KV section without changing anything; *end = offset after it. */
-pm_status pmi_kv_state_check(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq);
-/* Apply a section that pmi_kv_state_check accepted.  For per-sequence restores this can
- * fail with PM_E_NO_SLOT (no room); wrap in a transaction to undo. */
-pm_status pmi_kv_state_apply(pmi_kv *kv, pmi_reader *r, pm_seq_id seq);
+
+/* One stream section of a KV blob, parsed and validated (pointers into the blob). */
+typedef struct pmi_kv_section {
+    uint32_t cc;
+    const uint8_t *meta;  /* cell records */
+    uint64_t meta_len;
+    const uint8_t **k;    /* per layer: rows */
+    const uint8_t **v;    /* per layer: rows or transposed elements */
+} pmi_kv_section;
+
+/* A restore in three steps: parse (validates, changes nothing), meta (cells and heads; a
+ * per-sequence restore can fail with PM_E_NO_SLOT: wrap it in a transaction), data. */
+typedef struct pmi_kv_plan {
+    pm_seq_id seq;
+    uint32_t n_stream;
+    pmi_kv_section *secs; /* per stream */
+    uint32_t **slots;     /* per stream section: the cells it went to (meta) */
+} pmi_kv_plan;
+
+pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, pmi_kv_plan *plan);
+pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan);
+void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan);
+void pmi_kv_plan_free(pmi_kv_plan *plan);
+
+/* argument checks and resource reservation of the operations, for composites that must
+ * validate every part before changing any */
+pm_status pmi_kv_check_seq(const pmi_kv *kv, pm_seq_id s, const char *op);
+pm_status pmi_kv_seq_cp_prepare(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1);
+pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d);
+pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d);
 
 /* transactions over all streams (cells + heads); K/V bytes are not journaled */
 pm_status pmi_kv_tx_begin(pmi_kv *kv);
@@ -272,32 +297,91 @@ void pmi_kv_tx_commit(pmi_kv *kv);
 void pmi_kv_tx_rollback(pmi_kv *kv);
 
 /* ======================================================================================
+ * Recurrent memory (recurrent.c)
+ * ==================================================================================== */
+typedef struct pmi_rcell {
+    pm_pos pos;
+    int32_t src, src0, tail;
+    uint64_t seq[4];
+} pmi_rcell;
+
+typedef struct pmi_rec_layer {
+    uint32_t il;
+    bool has_p;
+    uint64_t row[3];      /* bytes per row of r, s, p */
+    uint8_t *data[3];     /* size * (1 + n_rs_seq) rows each */
+} pmi_rec_layer;
+
+typedef struct pmi_rec {
+    uint32_t size;
+    uint32_t n_seq_max;
+    uint32_t n_rs_seq;
+    uint32_t n_rows;      /* size * (1 + n_rs_seq) */
+    uint32_t n_layer_model;
+    uint32_t n_layer;
+    int32_t type_r, type_s;
+    uint32_t head, n, used;
+    int32_t rs_z;
+    uint32_t *rs_idx;     /* n_seq_max */
+    pmi_rcell *cells;
+    pmi_rec_layer *layers;
+    /* transaction snapshot */
+    pmi_rcell *tx_cells;
+    uint32_t *tx_rs_idx;
+    uint32_t tx_head, tx_n, tx_used;
+    int32_t tx_rs_z;
+} pmi_rec;
+
+typedef struct pmi_rec_plan {
+    pm_seq_id seq;
+    uint32_t cc;
+    pm_pos last_pos;
+    const uint8_t *meta;
+    const uint8_t **rows; /* n_layer * 3 */
+    uint32_t head;        /* set by meta */
+} pmi_rec_plan;
+
+pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out);
+void pmi_rec_destroy(pmi_rec *r);
+uint64_t pmi_rec_nbytes(const pmi_rec *r);
+void pmi_rec_tx_begin(pmi_rec *r);
+void pmi_rec_tx_rollback(pmi_rec *r);
+void pmi_rec_clear(pmi_rec *r, bool data);
+bool pmi_rec_seq_rm(pmi_rec *r, pm_seq_id s, pm_pos p0, pm_pos p1);
+void pmi_rec_seq_cp(pmi_rec *r, pm_seq_id a, pm_seq_id b);
+void pmi_rec_seq_keep(pmi_rec *r, pm_seq_id s);
+pm_status pmi_rec_seq_add(pmi_rec *r, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d, bool check_only);
+pm_status pmi_rec_seq_div(pmi_rec *r, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d, bool check_only);
+pm_pos pmi_rec_seq_pos_min(const pmi_rec *r, pm_seq_id s);
+pm_pos pmi_rec_seq_pos_max(const pmi_rec *r, pm_seq_id s);
+pm_status pmi_rec_find_slot(pmi_rec *r, const pmi_ubatch *ub);
+pm_status pmi_rec_prepare(pmi_rec *r, const pmi_ubatch *ubs, uint32_t n);
+void pmi_rec_move_states(pmi_rec *r, uint8_t *tmp);
+uint64_t pmi_rec_max_row(const pmi_rec *r);
+pm_status pmi_rec_state_write(const pmi_rec *r, pmi_writer *w, pm_seq_id seq);
+pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, pmi_rec_plan *plan);
+pm_status pmi_rec_state_meta(pmi_rec *r, pmi_rec_plan *plan);
+void pmi_rec_state_data(pmi_rec *r, const pmi_rec_plan *plan);
+void pmi_rec_plan_free(pmi_rec_plan *plan);
+
+/* ======================================================================================
  * Memory interface (memory.c)
  * ==================================================================================== */
 typedef struct pmi_mem_ops {
-    void (*destroy)(pm_memory *m);
-    uint64_t (*nbytes)(const pm_memory *m);
-    void (*clear)(pm_memory *m, bool data);
     pm_status (*seq_rm)(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, bool *out);
-    pm_status (*seq_cp)(pm_memory *m, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1);
-    pm_status (*seq_keep)(pm_memory *m, pm_seq_id s);
-    pm_status (*seq_add)(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d);
-    pm_status (*seq_div)(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d);
     pm_status (*seq_pos_min)(const pm_memory *m, pm_seq_id s, pm_pos *out);
     pm_status (*seq_pos_max)(const pm_memory *m, pm_seq_id s, pm_pos *out);
     bool (*can_shift)(const pm_memory *m);
-    bool (*update_pending)(const pm_memory *m);
-    pm_status (*update)(pm_memory *m);
-    pm_status (*state_write)(const pm_memory *m, pmi_writer *w, pm_seq_id s, uint32_t flags);
-    /* parse and validate without changing anything (advances r) */
-    pm_status (*state_check)(const pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags);
-    pm_status (*state_read)(pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags);
+    /* split the batch and dry-run the placement of its ubatches into ctx */
     pm_status (*init_batch)(pm_memory *m, pmi_balloc *ba, uint32_t n_ubatch, bool embd_all,
                             pm_mctx *ctx);
-    pm_status (*ctx_apply)(pm_memory *m, pm_mctx *ctx, uint32_t i);
-    pmi_kv *(*kv_part)(const pm_memory *m, uint32_t part);
 } pmi_mem_ops;
 
+/* A memory is a list of parts in state-section order: up to two KV caches (KV: the cache;
+ * iSWA: base, swa; hybrid: attention; hybrid-iSWA: base, swa) and an optional recurrent
+ * memory.  The kind's table decides how operations combine them, as llama.cpp's
+ * composite memories do; everything else (clear, seq_cp/keep/add/div, update, state,
+ * ubatch placement) applies to every part in order. */
 struct pm_memory {
     const pmi_mem_ops *ops;
     int32_t kind;
@@ -305,7 +389,10 @@ struct pm_memory {
     uint32_t n_pos_per_embd;
     uint64_t gen;        /* bumped by every change; memory contexts check it */
     char *arch;          /* for the context envelope; may be NULL */
-    void *impl;
+    uint32_t n_kv;
+    pmi_kv *kv[2];
+    pmi_rec *rec;
+    uint8_t *rec_tmp;    /* scratch rows for moving recurrent states */
 };
 
 /* A memory context: the ubatches of one batch and their placements. */
@@ -317,10 +404,14 @@ struct pm_mctx {
     pmi_ubatch *ubs;
     uint32_t n_parts;    /* KV parts with slots */
     pmi_slot *slots[2];  /* per part: n_ubatch slots */
-    uint32_t *n_kv;      /* per ubatch, after apply (first part) */
-    uint32_t *n_kv2;     /* second part */
+    uint32_t *n_kv[2];   /* per part, per ubatch, after apply */
+    uint32_t *rec_head;  /* recurrent: range of each applied ubatch */
+    uint32_t *rec_n;
 };
 
 pm_status pmi_mctx_alloc(pm_mctx *ctx, uint32_t n_ubatch, uint32_t n_parts);
+
+/* composite.c: the operation tables of every kind */
+extern const pmi_mem_ops pmi_ops_kv, pmi_ops_iswa, pmi_ops_rec, pmi_ops_hybrid, pmi_ops_hybrid_iswa;
 
 #endif /* PM_MEM_INTERNAL_H */

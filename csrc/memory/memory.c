@@ -7,96 +7,8 @@
 #define IO_MAGIC 0xAF143CD8u
 
 /* ==========================================================================================
- * Plain KV cache
+ * Construction
  * ======================================================================================== */
-
-static pmi_kv *KV(const pm_memory *m) { return (pmi_kv *)m->impl; }
-
-static void kv_destroy(pm_memory *m) { pmi_kv_destroy(KV(m)); }
-static uint64_t kv_nbytes(const pm_memory *m) { return pmi_kv_nbytes(KV(m)); }
-static void kv_clear(pm_memory *m, bool data) { pmi_kv_clear(KV(m), data); }
-static pm_status kv_seq_rm(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, bool *out) {
-    return pmi_kv_seq_rm(KV(m), s, p0, p1, out);
-}
-static pm_status kv_seq_cp(pm_memory *m, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
-    return pmi_kv_seq_cp(KV(m), a, b, p0, p1);
-}
-static pm_status kv_seq_keep(pm_memory *m, pm_seq_id s) { return pmi_kv_seq_keep(KV(m), s); }
-static pm_status kv_seq_add(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
-    return pmi_kv_seq_add(KV(m), s, p0, p1, d);
-}
-static pm_status kv_seq_div(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
-    return pmi_kv_seq_div(KV(m), s, p0, p1, d);
-}
-static pm_status kv_pos_min(const pm_memory *m, pm_seq_id s, pm_pos *out) {
-    return pmi_kv_seq_pos_min(KV(m), s, out);
-}
-static pm_status kv_pos_max(const pm_memory *m, pm_seq_id s, pm_pos *out) {
-    return pmi_kv_seq_pos_max(KV(m), s, out);
-}
-static bool kv_can_shift(const pm_memory *m) { return pmi_kv_can_shift(KV(m)); }
-static bool kv_update_pending(const pm_memory *m) { return pmi_kv_update_pending(KV(m)); }
-static pm_status kv_update(pm_memory *m) {
-    pm_status st = pmi_kv_update_check(KV(m));
-    if (st == PM_OK) {
-        pmi_kv_update(KV(m));
-    }
-    return st;
-}
-static pm_status kv_state_write(const pm_memory *m, pmi_writer *w, pm_seq_id s, uint32_t flags) {
-    (void)flags;
-    return pmi_kv_state_write(KV(m), w, s);
-}
-
-/* Restore one KV section; nothing changes on failure. */
-static pm_status kv_section_read(pmi_kv *kv, pmi_reader *r, pm_seq_id s) {
-    pmi_reader probe = *r;
-    pm_status st = pmi_kv_state_check(kv, &probe, s);
-    if (st != PM_OK) {
-        return st;
-    }
-    if (s != -1) {
-        st = pmi_kv_tx_begin(kv);
-        if (st != PM_OK) {
-            return st;
-        }
-    }
-    pmi_reader rr = *r;
-    st = pmi_kv_state_apply(kv, &rr, s);
-    if (s != -1) {
-        if (st == PM_OK) {
-            pmi_kv_tx_commit(kv);
-        } else {
-            pmi_kv_tx_rollback(kv);
-        }
-    }
-    if (st == PM_OK) {
-        *r = rr;
-    }
-    return st;
-}
-
-static pm_status kv_state_check(const pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags) {
-    (void)flags;
-    return pmi_kv_state_check(KV(m), r, s);
-}
-
-static pm_status kv_state_read(pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags) {
-    (void)flags;
-    return kv_section_read(KV(m), r, s);
-}
-
-static pm_status kv_init_batch(pm_memory *m, pmi_balloc *ba, uint32_t n_ubatch, bool embd_all,
-                               pm_mctx *ctx);
-static pm_status kv_ctx_apply(pm_memory *m, pm_mctx *ctx, uint32_t i);
-static pmi_kv *kv_part(const pm_memory *m, uint32_t part) { return part == 0 ? KV(m) : NULL; }
-
-static const pmi_mem_ops KV_OPS = {
-    kv_destroy,     kv_nbytes,   kv_clear,         kv_seq_rm,      kv_seq_cp,
-    kv_seq_keep,    kv_seq_add,  kv_seq_div,       kv_pos_min,     kv_pos_max,
-    kv_can_shift,   kv_update_pending, kv_update,  kv_state_write, kv_state_check, kv_state_read,
-    kv_init_batch,  kv_ctx_apply, kv_part,
-};
 
 static char *dup_str(const char *s) {
     if (s == NULL) {
@@ -110,29 +22,150 @@ static char *dup_str(const char *s) {
     return d;
 }
 
-pm_status pm_kv_new(const pm_kv_params *params, pm_memory **out) {
+static void destroy_parts(pm_memory *m) {
+    for (uint32_t p = 0; p < 2; ++p) {
+        pmi_kv_destroy(m->kv[p]);
+    }
+    pmi_rec_destroy(m->rec);
+    free(m->rec_tmp);
+}
+
+static pm_status compat(const pm_kv_params *a, const pm_kv_params *b, const pm_rec_params *r) {
+    if (a && b && (a->n_seq_max != b->n_seq_max || (a->unified != 0) != (b->unified != 0))) {
+        return pmi_fail(PM_E_INVALID_ARG, "the KV parts must agree on n_seq_max and unified");
+    }
+    if (a && r && a->n_seq_max != r->n_seq_max) {
+        return pmi_fail(PM_E_INVALID_ARG, "attention n_seq_max %u != recurrent n_seq_max %u", a->n_seq_max,
+                        r->n_seq_max);
+    }
+    if (a && r && a->n_layer_model != r->n_layer_model) {
+        return pmi_fail(PM_E_INVALID_ARG, "attention and recurrent parts disagree on the model's layer count");
+    }
+    return PM_OK;
+}
+
+static pm_status make(int32_t kind, const pmi_mem_ops *ops, const pm_kv_params *k0, const pm_kv_params *k1,
+                      const pm_rec_params *rp, pm_memory **out) {
     if (out == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "out is NULL");
     }
     *out = NULL;
-    pmi_kv *kv;
-    pm_status st = pmi_kv_create(params, &kv);
+    pm_status st = compat(k0, k1, rp);
     if (st != PM_OK) {
         return st;
     }
     pm_memory *m = calloc(1, sizeof(*m));
-    if (m == NULL || (params->arch != NULL && (m->arch = dup_str(params->arch)) == NULL)) {
-        free(m);
-        pmi_kv_destroy(kv);
+    if (m == NULL) {
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
-    m->ops = &KV_OPS;
-    m->kind = PM_MEM_KV;
-    m->n_seq_max = params->n_seq_max;
-    m->n_pos_per_embd = params->n_pos_per_embd;
-    m->impl = kv;
+    m->ops = ops;
+    m->kind = kind;
+    const pm_kv_params *kp[2] = {k0, k1};
+    for (uint32_t p = 0; p < 2 && st == PM_OK; ++p) {
+        if (kp[p] != NULL) {
+            st = pmi_kv_create(kp[p], &m->kv[p]);
+            if (st != PM_OK) {
+                pmi_fail_ctx(st, "%s", kind == PM_MEM_KV ? "KV cache" : p == 0 && k1 ? "base cache"
+                                       : p == 1 ? "SWA cache" : "attention cache");
+            }
+            m->n_kv = p + 1;
+        }
+    }
+    if (st == PM_OK && rp != NULL) {
+        st = pmi_rec_create(rp, &m->rec);
+        if (st == PM_OK) {
+            m->rec_tmp = malloc((size_t)(pmi_rec_max_row(m->rec) * m->rec->size));
+            if (m->rec_tmp == NULL) {
+                st = pmi_fail(PM_E_NOMEM, "out of memory");
+            }
+        }
+    }
+    const char *arch = k0 ? k0->arch : rp ? rp->arch : NULL;
+    if (st == PM_OK && arch != NULL && (m->arch = dup_str(arch)) == NULL) {
+        st = pmi_fail(PM_E_NOMEM, "out of memory");
+    }
+    if (st != PM_OK) {
+        destroy_parts(m);
+        free(m->arch);
+        free(m);
+        return st;
+    }
+    m->n_seq_max = k0 ? k0->n_seq_max : rp->n_seq_max;
+    m->n_pos_per_embd = k0 ? k0->n_pos_per_embd : 1;
     *out = m;
     return PM_OK;
+}
+
+pm_status pm_kv_new(const pm_kv_params *params, pm_memory **out) {
+    if (params == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    return make(PM_MEM_KV, &pmi_ops_kv, params, NULL, NULL, out);
+}
+
+pm_status pm_iswa_new(const pm_kv_params *base, const pm_kv_params *swa, pm_memory **out) {
+    if (base == NULL || swa == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    return make(PM_MEM_ISWA, &pmi_ops_iswa, base, swa, NULL, out);
+}
+
+pm_status pm_recurrent_new(const pm_rec_params *params, pm_memory **out) {
+    if (params == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    return make(PM_MEM_RECURRENT, &pmi_ops_rec, NULL, NULL, params, out);
+}
+
+pm_status pm_hybrid_new(const pm_kv_params *attn, const pm_rec_params *rec, pm_memory **out) {
+    if (attn == NULL || rec == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    return make(PM_MEM_HYBRID, &pmi_ops_hybrid, attn, NULL, rec, out);
+}
+
+pm_status pm_hybrid_iswa_new(const pm_kv_params *base, const pm_kv_params *swa, const pm_rec_params *rec,
+                             pm_memory **out) {
+    if (base == NULL || swa == NULL || rec == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    return make(PM_MEM_HYBRID_ISWA, &pmi_ops_hybrid_iswa, base, swa, rec, out);
+}
+
+uint32_t pm_memory_n_kv(const pm_memory *m) { return m ? m->n_kv : 0; }
+bool pm_memory_has_rec(const pm_memory *m) { return m && m->rec != NULL; }
+
+/* ==========================================================================================
+ * Transactions over every part
+ * ======================================================================================== */
+
+static pm_status tx_begin(pm_memory *m) {
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_tx_begin(m->kv[p]);
+        if (st != PM_OK) {
+            for (uint32_t q = 0; q < p; ++q) {
+                pmi_kv_tx_commit(m->kv[q]);
+            }
+            return st;
+        }
+    }
+    if (m->rec) {
+        pmi_rec_tx_begin(m->rec);
+    }
+    return PM_OK;
+}
+
+static void tx_end(pm_memory *m, bool ok) {
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        if (ok) {
+            pmi_kv_tx_commit(m->kv[p]);
+        } else {
+            pmi_kv_tx_rollback(m->kv[p]);
+        }
+    }
+    if (m->rec && !ok) {
+        pmi_rec_tx_rollback(m->rec);
+    }
 }
 
 /* ==========================================================================================
@@ -143,14 +176,26 @@ void pm_memory_free(pm_memory *m) {
     if (m == NULL) {
         return;
     }
-    m->ops->destroy(m);
+    destroy_parts(m);
     free(m->arch);
     free(m);
 }
 
 int32_t pm_memory_kind(const pm_memory *m) { return m ? m->kind : 0; }
 
-uint64_t pm_memory_nbytes(const pm_memory *m) { return m ? m->ops->nbytes(m) + sizeof(*m) : 0; }
+uint64_t pm_memory_nbytes(const pm_memory *m) {
+    if (m == NULL) {
+        return 0;
+    }
+    uint64_t n = sizeof(*m);
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        n += pmi_kv_nbytes(m->kv[p]);
+    }
+    if (m->rec) {
+        n += pmi_rec_nbytes(m->rec) + pmi_rec_max_row(m->rec) * m->rec->size;
+    }
+    return n;
+}
 
 #define CHECK_MEM(m)                                                                           \
     do {                                                                                       \
@@ -161,7 +206,12 @@ uint64_t pm_memory_nbytes(const pm_memory *m) { return m ? m->ops->nbytes(m) + s
 
 pm_status pm_mem_clear(pm_memory *m, bool data) {
     CHECK_MEM(m);
-    m->ops->clear(m, data);
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_clear(m->kv[p], data);
+    }
+    if (m->rec) {
+        pmi_rec_clear(m->rec, data);
+    }
     m->gen++;
     return PM_OK;
 }
@@ -181,38 +231,86 @@ pm_status pm_mem_seq_rm(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, bool *o
 
 pm_status pm_mem_seq_cp(pm_memory *m, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
     CHECK_MEM(m);
-    pm_status st = m->ops->seq_cp(m, a, b, p0, p1);
-    if (st == PM_OK) {
-        m->gen++;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_seq_cp_prepare(m->kv[p], a, b, p0, p1);
+        if (st != PM_OK) {
+            return st;
+        }
     }
-    return st;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_seq_cp(m->kv[p], a, b, p0, p1);
+    }
+    if (m->rec) {
+        pmi_rec_seq_cp(m->rec, a, b);
+    }
+    m->gen++;
+    return PM_OK;
 }
 
 pm_status pm_mem_seq_keep(pm_memory *m, pm_seq_id s) {
     CHECK_MEM(m);
-    pm_status st = m->ops->seq_keep(m, s);
-    if (st == PM_OK) {
-        m->gen++;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_check_seq(m->kv[p], s, "seq_keep");
+        if (st != PM_OK) {
+            return st;
+        }
     }
-    return st;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_seq_keep(m->kv[p], s);
+    }
+    if (m->rec) {
+        pmi_rec_seq_keep(m->rec, s);
+    }
+    m->gen++;
+    return PM_OK;
 }
 
 pm_status pm_mem_seq_add(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
     CHECK_MEM(m);
-    pm_status st = m->ops->seq_add(m, s, p0, p1, d);
-    if (st == PM_OK) {
-        m->gen++;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_seq_add_check(m->kv[p], s, p0, p1, d);
+        if (st != PM_OK) {
+            return st;
+        }
     }
-    return st;
+    if (m->rec) {
+        pm_status st = pmi_rec_seq_add(m->rec, s, p0, p1, d, true);
+        if (st != PM_OK) {
+            return st;
+        }
+    }
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_seq_add(m->kv[p], s, p0, p1, d);
+    }
+    if (m->rec) {
+        pmi_rec_seq_add(m->rec, s, p0, p1, d, false);
+    }
+    m->gen++;
+    return PM_OK;
 }
 
 pm_status pm_mem_seq_div(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
     CHECK_MEM(m);
-    pm_status st = m->ops->seq_div(m, s, p0, p1, d);
-    if (st == PM_OK) {
-        m->gen++;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_seq_div_check(m->kv[p], s, p0, p1, d);
+        if (st != PM_OK) {
+            return st;
+        }
     }
-    return st;
+    if (m->rec) {
+        pm_status st = pmi_rec_seq_div(m->rec, s, p0, p1, d, true);
+        if (st != PM_OK) {
+            return st;
+        }
+    }
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_seq_div(m->kv[p], s, p0, p1, d);
+    }
+    if (m->rec) {
+        pmi_rec_seq_div(m->rec, s, p0, p1, d, false);
+    }
+    m->gen++;
+    return PM_OK;
 }
 
 pm_status pm_mem_seq_pos_min(const pm_memory *m, pm_seq_id s, pm_pos *out) {
@@ -237,25 +335,40 @@ pm_status pm_mem_seq_pos_max(const pm_memory *m, pm_seq_id s, pm_pos *out) {
 
 bool pm_mem_can_shift(const pm_memory *m) { return m ? m->ops->can_shift(m) : false; }
 
-bool pm_mem_update_pending(const pm_memory *m) { return m ? m->ops->update_pending(m) : false; }
+bool pm_mem_update_pending(const pm_memory *m) {
+    if (m == NULL) {
+        return false;
+    }
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        if (pmi_kv_update_pending(m->kv[p])) {
+            return true;
+        }
+    }
+    return false;
+}
 
 pm_status pm_mem_update(pm_memory *m, bool *did) {
     CHECK_MEM(m);
-    bool pending = m->ops->update_pending(m);
     if (did) {
         *did = false;
     }
-    if (!pending) {
+    if (!pm_mem_update_pending(m)) {
         return PM_OK;
     }
-    pm_status st = m->ops->update(m);
-    if (st == PM_OK) {
-        m->gen++;
-        if (did) {
-            *did = true;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_update_check(m->kv[p]);
+        if (st != PM_OK) {
+            return st;
         }
     }
-    return st;
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_update(m->kv[p]);
+    }
+    m->gen++;
+    if (did) {
+        *did = true;
+    }
+    return PM_OK;
 }
 
 /* ---- state and envelopes -------------------------------------------------------------------- */
@@ -296,7 +409,59 @@ static pm_status write_all(const pm_memory *m, pmi_writer *w, pm_seq_id s, uint3
             pmi_w_i32(w, s);
         }
     }
-    return m->ops->state_write(m, w, s, flags);
+    /* sections in order; PARTIAL_ONLY drops the base / attention cache of composites */
+    bool partial = (flags & PM_STATE_PARTIAL_ONLY) && m->kind != PM_MEM_KV && m->kind != PM_MEM_RECURRENT;
+    for (uint32_t p = partial ? 1 : 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_state_write(m->kv[p], w, s);
+        if (st != PM_OK) {
+            return st;
+        }
+    }
+    return m->rec ? pmi_rec_state_write(m->rec, w, s) : PM_OK;
+}
+
+/* Parsed sections of one state, one plan per included part. */
+typedef struct state_plan {
+    uint32_t kv0;         /* first KV part included (PARTIAL_ONLY skips part 0) */
+    pmi_kv_plan kv[2];
+    pmi_rec_plan rec;
+} state_plan;
+
+static void plan_free(pm_memory *m, state_plan *sp) {
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pmi_kv_plan_free(&sp->kv[p]);
+    }
+    pmi_rec_plan_free(&sp->rec);
+}
+
+static pm_status parse_state(const pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags, state_plan *sp) {
+    memset(sp, 0, sizeof(*sp));
+    bool partial = (flags & PM_STATE_PARTIAL_ONLY) && m->kind != PM_MEM_KV && m->kind != PM_MEM_RECURRENT;
+    sp->kv0 = partial ? 1 : 0;
+    if (m->n_kv > 0) {
+        if (s != -1) {
+            pm_status st = pmi_kv_check_seq(m->kv[0], s, "state_read");
+            if (st != PM_OK) {
+                return st;
+            }
+        }
+    }
+    for (uint32_t p = sp->kv0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_state_parse(m->kv[p], r, s, &sp->kv[p]);
+        if (st != PM_OK) {
+            if (m->n_kv > 1 || m->rec) {
+                pmi_fail_ctx(st, "%s section", m->n_kv == 2 ? (p == 0 ? "base KV" : "SWA KV") : "attention KV");
+            }
+            return st;
+        }
+    }
+    if (m->rec) {
+        pm_status st = pmi_rec_state_parse(m->rec, r, s, &sp->rec);
+        if (st != PM_OK) {
+            return m->n_kv ? pmi_fail_ctx(st, "recurrent section") : st;
+        }
+    }
+    return PM_OK;
 }
 
 pm_status pm_mem_state_size(const pm_memory *m, pm_seq_id s, uint32_t flags, uint32_t envelope,
@@ -369,7 +534,9 @@ static pm_status check_all(const pm_memory *m, pm_seq_id s, uint32_t flags, uint
         st = read_envelope(m, r, s, envelope);
     }
     if (st == PM_OK) {
-        st = m->ops->state_check(m, r, s, flags);
+        state_plan sp;
+        st = parse_state(m, r, s, flags, &sp);
+        plan_free((pm_memory *)m, &sp);
     }
     return st;
 }
@@ -388,26 +555,58 @@ pm_status pm_mem_state_check(const pm_memory *m, pm_seq_id s, uint32_t flags, ui
     return st;
 }
 
+/* Apply parsed sections: cells of every part first (in a transaction when a part can still
+ * fail), then the tensor bytes, so a failure leaves no trace. */
+static pm_status apply_state(pm_memory *m, state_plan *sp, pm_seq_id s) {
+    bool need_tx = s != -1 || m->n_kv + (m->rec != NULL) > 1;
+    pm_status st = need_tx ? tx_begin(m) : PM_OK;
+    if (st != PM_OK) {
+        return st;
+    }
+    for (uint32_t p = sp->kv0; p < m->n_kv && st == PM_OK; ++p) {
+        st = pmi_kv_state_meta(m->kv[p], &sp->kv[p]);
+    }
+    if (st == PM_OK && m->rec) {
+        st = pmi_rec_state_meta(m->rec, &sp->rec);
+    }
+    if (need_tx) {
+        tx_end(m, st == PM_OK);
+    }
+    if (st != PM_OK) {
+        return st;
+    }
+    for (uint32_t p = sp->kv0; p < m->n_kv; ++p) {
+        pmi_kv_state_data(m->kv[p], &sp->kv[p]);
+    }
+    if (m->rec) {
+        pmi_rec_state_data(m->rec, &sp->rec);
+    }
+    return PM_OK;
+}
+
 pm_status pm_mem_state_read(pm_memory *m, pm_seq_id s, uint32_t flags, uint32_t envelope,
                             const uint8_t *src, uint64_t len, bool allow_trailing, uint64_t *consumed) {
     CHECK_MEM(m);
     if (src == NULL && len > 0) {
         return pmi_fail(PM_E_INVALID_ARG, "src is NULL");
     }
-    pmi_reader probe = {src ? src : (const uint8_t *)"", len, 0};
-    pm_status st = check_all(m, s, flags, envelope, &probe);
+    pm_status st = check_flags(flags, envelope);
     if (st != PM_OK) {
         return st;
     }
-    if (!allow_trailing && probe.off != len) {
-        return pmi_fail(PM_E_FORMAT, "%llu trailing bytes after the state (offset %llu of %llu)",
-                        (unsigned long long)(len - probe.off), (unsigned long long)probe.off,
-                        (unsigned long long)len);
-    }
-    pmi_reader r = {probe.buf, len, 0};
+    pmi_reader r = {src ? src : (const uint8_t *)"", len, 0};
     st = read_envelope(m, &r, s, envelope);
+    state_plan sp;
     if (st == PM_OK) {
-        st = m->ops->state_read(m, &r, s, flags);
+        st = parse_state(m, &r, s, flags, &sp);
+        if (st == PM_OK && !allow_trailing && r.off != len) {
+            st = pmi_fail(PM_E_FORMAT, "%llu trailing bytes after the state (offset %llu of %llu)",
+                          (unsigned long long)(len - r.off), (unsigned long long)r.off, (unsigned long long)len);
+        }
+        if (st == PM_OK) {
+            st = apply_state(m, &sp, s);
+        }
+        plan_free(m, &sp);
     }
     if (st == PM_OK) {
         m->gen++;
@@ -422,19 +621,34 @@ pm_status pm_mem_state_read(pm_memory *m, pm_seq_id s, uint32_t flags, uint32_t 
  * Batches and memory contexts
  * ======================================================================================== */
 
+static void mctx_arrays_free(pm_mctx *ctx) {
+    for (uint32_t p = 0; p < 2; ++p) {
+        free(ctx->slots[p]);
+        free(ctx->n_kv[p]);
+        ctx->slots[p] = NULL;
+        ctx->n_kv[p] = NULL;
+    }
+    free(ctx->rec_head);
+    free(ctx->rec_n);
+    ctx->rec_head = ctx->rec_n = NULL;
+}
+
 pm_status pmi_mctx_alloc(pm_mctx *ctx, uint32_t n_ubatch, uint32_t n_parts) {
+    mctx_arrays_free(ctx);
     ctx->n_ubatch = n_ubatch;
     ctx->n_parts = n_parts;
     size_t n = n_ubatch ? n_ubatch : 1;
-    ctx->n_kv = calloc(n, sizeof(uint32_t));
-    ctx->n_kv2 = calloc(n, sizeof(uint32_t));
+    bool ok = true;
     for (uint32_t p = 0; p < n_parts; ++p) {
         ctx->slots[p] = calloc(n, sizeof(pmi_slot));
-        if (ctx->slots[p] == NULL) {
-            return pmi_fail(PM_E_NOMEM, "out of memory");
-        }
+        ctx->n_kv[p] = calloc(n, sizeof(uint32_t));
+        ok = ok && ctx->slots[p] && ctx->n_kv[p];
     }
-    if (ctx->n_kv == NULL || ctx->n_kv2 == NULL) {
+    ctx->rec_head = calloc(n, sizeof(uint32_t));
+    ctx->rec_n = calloc(n, sizeof(uint32_t));
+    if (!ok || !ctx->rec_head || !ctx->rec_n) {
+        mctx_arrays_free(ctx);
+        ctx->n_ubatch = 0;
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
     return PM_OK;
@@ -454,107 +668,34 @@ void pm_mctx_free(pm_mctx *ctx) {
             }
         }
     }
-    for (uint32_t p = 0; p < 2; ++p) {
-        free(ctx->slots[p]);
-    }
+    mctx_arrays_free(ctx);
     free(ctx->ubs);
-    free(ctx->n_kv);
-    free(ctx->n_kv2);
     free(ctx);
 }
 
-/* Split a validated batch with `split` until it runs dry; PM_E_NO_SLOT if tokens remain. */
-typedef enum { SPLIT_SIMPLE, SPLIT_EQUAL, SPLIT_SEQ } split_kind;
-
-static pm_status split_all(pmi_balloc *ba, uint32_t n_ubatch, split_kind kind, bool sequential,
-                           uint32_t n_keep_tail, pmi_ubatch **out, uint32_t *n_out) {
-    uint32_t cap = 4, n = 0;
-    pmi_ubatch *ubs = malloc(sizeof(pmi_ubatch) * cap);
-    if (ubs == NULL) {
-        return pmi_fail(PM_E_NOMEM, "out of memory");
-    }
-    pmi_balloc_reset(ba);
+/* Place ubatch i in every part, as llama.cpp's memory context apply() does. */
+static pm_status ctx_apply(pm_memory *m, pm_mctx *ctx, uint32_t i) {
     pm_status st = PM_OK;
-    for (;;) {
-        if (n == cap) {
-            pmi_ubatch *g = realloc(ubs, sizeof(pmi_ubatch) * cap * 2);
-            if (g == NULL) {
-                st = pmi_fail(PM_E_NOMEM, "out of memory");
-                break;
-            }
-            ubs = g;
-            cap *= 2;
-        }
-        pmi_ubatch ub;
-        switch (kind) {
-        case SPLIT_SIMPLE:
-            st = pmi_split_simple(ba, n_ubatch, &ub);
-            break;
-        case SPLIT_EQUAL:
-            st = pmi_split_equal(ba, n_ubatch, sequential, n_keep_tail, &ub);
-            break;
-        default:
-            st = pmi_split_seq(ba, n_ubatch, &ub);
-            break;
-        }
-        if (st != PM_OK || ub.n_tokens == 0) {
-            pmi_ubatch_free(&ub);
-            break;
-        }
-        ubs[n++] = ub;
-    }
-    if (st == PM_OK && ba->n_used != ba->n_tokens) {
-        st = pmi_fail(PM_E_NO_SLOT,
-                      ba->has_cpl && kind == SPLIT_EQUAL && sequential
-                          ? "tokens shared by several sequences cannot be split into per-sequence streams (llama.cpp returns 1)"
-                          : "the batch could not be split into ubatches (llama.cpp returns 1)");
-    }
-    if (st != PM_OK) {
-        for (uint32_t u = 0; u < n; ++u) {
-            pmi_ubatch_free(&ubs[u]);
-        }
-        free(ubs);
+    bool tx = m->n_kv + (m->rec != NULL) > 1;
+    if (tx && (st = tx_begin(m)) != PM_OK) {
         return st;
     }
-    *out = ubs;
-    *n_out = n;
-    return PM_OK;
-}
-
-static pm_status kv_init_batch(pm_memory *m, pmi_balloc *ba, uint32_t n_ubatch, bool embd_all,
-                               pm_mctx *ctx) {
-    (void)embd_all;
-    pmi_kv *kv = KV(m);
-    pmi_ubatch *ubs = NULL;
-    uint32_t n = 0;
-    pm_status st = split_all(ba, n_ubatch, kv->n_stream == 1 ? SPLIT_SIMPLE : SPLIT_EQUAL, true, 0,
-                             &ubs, &n);
-    if (st != PM_OK) {
-        return st;
+    for (uint32_t p = 0; p < m->n_kv && st == PM_OK; ++p) {
+        st = pmi_kv_apply_ubatch(m->kv[p], &ctx->slots[p][i], &ctx->ubs[i]);
+        if (st == PM_OK) {
+            ctx->n_kv[p][i] = pmi_kv_n_kv(m->kv[p], &ctx->slots[p][i]);
+        }
     }
-    ctx->ubs = ubs;
-    st = pmi_mctx_alloc(ctx, n, 1);
-    if (st != PM_OK) {
-        return st;
+    if (st == PM_OK && m->rec) {
+        st = pmi_rec_find_slot(m->rec, &ctx->ubs[i]);
     }
-    st = pmi_kv_tx_begin(kv);
-    if (st != PM_OK) {
-        return st;
+    if (tx) {
+        tx_end(m, st == PM_OK);
     }
-    st = pmi_kv_prepare(kv, ubs, n, ctx->slots[0]);
-    if (st == PM_OK) {
-        pmi_kv_tx_commit(kv);
-    } else {
-        pmi_kv_tx_rollback(kv);
-    }
-    return st;
-}
-
-static pm_status kv_ctx_apply(pm_memory *m, pm_mctx *ctx, uint32_t i) {
-    pmi_kv *kv = KV(m);
-    pm_status st = pmi_kv_apply_ubatch(kv, &ctx->slots[0][i], &ctx->ubs[i]);
-    if (st == PM_OK) {
-        ctx->n_kv[i] = pmi_kv_n_kv(kv, &ctx->slots[0][i]);
+    if (st == PM_OK && m->rec) {
+        ctx->rec_head[i] = m->rec->head;
+        ctx->rec_n[i] = m->rec->n;
+        pmi_rec_move_states(m->rec, m->rec_tmp);
     }
     return st;
 }
@@ -569,7 +710,7 @@ pm_status pm_mem_init_batch(pm_memory *m, const pm_batch *batch, uint32_t n_ubat
     if (n_ubatch == 0) {
         return pmi_fail(PM_E_INVALID_ARG, "n_ubatch must be > 0");
     }
-    if (m->ops->update_pending(m)) {
+    if (pm_mem_update_pending(m)) {
         return pmi_fail(PM_E_STATE,
                         "a K-shift or stream copy is pending: call update() first (llama.cpp does before a decode)");
     }
@@ -584,7 +725,11 @@ pm_status pm_mem_init_batch(pm_memory *m, const pm_batch *batch, uint32_t n_ubat
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
     ctx->mem = m;
-    st = m->ops->init_batch(m, &ba, n_ubatch, embd_all, ctx);
+    st = tx_begin(m);
+    if (st == PM_OK) {
+        st = m->ops->init_batch(m, &ba, n_ubatch, embd_all, ctx);
+        tx_end(m, st == PM_OK);
+    }
     pmi_balloc_free(&ba);
     if (st != PM_OK) {
         pm_mctx_free(ctx);
@@ -650,7 +795,7 @@ pm_status pm_mctx_ubatch_info(const pm_mctx *ctx, uint32_t i, pm_ubatch_info *ou
     out->equal_seqs = ub->equal_seqs;
     out->n_stream = ctx->n_parts > 0 ? ctx->slots[0][i].n_stream : 0;
     out->applied = i < ctx->next;
-    out->n_kv = out->applied ? ctx->n_kv[i] : 0;
+    out->n_kv = out->applied && ctx->n_parts > 0 ? ctx->n_kv[0][i] : 0;
     return PM_OK;
 }
 
@@ -689,7 +834,7 @@ pm_status pm_mctx_apply(pm_mctx *ctx, uint32_t i) {
     if (ctx->gen != ctx->mem->gen) {
         return pmi_fail(PM_E_STATE, "the memory changed since init_batch: this context is stale");
     }
-    st = ctx->mem->ops->ctx_apply(ctx->mem, ctx, i);
+    st = ctx_apply(ctx->mem, ctx, i);
     if (st != PM_OK) {
         return st;
     }
@@ -726,10 +871,7 @@ pm_status pm_mctx_store(pm_mctx *ctx, uint32_t i, uint32_t il, const void *k, ui
     }
     const pmi_ubatch *ub = &ctx->ubs[i];
     for (uint32_t part = 0; part < ctx->n_parts; ++part) {
-        pmi_kv *kv = ctx->mem->ops->kv_part(ctx->mem, part);
-        if (kv == NULL) {
-            continue;
-        }
+        pmi_kv *kv = ctx->mem->kv[part];
         for (uint32_t l = 0; l < kv->n_layer; ++l) {
             const pmi_kv_layer *L = &kv->layers[l];
             if (L->p.il != il) {
@@ -761,8 +903,8 @@ pm_status pm_mctx_kq_mask(const pm_mctx *ctx, uint32_t i, uint32_t part, bool ca
     if (part >= ctx->n_parts) {
         return pmi_fail(PM_E_INVALID_ARG, "part %u of %u", part, ctx->n_parts);
     }
-    pmi_kv *kv = ctx->mem->ops->kv_part(ctx->mem, part);
-    uint32_t nk = part == 0 ? ctx->n_kv[i] : ctx->n_kv2[i];
+    pmi_kv *kv = ctx->mem->kv[part];
+    uint32_t nk = ctx->n_kv[part][i];
     const pmi_ubatch *ub = &ctx->ubs[i];
     if (n_kv) {
         *n_kv = nk;
@@ -780,7 +922,7 @@ pm_status pm_mctx_kq_mask(const pm_mctx *ctx, uint32_t i, uint32_t part, bool ca
 
 static pm_status get_part(const pm_memory *m, uint32_t part, pmi_kv **out) {
     CHECK_MEM(m);
-    *out = m->ops->kv_part(m, part);
+    *out = part < m->n_kv ? m->kv[part] : NULL;
     if (*out == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "this memory has no KV part %u", part);
     }
@@ -904,4 +1046,156 @@ pm_status pm_kv_stream_get(const pm_memory *m, uint32_t part, uint32_t stream, u
         *has_shift = c->has_shift;
     }
     return PM_OK;
+}
+
+/* ==========================================================================================
+ * Recurrent inspection and state rows
+ * ======================================================================================== */
+
+static pm_status get_rec(const pm_memory *m, pmi_rec **out) {
+    CHECK_MEM(m);
+    *out = m->rec;
+    if (*out == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "this memory has no recurrent part");
+    }
+    return PM_OK;
+}
+
+pm_status pm_rec_info_get(const pm_memory *m, pm_rec_info *out) {
+    pmi_rec *r;
+    pm_status st = get_rec(m, &r);
+    if (st != PM_OK) {
+        return st;
+    }
+    memset(out, 0, sizeof(*out));
+    out->size = r->size;
+    out->n_seq_max = r->n_seq_max;
+    out->n_rs_seq = r->n_rs_seq;
+    out->n_layer = r->n_layer;
+    out->n_layer_model = r->n_layer_model;
+    out->type_r = r->type_r;
+    out->type_s = r->type_s;
+    out->head = r->head;
+    out->n = r->n;
+    out->used = r->used;
+    out->rs_z = r->rs_z;
+    return PM_OK;
+}
+
+pm_status pm_rec_layer_info_get(const pm_memory *m, uint32_t layer, pm_rec_layer_info *out) {
+    pmi_rec *r;
+    pm_status st = get_rec(m, &r);
+    if (st != PM_OK) {
+        return st;
+    }
+    if (layer >= r->n_layer) {
+        return pmi_fail(PM_E_INVALID_ARG, "recurrent layer index %u of %u", layer, r->n_layer);
+    }
+    out->il = r->layers[layer].il;
+    for (int t = 0; t < 3; ++t) {
+        out->row_bytes[t] = r->layers[layer].row[t];
+    }
+    out->n_rows = r->n_rows;
+    return PM_OK;
+}
+
+pm_status pm_rec_cells_get(const pm_memory *m, pm_pos *pos, int32_t *src, int32_t *src0, int32_t *tail,
+                           uint64_t *seq_bits, uint32_t *rs_idx) {
+    pmi_rec *r;
+    pm_status st = get_rec(m, &r);
+    if (st != PM_OK) {
+        return st;
+    }
+    for (uint32_t i = 0; i < r->size; ++i) {
+        const pmi_rcell *c = &r->cells[i];
+        if (pos) {
+            pos[i] = c->pos;
+        }
+        if (src) {
+            src[i] = c->src;
+        }
+        if (src0) {
+            src0[i] = c->src0;
+        }
+        if (tail) {
+            tail[i] = c->tail;
+        }
+        if (seq_bits) {
+            memcpy(seq_bits + 4 * (size_t)i, c->seq, sizeof(c->seq));
+        }
+    }
+    if (rs_idx) {
+        memcpy(rs_idx, r->rs_idx, sizeof(uint32_t) * r->n_seq_max);
+    }
+    return PM_OK;
+}
+
+pm_status pm_rec_tensor(pm_memory *m, uint32_t layer, uint32_t which, uint8_t **ptr, uint64_t *nbytes) {
+    pmi_rec *r;
+    pm_status st = get_rec(m, &r);
+    if (st != PM_OK) {
+        return st;
+    }
+    if (layer >= r->n_layer || which > 2) {
+        return pmi_fail(PM_E_INVALID_ARG, "recurrent layer %u / tensor %u out of range", layer, which);
+    }
+    const pmi_rec_layer *L = &r->layers[layer];
+    if (L->data[which] == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "layer %u has no %s rows", L->il, which == 0 ? "r" : which == 1 ? "s" : "p");
+    }
+    *ptr = L->data[which];
+    *nbytes = L->row[which] * r->n_rows;
+    return PM_OK;
+}
+
+pm_status pm_mctx_rec_range(const pm_mctx *ctx, uint32_t i, uint32_t *head, uint32_t *n) {
+    pm_status st = check_ub(ctx, i);
+    if (st != PM_OK) {
+        return st;
+    }
+    if (ctx->mem->rec == NULL || i >= ctx->next) {
+        return pmi_fail(PM_E_STATE, "ubatch %u has no applied recurrent range", i);
+    }
+    if (head) {
+        *head = ctx->rec_head[i];
+    }
+    if (n) {
+        *n = ctx->rec_n[i];
+    }
+    return PM_OK;
+}
+
+pm_status pm_mctx_store_rs(pm_mctx *ctx, uint32_t i, uint32_t il, const void *rr, uint64_t r_len,
+                           const void *ss, uint64_t s_len) {
+    pm_status st = check_current(ctx, i, "store_rs");
+    if (st != PM_OK) {
+        return st;
+    }
+    pmi_rec *r = ctx->mem->rec;
+    if (r == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "this memory has no recurrent part");
+    }
+    uint32_t n_seqs = ctx->ubs[i].n_seqs;
+    for (uint32_t l = 0; l < r->n_layer; ++l) {
+        pmi_rec_layer *L = &r->layers[l];
+        if (L->il != il) {
+            continue;
+        }
+        const void *src[2] = {rr, ss};
+        uint64_t len[2] = {r_len, s_len};
+        for (int t = 0; t < 2; ++t) {
+            if (src[t] != NULL && len[t] != L->row[t] * n_seqs) {
+                return pmi_fail(PM_E_INVALID_ARG, "layer %u: %s needs %llu bytes for %u sequences, got %llu", il,
+                                t ? "s" : "r", (unsigned long long)(L->row[t] * n_seqs), n_seqs,
+                                (unsigned long long)len[t]);
+            }
+        }
+        for (int t = 0; t < 2; ++t) {
+            if (src[t] != NULL && len[t] > 0) {
+                memcpy(L->data[t] + (uint64_t)ctx->rec_head[i] * L->row[t], src[t], (size_t)len[t]);
+            }
+        }
+        return PM_OK;
+    }
+    return pmi_fail(PM_E_INVALID_ARG, "model layer %u is not a recurrent layer of this memory", il);
 }
