@@ -203,6 +203,30 @@ class UBatch:
         check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
         return int(info.n_kv)
 
+    @property
+    def rec_range(self) -> tuple[int, int]:
+        """(head, n) of the recurrent cells this applied ubatch used; sequence set s lives in
+        cell head + s."""
+        head = ffi.new("uint32_t *")
+        n = ffi.new("uint32_t *")
+        check(lib.pm_mctx_rec_range(self._ctx._ptr, self.index, head, n), "rec_range")
+        return int(head[0]), int(n[0])
+
+    def store_state(self, layer: int, r: np.ndarray | bytes | None = None, s: np.ndarray | bytes | None = None) -> None:
+        """Store the new recurrent states of MODEL layer ``layer`` for this applied ubatch: one
+        raw r row and one s row per sequence set (``n_seqs`` rows each)."""
+        rb, _ = _rows(r)
+        sb, _ = _rows(s)
+        rb = None if rb is None else np.ascontiguousarray(rb).view(np.uint8)
+        sb = None if sb is None else np.ascontiguousarray(sb).view(np.uint8)
+        mem = self._ctx._mem
+        with mem._lock:
+            mem._live()
+            check(lib.pm_mctx_store_rs(self._ctx._ptr, self.index, int(layer),
+                                       ffi.from_buffer(rb) if rb is not None else ffi.NULL, 0 if rb is None else rb.nbytes,
+                                       ffi.from_buffer(sb) if sb is not None else ffi.NULL, 0 if sb is None else sb.nbytes),
+                  "store_state")
+
     def apply(self) -> None:
         """Place the ubatch in the memory (ubatches must be applied in order)."""
         mem = self._ctx._mem

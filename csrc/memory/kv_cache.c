@@ -13,17 +13,24 @@
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
+/* int32 arithmetic wrapping as llama.cpp's does in practice (there it is UB on overflow;
+ * the KQ-mask kernels emulate the same, see pmk_wrap_i32) */
+static inline int32_t wrap_i32(int64_t v) {
+    uint32_t u = (uint32_t)v;
+    return u <= (uint32_t)INT32_MAX ? (int32_t)u : (int32_t)(u - 2147483648u) - INT32_MAX - 1;
+}
+
 static bool is_masked_swa(uint32_t n_swa, int32_t swa_type, pm_pos p0, pm_pos p1) {
     switch (swa_type) {
     case PM_SWA_STANDARD:
-        return p1 - p0 >= (int32_t)n_swa;
+        return wrap_i32((int64_t)p1 - p0) >= (int32_t)n_swa;
     case PM_SWA_CHUNKED: {
         uint32_t start = ((uint32_t)p1 / n_swa) * n_swa;
         return (uint32_t)p0 < start;
     }
     case PM_SWA_SYMMETRIC: {
         int32_t h = (int32_t)n_swa / 2;
-        int32_t d = p1 - p0;
+        int32_t d = wrap_i32((int64_t)p1 - p0);
         return d < -h || d > h;
     }
     default:
@@ -755,7 +762,7 @@ pm_status pmi_kv_find_slot(const pmi_kv *kv, const pmi_ubatch *ub, pmi_slot *out
             if (!can_use && kv->swa_type != PM_SWA_NONE && pmi_cells_seq_count(c, idx) == 1) {
                 pm_seq_id owner = pmi_cells_seq_get(c, idx);
                 can_use = is_masked_swa(kv->n_swa, kv->swa_type, c->pos[idx],
-                                        pmi_cells_seq_pos_max(c, owner) + 1);
+                                        wrap_i32((int64_t)pmi_cells_seq_pos_max(c, owner) + 1));
             }
             if (can_use) {
                 dst[n_found++] = idx;
@@ -1263,7 +1270,7 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
         return pmi_fail(PM_E_FORMAT, "KV stream %u: %u layers, this cache has %u (offset %llu)", s,
                         n_layer, kv->n_layer, (unsigned long long)(r->off - 4));
     }
-    if ((v_trans != 0) != kv->v_trans || v_trans > 1) {
+    if ((v_trans != 0) != kv->v_trans) { /* llama.cpp compares (bool) v_trans */
         return pmi_fail(PM_E_FORMAT, "KV stream %u: v_trans %u, this cache has %d (offset %llu)", s,
                         v_trans, kv->v_trans, (unsigned long long)(r->off - 8));
     }

@@ -229,7 +229,9 @@ bool pmi_rec_seq_rm(pmi_rec *r, pm_seq_id s, pm_pos p0, pm_pos p1) {
         if (0 < p0 && p0 <= c->pos && p1 > c->pos) {
             int64_t rollback = (int64_t)c->pos - (p0 - 1);
             bool pending = r->rs_idx[s] != 0;
-            if (!pending && rollback >= 1 && rollback <= (int64_t)r->n_rs_seq) {
+            /* b11739 (not in 0c1e570): a state shared with other sequences is never rolled back */
+            bool shared = rc_count(c) > 1;
+            if (!pending && !shared && rollback >= 1 && rollback <= (int64_t)r->n_rs_seq) {
                 r->rs_idx[s] = (uint32_t)rollback;
                 c->pos = p0 - 1;
                 return true;

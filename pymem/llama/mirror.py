@@ -16,9 +16,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .. import _errors as E
-from .._sections import KVSection, parse_kv
+from .._sections import KVSection, RecSection, parse_kv, parse_rec
 from ..batch import Batch
-from ..memory import KVCache, Memory
+from ..memory import KVPart, Memory, RecurrentPart
 
 __all__ = ["Mirror", "Mismatch", "first_difference"]
 
@@ -43,11 +43,12 @@ def first_difference(a: bytes, b: bytes) -> str:
             f"{a[i:i + 8].hex()} vs {b[i:i + 8].hex()}")
 
 
-def _kv_parts(mem: Memory) -> list[KVCache]:
-    if isinstance(mem, KVCache):
-        return [mem]
-    parts = getattr(mem, "kv_parts", None)
-    return list(parts()) if callable(parts) else []
+def _kv_parts(mem: Memory) -> list[KVPart]:
+    return list(mem.kv_parts())
+
+
+def _rec_part(mem: Memory) -> RecurrentPart | None:
+    return getattr(mem, "recurrent", None)
 
 
 @dataclass
@@ -98,8 +99,34 @@ class Mirror:
         for part_index, kv in enumerate(_kv_parts(self.mem)):
             sec, off = parse_kv(whole, off, format=kv.format, cell_ext=kv.cell_ext)
             self._copy_part(ctx, part_index, kv, sec)
+        rec = _rec_part(self.mem)
+        if rec is not None:
+            sec, off = parse_rec(whole, off, len(rec.layers))
+            self._copy_rec(ctx, rec, sec)
 
-    def _copy_part(self, ctx: Any, part: int, kv: KVCache, sec: KVSection) -> None:
+    def _copy_rec(self, ctx: Any, rec: RecurrentPart, sec: RecSection) -> None:
+        """The new states of the sequences the batch computed, in the cells they end up in (a
+        later ubatch of the same batch may move a state to another cell); every other row was
+        moved by pymem itself."""
+        cells = rec.cells_view()
+        used = np.flatnonzero(np.any(cells.seq != 0, axis=1))
+        if len(used) != len(sec.cells):
+            raise AssertionError(f"recurrent: pymem holds {len(used)} cells, llama.cpp {len(sec.cells)}")
+        seqs = {int(q) for ub in ctx for q in ub.seq}
+        new = {int(cells.tail[q]) for q in seqs if q < len(cells) and cells.tail[q] >= 0}
+        for cell in sorted(new):
+            rank = int(np.searchsorted(used, cell))
+            if rank >= len(used) or used[rank] != cell:
+                continue
+            for li, il in enumerate(rec.layers):
+                L = sec.layers[li]
+                for which, row, data in ((0, L.r_row, L.r), (1, L.s_row, L.s)):
+                    if row == 0:
+                        continue
+                    view = (rec.r if which == 0 else rec.s)(il).view(np.uint8).reshape(-1, row)
+                    view[cell] = np.frombuffer(data[rank * row:(rank + 1) * row], np.uint8)
+
+    def _copy_part(self, ctx: Any, part: int, kv: KVPart, sec: KVSection) -> None:
         for ub in ctx:
             streams, cells = ub._cells(part)
             for g, strm in enumerate(streams):
@@ -184,8 +211,10 @@ class Mirror:
         self._count("whole_restore")
 
     # -- comparison -------------------------------------------------------------------------------
-    def compare(self, seqs: Iterable[int] | None = None, per_seq: bool = True) -> list[Mismatch]:
-        """Differences between the two memories: positions, whole blob, per-sequence blobs."""
+    def compare(self, seqs: Iterable[int] | None = None, per_seq: bool = True,
+                partial: bool | None = None) -> list[Mismatch]:
+        """Differences between the two memories: positions, whole blob, per-sequence blobs
+        (and their PARTIAL_ONLY variants for composite memories)."""
         out: list[Mismatch] = []
         seqs = list(range(self.n_seq_max)) if seqs is None else list(seqs)
         for s in seqs:
@@ -194,28 +223,49 @@ class Mirror:
             if lp != pp:
                 out.append(Mismatch(f"seq {s} positions", f"llama.cpp {lp}, pymem {pp}"))
         self._cmp_blob(out, "whole state", self.llama.state_get(), self.mem.state_write(envelope="llama"))
+        if partial is None:
+            partial = self.mem.kind in ("iswa", "hybrid", "hybrid_iswa")
         if per_seq:
             for s in seqs:
                 self._cmp_blob(out, f"seq {s} state", self.llama.state_seq_get(s),
                                self.mem.state_write(s, envelope="llama"))
+                if partial:
+                    self._cmp_blob(out, f"seq {s} partial state", self.llama.state_seq_get(s, 1),
+                                   self.mem.state_write(s, flags=1, envelope="llama"), kv_skip=1)
         self._count("compare")
         self.stats["bytes compared"] = self.stats.get("bytes compared", 0)
         return out
 
-    def _cmp_blob(self, out: list, what: str, a: bytes, b: bytes) -> None:
+    def _cmp_blob(self, out: list, what: str, a: bytes, b: bytes, kv_skip: int = 0) -> None:
         self.stats["states compared"] = self.stats.get("states compared", 0) + 1
         self.stats["bytes compared"] = self.stats.get("bytes compared", 0) + len(a)
         if a == b:
             return
-        if self.k_tolerance > 0 and len(a) == len(b) and self._close(a, b):
+        if self.k_tolerance > 0 and len(a) == len(b) and self._close(a, b, kv_skip=kv_skip):
             self._count("compared within K tolerance")
+            return
+        if len(a) == len(b) and self._rollback_pending() and self._close(a, b, False, kv_skip):
+            # llama.cpp's rollback snapshots (planes 1..n_rs_seq) are computed by its model and
+            # not readable through its API, so pymem cannot hold them: while a rollback is
+            # pending, the recurrent rows are compared after the next decode instead
+            self._count("compared without pending rollback rows")
             return
         out.append(Mismatch(what, first_difference(a, b)))
 
-    def _close(self, a: bytes, b: bytes) -> bool:
-        """Equal metadata and V, K within tolerance (after K-shifts of quantized caches)."""
-        kvs = _kv_parts(self.mem)
-        if a[:4] != b[:4] and not a.startswith(b"\xd8\x3c\x14\xaf"):
+    def _rollback_pending(self) -> bool:
+        rec = _rec_part(self.mem)
+        return rec is not None and rec.n_rs_seq > 0 and bool(rec.rs_idx().any())
+
+    def _close(self, a: bytes, b: bytes, rec_rows: bool = True, kv_skip: int = 0) -> bool:
+        """Equal metadata and V, K within tolerance (after K-shifts of quantized caches);
+        with rec_rows False, recurrent sections compare by metadata only."""
+        try:
+            return self._close_parsed(a, b, rec_rows, _kv_parts(self.mem)[kv_skip:])
+        except E.StateError:
+            return False
+
+    def _close_parsed(self, a: bytes, b: bytes, rec_rows: bool, kvs: list) -> bool:
+        if a[:4] != b[:4]:
             return False
         off = 8 if a.startswith(b"\xd8\x3c\x14\xaf") else 4 + int.from_bytes(a[:4], "little")
         if a[:off] != b[:off]:
@@ -234,7 +284,13 @@ class Mirror:
                     if la.k != lb.k and not _k_close(la.k, lb.k, la.k_type, self.k_tolerance):
                         return False
             off = oa
-        return a[off:] == b[off:]
+        rec = _rec_part(self.mem)
+        if rec is None or rec_rows:
+            return a[off:] == b[off:]  # recurrent rows are never shifted: exact
+        ra, _ = parse_rec(a, off, len(rec.layers))
+        rb, _ = parse_rec(b, off, len(rec.layers))
+        return ra.cells == rb.cells and ra.n_layer == rb.n_layer and \
+            [(L.r_row, L.s_row) for L in ra.layers] == [(L.r_row, L.s_row) for L in rb.layers]
 
     def check(self, seqs: Iterable[int] | None = None, per_seq: bool = True) -> None:
         bad = self.compare(seqs, per_seq)
