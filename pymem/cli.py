@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 __all__ = ["main"]
 
 
-def _demo_steps(kind: str) -> list[tuple[str, Callable]]:
+def _demo_steps() -> list[tuple[str, Callable]]:
     """The demo scenario: (description, function(mirror)) pairs."""
 
     def fill(seq: int, n: int, start: int = 0, tok: int = 0) -> Callable:
@@ -25,11 +25,13 @@ def _demo_steps(kind: str) -> list[tuple[str, Callable]]:
         ("continue seq 1 with 6 tokens", fill(1, 6, start=24, tok=50)),
         ("drop seq 0 tokens 4..8 (seq_rm)", lambda m: m.seq_rm(0, 4, 8)),
         ("context shift of seq 1 (seq_rm + seq_add)", lambda m: (m.seq_rm(1, 0, 8), m.seq_add(1, 8, -1, -8))),
-        ("decode after the shift (K re-rotated)", fill(1, 3, start=22, tok=90)),
+        ("decode after the shift (K re-rotated)", lambda m: m.decode(
+            [((90 + i) % 128, m.mem.seq_pos_max(1) + 1 + i, [1]) for i in range(3)])),
         ("save seq 1, restore it as seq 2", lambda m: m.seq_restore(1, 2)),
         ("keep only seq 2 (seq_keep)", lambda m: m.seq_keep(2)),
         ("whole state through llama.cpp's bytes", lambda m: m.whole_restore(from_llama=True)),
-        ("continue seq 2", fill(2, 4, start=25, tok=7)),
+        ("continue seq 2", lambda m: m.decode([((7 + i) % 128, m.mem.seq_pos_max(2) + 1 + i, [2])
+                                               for i in range(4)])),
     ]
 
 
@@ -45,6 +47,10 @@ def demo(args: argparse.Namespace) -> int:
     configs = [
         ("llama", dict(kv_unified=True, flash_attn=False)),
         ("llama", dict(kv_unified=False, flash_attn=True)),
+        ("gemma2", dict(kv_unified=True, flash_attn=False)),
+        ("mamba", dict(kv_unified=True, flash_attn=False)),
+        ("jamba", dict(kv_unified=False, flash_attn=False)),
+        ("lfm2_swa", dict(kv_unified=True, flash_attn=True)),
     ]
     t0 = time.perf_counter()
     try:
@@ -64,9 +70,9 @@ def demo(args: argparse.Namespace) -> int:
             mem = pymem.from_gguf(paths[name], 256, n_seq_max=n_seq_max, unified=cfg["kv_unified"],
                                   flash_attn=cfg["flash_attn"], swa_full=True)
             m = Mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
-            label = f"{name} {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
+            label = f"{name} ({mem.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
                     f"{'flash attn' if cfg['flash_attn'] else 'V transposed'}"
-            for what, fn in _demo_steps(layout["memory"]):
+            for what, fn in _demo_steps():
                 try:
                     fn(m)
                     bad = m.compare()
