@@ -278,11 +278,11 @@ pm_status pmi_balloc_init(pmi_balloc *ba, const pm_batch *b, const pm_memory *me
             }
         }
     } else {
-        pm_pos next[PM_MAX_SEQ];
+        int64_t next[PM_MAX_SEQ]; /* int64: a sequence may end at INT32_MAX */
         for (uint32_t s = 0; s < n_seq_max && st == PM_OK; ++s) {
             pm_pos mx;
             st = mem_pos_max(mem, (pm_seq_id)s, &mx);
-            next[s] = mx + 1;
+            next[s] = (int64_t)mx + 1;
         }
         for (uint32_t i = 0; i < n && st == PM_OK; ++i) {
             pm_seq_id f = b->first_id[i];
@@ -290,7 +290,12 @@ pm_status pmi_balloc_init(pmi_balloc *ba, const pm_batch *b, const pm_memory *me
                 st = pmi_fail(PM_E_BATCH, "invalid seq_id %d", f);
                 break;
             }
-            ba->pos[i] = next[f]++;
+            if (next[f] > INT32_MAX) {
+                /* llama.cpp's int32 overflow gives INT32_MIN, which its "decreasing" check rejects */
+                st = pmi_fail(PM_E_BATCH, "sequence %d: the next position would overflow int32", f);
+                break;
+            }
+            ba->pos[i] = (pm_pos)next[f]++;
         }
     }
     /* sequence sets and coupling */
@@ -367,10 +372,10 @@ pm_status pmi_balloc_init(pmi_balloc *ba, const pm_batch *b, const pm_memory *me
                               s, p0, bmin, has_token ? "X < Y" : "X <= Y");
             }
         } else {
-            if (p0 >= 0 && bmin != p0 + 1) {
+            if (p0 >= 0 && (int64_t)bmin != (int64_t)p0 + 1) {
                 st = pmi_fail(PM_E_BATCH,
-                              "sequence %u: the memory ends at position %d, the batch starts at %d (positions must continue at %d)",
-                              s, p0, bmin, p0 + 1);
+                              "sequence %u: the memory ends at position %d, the batch starts at %d (positions must continue at %lld)",
+                              s, p0, bmin, (long long)p0 + 1);
             } else if ((int64_t)bmax - bmin + 1 > (int64_t)distinct) {
                 st = pmi_fail(PM_E_BATCH, "sequence %u: positions %d..%d in the batch are not continuous", s,
                               bmin, bmax);

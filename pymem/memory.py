@@ -140,6 +140,9 @@ class Memory:
     def __init__(self, ptr: Any, arch: str | None = None) -> None:
         self._handle: _Handle | None = _Handle(ptr)
         self._lock = threading.RLock()
+        # reusable out-parameters for the hot small calls (used under the lock)
+        self._o_pos = ffi.new("pm_pos *")
+        self._o_bool = ffi.new("bool *")
         self._views: "weakref.WeakSet[_View]" = weakref.WeakSet()
         self.arch = arch
 
@@ -176,43 +179,63 @@ class Memory:
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of a sequence (seq_id -1: of all sequences).  Returns
         llama.cpp's answer (recurrent memories refuse partial removals)."""
-        out = ffi.new("bool *")
         with self._lock:
-            check(lib.pm_mem_seq_rm(self._live(), seq_id, p0, p1, out), "seq_rm")
-        return bool(out[0])
+            out = self._o_bool
+            st = lib.pm_mem_seq_rm(self._live(), seq_id, p0, p1, out)
+            if st:
+                check(st, "seq_rm")
+            return bool(out[0])
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make dst see the cells of src in [p0, p1)."""
         with self._lock:
-            check(lib.pm_mem_seq_cp(self._live(), src, dst, p0, p1), "seq_cp")
+            st = lib.pm_mem_seq_cp(self._live(), src, dst, p0, p1)
+            if st:
+                check(st, "seq_cp")
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but seq_id."""
         with self._lock:
-            check(lib.pm_mem_seq_keep(self._live(), seq_id), "seq_keep")
+            st = lib.pm_mem_seq_keep(self._live(), seq_id)
+            if st:
+                check(st, "seq_keep")
 
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Move positions [p0, p1) of seq_id by shift; cells pushed below 0 are dropped.  The K
         rotation is pending until :meth:`update`."""
         with self._lock:
-            check(lib.pm_mem_seq_add(self._live(), seq_id, p0, p1, shift), "seq_add")
+            st = lib.pm_mem_seq_add(self._live(), seq_id, p0, p1, shift)
+            if st:
+                check(st, "seq_add")
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide positions [p0, p1) of seq_id by d (integer division)."""
         with self._lock:
-            check(lib.pm_mem_seq_div(self._live(), seq_id, p0, p1, d), "seq_div")
+            st = lib.pm_mem_seq_div(self._live(), seq_id, p0, p1, d)
+            if st:
+                check(st, "seq_div")
 
     def seq_pos_min(self, seq_id: int) -> int:
-        out = ffi.new("pm_pos *")
         with self._lock:
-            check(lib.pm_mem_seq_pos_min(self._live(), seq_id, out), "seq_pos_min")
-        return int(out[0])
+            h = self._handle
+            if h is None:
+                self._live()
+            out = self._o_pos
+            st = lib.pm_mem_seq_pos_min(h.ptr, seq_id, out)
+            if st:
+                check(st, "seq_pos_min")
+            return out[0]
 
     def seq_pos_max(self, seq_id: int) -> int:
-        out = ffi.new("pm_pos *")
         with self._lock:
-            check(lib.pm_mem_seq_pos_max(self._live(), seq_id, out), "seq_pos_max")
-        return int(out[0])
+            h = self._handle
+            if h is None:
+                self._live()
+            out = self._o_pos
+            st = lib.pm_mem_seq_pos_max(h.ptr, seq_id, out)
+            if st:
+                check(st, "seq_pos_max")
+            return out[0]
 
     @property
     def can_shift(self) -> bool:

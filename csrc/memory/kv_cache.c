@@ -187,7 +187,9 @@ pm_status pmi_kv_create(const pm_kv_params *p, pmi_kv **out) {
     kv->head = calloc(kv->n_stream, sizeof(uint32_t));
     kv->tx_head = calloc(kv->n_stream, sizeof(uint32_t));
     kv->work = malloc(sizeof(uint32_t) * (size_t)kv->size);
-    if (!kv->layers || !kv->cells || !kv->head || !kv->tx_head || !kv->work) {
+    kv->runs = malloc(sizeof(uint32_t) * 2 * (size_t)kv->size);
+    kv->bits = malloc(sizeof(uint64_t) * (((size_t)kv->size + 63) / 64));
+    if (!kv->layers || !kv->cells || !kv->head || !kv->tx_head || !kv->work || !kv->runs || !kv->bits) {
         pmi_kv_destroy(kv);
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
@@ -292,6 +294,8 @@ void pmi_kv_destroy(pmi_kv *kv) {
     free(kv->tx_head);
     free(kv->copies);
     free(kv->work);
+    free(kv->runs);
+    free(kv->bits);
     free(kv);
 }
 
@@ -1099,26 +1103,48 @@ static uint32_t select_cells(const pmi_kv *kv, uint32_t st, pm_seq_id seq, uint3
     } else {
         n = m;
     }
-    qsort(out, n, sizeof(uint32_t), cmp_u32);
+    /* ascending cell order through a bitmap (cheaper than sorting) */
+    uint64_t *bm = kv->bits;
+    memset(bm, 0, sizeof(uint64_t) * c->nwords);
+    for (uint32_t k = 0; k < n; ++k) {
+        bm[out[k] >> 6] |= 1ULL << (out[k] & 63);
+    }
+    uint32_t o = 0;
+    for (uint32_t wi = 0; wi < c->nwords; ++wi) {
+        uint64_t bits = bm[wi];
+        while (bits) {
+            out[o++] = wi * 64 + (uint32_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+        }
+    }
     return n;
 }
 
-/* Copy rows of the selected cells (row bytes each, from base), run by run. */
-static void write_rows(pmi_writer *w, const uint8_t *base, uint64_t row, const uint32_t *cells,
-                       uint32_t n) {
-    uint8_t *dst = pmi_w_reserve(w, row * n);
-    if (dst == NULL) {
-        return;
-    }
-    uint32_t k = 0;
+/* runs of consecutive cells: (first cell, length) pairs; returns the count */
+static uint32_t make_runs(const uint32_t *cells, uint32_t n, uint32_t *runs) {
+    uint32_t nr = 0, k = 0;
     while (k < n) {
         uint32_t e = k + 1;
         while (e < n && cells[e] == cells[e - 1] + 1) {
             ++e;
         }
-        memcpy(dst, base + cells[k] * row, (size_t)(row * (e - k)));
-        dst += row * (e - k);
+        runs[2 * nr] = cells[k];
+        runs[2 * nr + 1] = e - k;
+        nr++;
         k = e;
+    }
+    return nr;
+}
+
+static void write_rows(pmi_writer *w, const uint8_t *base, uint64_t row, const uint32_t *runs,
+                       uint32_t nr, uint32_t n) {
+    uint8_t *dst = pmi_w_reserve(w, row * n);
+    if (dst == NULL) {
+        return;
+    }
+    for (uint32_t r = 0; r < nr; ++r) {
+        memcpy(dst, base + runs[2 * r] * row, (size_t)(row * runs[2 * r + 1]));
+        dst += row * runs[2 * r + 1];
     }
 }
 
@@ -1136,9 +1162,14 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
         pm_seq_id ids[PM_MAX_SEQ];
         if (seq == -1) {
             const uint64_t *bw = c->seq + (size_t)i * PMI_SEQ_WORDS;
-            for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
-                if ((bw[q >> 6] >> (q & 63)) & 1) {
-                    ids[nid++] = (pm_seq_id)q;
+            for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
+                uint64_t b = bw[wq];
+                while (b) {
+                    uint32_t q = wq * 64 + (uint32_t)__builtin_ctzll(b);
+                    b &= b - 1;
+                    if (q < kv->n_seq_max) {
+                        ids[nid++] = (pm_seq_id)q;
+                    }
                 }
             }
         } else if ((uint32_t)seq < kv->n_seq_max) {
@@ -1157,6 +1188,8 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
             }
         }
     }
+    uint32_t *runs = kv->runs;
+    uint32_t nr = make_runs(cells, n, runs);
     pmi_w_u32(w, kv->v_trans ? 1 : 0);
     pmi_w_u32(w, kv->n_layer);
     if (kv->format >= 11) {
@@ -1167,7 +1200,7 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
         const pmi_kv_layer *L = &kv->layers[l];
         pmi_w_i32(w, kv->type_k);
         pmi_w_u64(w, L->k_row);
-        write_rows(w, L->k + st * L->k_stream, L->k_row, cells, n);
+        write_rows(w, L->k + st * L->k_stream, L->k_row, runs, nr, n);
     }
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         const pmi_kv_layer *L = &kv->layers[l];
@@ -1178,12 +1211,12 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
         pmi_w_i32(w, kv->type_v);
         if (!kv->v_trans) {
             pmi_w_u64(w, L->v_row);
-            write_rows(w, vb, L->v_row, cells, n);
+            write_rows(w, vb, L->v_row, runs, nr, n);
         } else {
             pmi_w_u32(w, (uint32_t)L->v_row);
             pmi_w_u32(w, L->n_embd_v_gqa);
             for (uint32_t j = 0; j < L->n_embd_v_gqa; ++j) {
-                write_rows(w, vb + (uint64_t)j * kv->size * L->v_row, L->v_row, cells, n);
+                write_rows(w, vb + (uint64_t)j * kv->size * L->v_row, L->v_row, runs, nr, n);
             }
         }
     }
@@ -1228,9 +1261,15 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
         int32_t pos;
         uint32_t nid;
         uint64_t at = r->off;
-        snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
-        if (!pmi_r_i32(r, &pos, what) || !pmi_r_u32(r, &nid, what)) {
-            return PM_E_FORMAT;
+        if (r->len - r->off >= 8) {
+            pos = pmi_rd_i32(r->buf + r->off);
+            nid = pmi_rd_u32(r->buf + r->off + 4);
+            r->off += 8;
+        } else {
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+            if (!pmi_r_i32(r, &pos, what) || !pmi_r_u32(r, &nid, what)) {
+                return PM_E_FORMAT;
+            }
         }
         if (pos < 0) {
             return pmi_fail(PM_E_FORMAT, "KV stream %u cell %u: negative position %d (offset %llu)", s,
@@ -1243,17 +1282,20 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
         }
         if (kv->cell_ext) {
             const uint8_t *p;
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
             if (!pmi_r_span(r, 12, &p, what)) {
                 return PM_E_FORMAT;
             }
         }
         if (nid > r->len - r->off || (uint64_t)nid * 4 > r->len - r->off) {
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
             return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
                             nid, (unsigned long long)r->off);
         }
         for (uint32_t q = 0; q < nid; ++q) {
             int32_t id = pmi_rd_i32(r->buf + r->off + 4ull * q);
             if (seq == -1 && (id < 0 || (uint32_t)id >= kv->n_seq_max)) {
+                snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
                 return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
                                 id, kv->n_seq_max, (unsigned long long)(r->off + 4ull * q));
             }
@@ -1448,33 +1490,29 @@ void pmi_kv_plan_free(pmi_kv_plan *plan) {
     memset(plan, 0, sizeof(*plan));
 }
 
-/* Copy cc rows into the cells of a slot (idx list), run by run. */
-static void read_rows(uint8_t *base, uint64_t row, const uint32_t *idx, uint32_t cc,
+static void read_runs(uint8_t *base, uint64_t row, const uint32_t *runs, uint32_t nr,
                       const uint8_t *src) {
-    uint32_t k = 0;
-    while (k < cc) {
-        uint32_t e = k + 1;
-        while (e < cc && idx[e] == idx[e - 1] + 1) {
-            ++e;
-        }
-        memcpy(base + idx[k] * row, src + k * row, (size_t)(row * (e - k)));
-        k = e;
+    for (uint32_t r = 0; r < nr; ++r) {
+        memcpy(base + runs[2 * r] * row, src, (size_t)(row * runs[2 * r + 1]));
+        src += row * runs[2 * r + 1];
     }
 }
 
 static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const uint32_t *idx) {
+    uint32_t *runs = kv->runs;
+    uint32_t nr = make_runs(idx, sec->cc, runs);
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         pmi_kv_layer *L = &kv->layers[l];
-        read_rows(L->k + st * L->k_stream, L->k_row, idx, sec->cc, sec->k[l]);
+        read_runs(L->k + st * L->k_stream, L->k_row, runs, nr, sec->k[l]);
         if (L->v == NULL) {
             continue;
         }
         uint8_t *vb = L->v + st * L->v_stream;
         if (!kv->v_trans) {
-            read_rows(vb, L->v_row, idx, sec->cc, sec->v[l]);
+            read_runs(vb, L->v_row, runs, nr, sec->v[l]);
         } else {
             for (uint32_t j = 0; j < L->n_embd_v_gqa; ++j) {
-                read_rows(vb + (uint64_t)j * kv->size * L->v_row, L->v_row, idx, sec->cc,
+                read_runs(vb + (uint64_t)j * kv->size * L->v_row, L->v_row, runs, nr,
                           sec->v[l] + (uint64_t)j * sec->cc * L->v_row);
             }
         }
@@ -1485,12 +1523,27 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
     pmi_kv_section *secs = plan->secs;
     pm_status st = PM_OK;
     if (plan->seq == -1) {
-        /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1 */
+        /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1; the
+         * sequence index is built in bulk (outside a transaction) from sorted keys */
+        uint64_t most = 0;
         for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
             uint64_t ids = (secs[s].meta_len - (uint64_t)secs[s].cc * (kv->cell_ext ? 20 : 8)) / 4;
+            most = PMI_MAX(most, ids);
             st = pmi_cells_reserve(&kv->cells[s], ids);
         }
+        bool bulk = !kv->tx_on;
+        uint64_t *keys = NULL;
+        uint32_t *stack = NULL;
+        if (st == PM_OK && bulk && most > 0) {
+            keys = malloc(sizeof(uint64_t) * most);
+            stack = malloc(sizeof(uint32_t) * most);
+            if (keys == NULL || stack == NULL) {
+                st = pmi_fail(PM_E_NOMEM, "out of memory");
+            }
+        }
         if (st != PM_OK) {
+            free(keys);
+            free(stack);
             return st;
         }
         pmi_kv_clear(kv, false);
@@ -1507,12 +1560,21 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
                     p += 12;
                 }
                 for (uint32_t q = 0; q < nid; ++q) {
-                    pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
+                    if (bulk) {
+                        pmi_cells_seq_set_bit(c, i, pmi_rd_i32(p + 4ull * q));
+                    } else {
+                        pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
+                    }
                 }
                 p += 4ull * nid;
             }
+            if (bulk) {
+                pmi_cells_build_index(c, keys, stack);
+            }
             kv->head[s] = 0;
         }
+        free(keys);
+        free(stack);
         return PM_OK;
     }
     /* per-sequence restore into stream(seq), section by section: seq_rm, find_slot,

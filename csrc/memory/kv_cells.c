@@ -570,3 +570,77 @@ void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cel
         }
     }
 }
+
+/* ---- bulk index build ------------------------------------------------------------------------ */
+
+void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
+    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Build the index of every sequence from the cells' bits (the trees must be empty): gather
+ * each sequence's keys, sort them (already sorted for packed restores), and build the treap
+ * as the Cartesian tree of the priorities with a stack, in linear time. */
+void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
+    uint32_t cnt[PM_MAX_SEQ] = {0}, at[PM_MAX_SEQ];
+    for (uint32_t w = 0; w < c->nwords; ++w) {
+        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
+            const uint64_t *sw = c->seq + (size_t)(w * 64 + (uint32_t)__builtin_ctzll(bits)) * PMI_SEQ_WORDS;
+            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+                for (uint64_t b = sw[k]; b; b &= b - 1) {
+                    cnt[k * 64 + (uint32_t)__builtin_ctzll(b)]++;
+                }
+            }
+        }
+    }
+    uint32_t o = 0;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        at[s] = o;
+        o += cnt[s];
+    }
+    /* one pass: every membership's key into its sequence's slice, in cell order */
+    for (uint32_t w = 0; w < c->nwords; ++w) {
+        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
+            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
+            const uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
+            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+                for (uint64_t b = sw[k]; b; b &= b - 1) {
+                    keys[at[k * 64 + (uint32_t)__builtin_ctzll(b)]++] = key_of(c->pos[i], i);
+                }
+            }
+        }
+    }
+    uint64_t *ks = keys;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ks += cnt[s], ++s) {
+        uint32_t n = cnt[s];
+        if (n == 0) {
+            continue;
+        }
+        for (uint32_t j = 1; j < n; ++j) {
+            if (ks[j] < ks[j - 1]) {
+                qsort(ks, n, sizeof(uint64_t), cmp_u64);
+                break;
+            }
+        }
+        uint32_t sp = 0;
+        for (uint32_t j = 0; j < n; ++j) {
+            uint32_t nd = node_new(c, ks[j]);
+            uint64_t pr = prio_of(ks[j]);
+            uint32_t last = PMI_NONE;
+            while (sp > 0 && prio_of(c->nkey[stack[sp - 1]]) < pr) {
+                last = stack[--sp];
+            }
+            c->nl[nd] = last;
+            if (sp > 0) {
+                c->nr[stack[sp - 1]] = nd;
+            }
+            stack[sp++] = nd;
+        }
+        c->root[s] = stack[0];
+        c->cnt[s] = n;
+    }
+}

@@ -81,6 +81,11 @@ void pmi_cells_rm(pmi_cells *c, uint32_t i);
 bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s);
 bool pmi_cells_seq_keep(pmi_cells *c, uint32_t i, pm_seq_id s);
 void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s); /* needs a reserved node */
+/* Bulk restores: set sequence bits without indexing, then build every sequence's index from
+ * the cells at once.  keys/stack hold at least as many entries as memberships (nodes must be
+ * reserved).  Not journaled: use outside transactions only. */
+void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s);
+void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack);
 void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p);
 void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e);
 bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d);
@@ -217,7 +222,9 @@ typedef struct pmi_kv {
     uint32_t n_copies;
     uint32_t cap_copies;
     uint32_t *copies;
-    uint32_t *work;       /* size entries, scratch */
+    uint32_t *work;       /* scratch: size cell indices */
+    uint32_t *runs;       /* scratch: size (first cell, length) runs */
+    uint64_t *bits;       /* scratch: a bitmap of size cells */
 } pmi_kv;
 
 static inline uint32_t pmi_kv_stream(const pmi_kv *kv, pm_seq_id s) {
