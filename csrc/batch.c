@@ -415,6 +415,15 @@ pm_status pmi_balloc_init(pmi_balloc *ba, const pm_batch *b, const pm_memory *me
             }
         }
     }
+    /* Position -1 passes llama.cpp's checks (decreasing positions catch < -1), but the cell
+     * it fills looks empty (pos == -1) while it holds sequences: llama.cpp never writes it in
+     * states and its bookkeeping breaks on the next placement.  A documented divergence, as
+     * for restored cells with negative positions (SPEC A-16). */
+    for (uint32_t i = 0; i < n && st == PM_OK; ++i) {
+        if (ba->pos[i] < 0) {
+            st = pmi_fail(PM_E_BATCH, "token %u: position %d is negative", i, ba->pos[i]);
+        }
+    }
     free(sorted);
     free(first);
     if (st != PM_OK) {

@@ -26,10 +26,11 @@ __all__ = ["KVCell", "KVLayer", "KVStream", "KVSection", "RecSection", "parse_kv
 
 
 class _Reader:
-    def __init__(self, buf: bytes | memoryview, off: int, what: str) -> None:
+    def __init__(self, buf: bytes | memoryview, off: int, what: str, copy: bool = True) -> None:
         self.buf = memoryview(buf)
         self.off = off
         self.what = what
+        self.copy = copy
 
     def _need(self, n: int, name: str) -> None:
         if n < 0 or self.off + n > len(self.buf):
@@ -56,9 +57,9 @@ class _Reader:
 
     def take(self, n: int, name: str) -> bytes:
         self._need(n, name)
-        b = bytes(self.buf[self.off:self.off + n])
+        b = self.buf[self.off:self.off + n]
         self.off += n
-        return b
+        return bytes(b) if self.copy else b  # type: ignore[return-value]
 
 
 @dataclass
@@ -136,9 +137,10 @@ class KVSection:
 
 
 def parse_kv(buf: bytes | memoryview, off: int = 0, format: int = 11, cell_ext: bool = False,
-             has_v: bool = True) -> tuple[KVSection, int]:
-    """Parse one KV section at ``off``; returns it and the offset after it."""
-    r = _Reader(buf, off, "KV section")
+             has_v: bool = True, copy: bool = True) -> tuple[KVSection, int]:
+    """Parse one KV section at ``off``; returns it and the offset after it.  With ``copy``
+    False the row data are zero-copy memoryview slices of ``buf``."""
+    r = _Reader(buf, off, "KV section", copy)
     start = off
     n_stream = r.u32("n_stream")
     if n_stream == 0 or n_stream > 256:
@@ -223,9 +225,10 @@ class RecSection:
         return b"".join(out)
 
 
-def parse_rec(buf: bytes | memoryview, off: int, n_recr: int, ple: list[bool] | None = None) -> tuple[RecSection, int]:
+def parse_rec(buf: bytes | memoryview, off: int, n_recr: int, ple: list[bool] | None = None,
+              copy: bool = True) -> tuple[RecSection, int]:
     """Parse one REC section with ``n_recr`` recurrent layers (the count is not in the blob)."""
-    r = _Reader(buf, off, "recurrent section")
+    r = _Reader(buf, off, "recurrent section", copy)
     start = off
     cc = r.u32("cell_count")
     if cc > (len(r.buf) - r.off) // 8:

@@ -354,6 +354,26 @@ class Memory:
             k = lib.pm_memory_kind(self._live())
         return {1: "kv", 2: "iswa", 3: "recurrent", 4: "hybrid", 5: "hybrid_iswa"}.get(k, "?")
 
+    def breakdown(self) -> list[dict]:
+        """Bytes per part, as llama.cpp's memory_breakdown: KV parts (K, V, cell metadata)
+        then the recurrent part (r, s, cell metadata)."""
+        out = ffi.new("pm_breakdown[]", 3)
+        with self._lock:
+            n = lib.pm_mem_breakdown(self._live(), out, 3)
+        names = {0: ["kv"], 1: ["kv"], 2: ["base", "swa"], 3: [], 4: ["attn"], 5: ["base", "swa"]}
+        kinds = {"kv": 1, "iswa": 2, "recurrent": 3, "hybrid": 4, "hybrid_iswa": 5}
+        kv_names = names[kinds[self.kind]]
+        res = []
+        for i in range(n):
+            b = out[i]
+            if b.part_kind == lib.PM_MEM_KV:
+                res.append({"part": kv_names[i], "cells": b.cells, "n_stream": b.n_stream, "n_layer": b.n_layer,
+                            "k_bytes": b.bytes[0], "v_bytes": b.bytes[1], "meta_bytes": b.bytes[2]})
+            else:
+                res.append({"part": "recurrent", "cells": b.cells, "n_layer": b.n_layer,
+                            "r_bytes": b.bytes[0], "s_bytes": b.bytes[1], "meta_bytes": b.bytes[2]})
+        return res
+
     @property
     def nbytes(self) -> int:
         with self._lock:

@@ -210,6 +210,15 @@ pm_status pm_hybrid_new(const pm_kv_params *attn, const pm_rec_params *rec, pm_m
 pm_status pm_hybrid_iswa_new(const pm_kv_params *base, const pm_kv_params *swa,
                              const pm_rec_params *rec, pm_memory **out);
 void pm_memory_free(pm_memory *mem);
+/* Bytes per part (llama_memory_i::memory_breakdown): KV parts first, then the recurrent. */
+typedef struct pm_breakdown {
+    int32_t part_kind;      /* PM_MEM_KV or PM_MEM_RECURRENT */
+    uint32_t cells;         /* cells per stream (KV) or cells (recurrent) */
+    uint32_t n_stream;
+    uint32_t n_layer;
+    uint64_t bytes[3];      /* KV: K, V, cell metadata; recurrent: r (+ p), s, cell metadata */
+} pm_breakdown;
+uint32_t pm_mem_breakdown(const pm_memory *mem, pm_breakdown *out, uint32_t cap);
 /* Number of KV parts (0, 1 or 2) and whether there is a recurrent part. */
 uint32_t pm_memory_n_kv(const pm_memory *mem);
 bool pm_memory_has_rec(const pm_memory *mem);

@@ -1499,6 +1499,9 @@ static void read_runs(uint8_t *base, uint64_t row, const uint32_t *runs, uint32_
 }
 
 static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const uint32_t *idx) {
+    if (sec->cc == 0) {
+        return; /* no rows; sec->k / sec->v are NULL (no arithmetic on them: UB) */
+    }
     uint32_t *runs = kv->runs;
     uint32_t nr = make_runs(idx, sec->cc, runs);
     for (uint32_t l = 0; l < kv->n_layer; ++l) {

@@ -614,12 +614,13 @@ void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
             }
         }
     }
-    uint64_t *ks = keys;
-    for (uint32_t s = 0; s < PM_MAX_SEQ; ks += cnt[s], ++s) {
+    uint32_t off = 0; /* an offset, not a pointer: keys may be NULL when nothing is a member */
+    for (uint32_t s = 0; s < PM_MAX_SEQ; off += cnt[s], ++s) {
         uint32_t n = cnt[s];
         if (n == 0) {
             continue;
         }
+        uint64_t *ks = keys + off;
         for (uint32_t j = 1; j < n; ++j) {
             if (ks[j] < ks[j - 1]) {
                 qsort(ks, n, sizeof(uint64_t), cmp_u64);

@@ -132,6 +132,49 @@ pm_status pm_hybrid_iswa_new(const pm_kv_params *base, const pm_kv_params *swa, 
     return make(PM_MEM_HYBRID_ISWA, &pmi_ops_hybrid_iswa, base, swa, rec, out);
 }
 
+uint32_t pm_mem_breakdown(const pm_memory *m, pm_breakdown *out, uint32_t cap) {
+    if (m == NULL) {
+        return 0;
+    }
+    uint32_t n = 0;
+    for (uint32_t p = 0; p < m->n_kv; ++p, ++n) {
+        const pmi_kv *kv = m->kv[p];
+        if (n < cap && out) {
+            pm_breakdown *b = &out[n];
+            memset(b, 0, sizeof(*b));
+            b->part_kind = PM_MEM_KV;
+            b->cells = kv->size;
+            b->n_stream = kv->n_stream;
+            b->n_layer = kv->n_layer;
+            for (uint32_t l = 0; l < kv->n_layer; ++l) {
+                b->bytes[0] += kv->layers[l].k_stream * kv->n_stream;
+                b->bytes[1] += kv->layers[l].v_stream * kv->n_stream;
+            }
+            for (uint32_t s = 0; s < kv->n_stream; ++s) {
+                b->bytes[2] += pmi_cells_nbytes(&kv->cells[s]);
+            }
+        }
+    }
+    if (m->rec) {
+        if (n < cap && out) {
+            const pmi_rec *r = m->rec;
+            pm_breakdown *b = &out[n];
+            memset(b, 0, sizeof(*b));
+            b->part_kind = PM_MEM_RECURRENT;
+            b->cells = r->size;
+            b->n_stream = 1;
+            b->n_layer = r->n_layer;
+            for (uint32_t l = 0; l < r->n_layer; ++l) {
+                b->bytes[0] += (r->layers[l].row[0] + r->layers[l].row[2]) * r->n_rows;
+                b->bytes[1] += r->layers[l].row[1] * r->n_rows;
+            }
+            b->bytes[2] = (uint64_t)r->size * sizeof(pmi_rcell) + (uint64_t)r->n_seq_max * sizeof(uint32_t);
+        }
+        n++;
+    }
+    return n;
+}
+
 uint32_t pm_memory_n_kv(const pm_memory *m) { return m ? m->n_kv : 0; }
 bool pm_memory_has_rec(const pm_memory *m) { return m && m->rec != NULL; }
 
