@@ -1222,10 +1222,17 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
     }
 }
 
-pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq) {
+bool pmi_kv_partial_skips(const pmi_kv *kv, uint32_t flags) {
+    return (flags & PM_STATE_PARTIAL_ONLY) && kv->swa_type == PM_SWA_NONE;
+}
+
+pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uint32_t flags) {
     if (seq < -1 || seq >= PM_MAX_SEQ) {
         return pmi_fail(PM_E_INVALID_ARG, "state_write: seq_id %d is not -1 or in [0, %d)", seq,
                         PM_MAX_SEQ);
+    }
+    if (pmi_kv_partial_skips(kv, flags)) {
+        return PM_OK;
     }
     uint32_t *cells = malloc(sizeof(uint32_t) * (size_t)kv->size + 1);
     if (cells == NULL) {
@@ -1456,11 +1463,16 @@ static pm_status check_read_seq(const pmi_kv *kv, pm_seq_id seq) {
     return PM_OK;
 }
 
-pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, pmi_kv_plan *plan) {
+pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, uint32_t flags,
+                             pmi_kv_plan *plan) {
     memset(plan, 0, sizeof(*plan));
     plan->seq = seq;
     plan->n_stream = kv->n_stream;
     pm_status st = check_read_seq(kv, seq);
+    if (st == PM_OK && pmi_kv_partial_skips(kv, flags)) {
+        plan->skip = true;
+        return PM_OK;
+    }
     if (st == PM_OK) {
         st = sections_alloc(kv, &plan->secs);
     }
@@ -1525,6 +1537,9 @@ static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const
 pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
     pmi_kv_section *secs = plan->secs;
     pm_status st = PM_OK;
+    if (plan->skip) {
+        return PM_OK;
+    }
     if (plan->seq == -1) {
         /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1; the
          * sequence index is built in bulk (outside a transaction) from sorted keys */
@@ -1636,6 +1651,9 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
 }
 
 void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
+    if (plan->skip) {
+        return;
+    }
     if (plan->seq == -1) {
         for (uint32_t l = 0; l < kv->n_layer; ++l) {
             memset(kv->layers[l].k, 0, (size_t)(kv->layers[l].k_stream * kv->n_stream));

@@ -452,10 +452,10 @@ static pm_status write_all(const pm_memory *m, pmi_writer *w, pm_seq_id s, uint3
             pmi_w_i32(w, s);
         }
     }
-    /* sections in order; PARTIAL_ONLY drops the base / attention cache of composites */
-    bool partial = (flags & PM_STATE_PARTIAL_ONLY) && m->kind != PM_MEM_KV && m->kind != PM_MEM_RECURRENT;
-    for (uint32_t p = partial ? 1 : 0; p < m->n_kv; ++p) {
-        pm_status st = pmi_kv_state_write(m->kv[p], w, s);
+    /* sections in order; with PARTIAL_ONLY the caches without a sliding window (plain, base,
+     * attention) write nothing and the SWA and recurrent parts everything */
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_state_write(m->kv[p], w, s, flags);
         if (st != PM_OK) {
             return st;
         }
@@ -465,7 +465,6 @@ static pm_status write_all(const pm_memory *m, pmi_writer *w, pm_seq_id s, uint3
 
 /* Parsed sections of one state, one plan per included part. */
 typedef struct state_plan {
-    uint32_t kv0;         /* first KV part included (PARTIAL_ONLY skips part 0) */
     pmi_kv_plan kv[2];
     pmi_rec_plan rec;
 } state_plan;
@@ -479,8 +478,6 @@ static void plan_free(pm_memory *m, state_plan *sp) {
 
 static pm_status parse_state(const pm_memory *m, pmi_reader *r, pm_seq_id s, uint32_t flags, state_plan *sp) {
     memset(sp, 0, sizeof(*sp));
-    bool partial = (flags & PM_STATE_PARTIAL_ONLY) && m->kind != PM_MEM_KV && m->kind != PM_MEM_RECURRENT;
-    sp->kv0 = partial ? 1 : 0;
     if (m->n_kv > 0) {
         if (s != -1) {
             pm_status st = pmi_kv_check_seq(m->kv[0], s, "state_read");
@@ -489,8 +486,8 @@ static pm_status parse_state(const pm_memory *m, pmi_reader *r, pm_seq_id s, uin
             }
         }
     }
-    for (uint32_t p = sp->kv0; p < m->n_kv; ++p) {
-        pm_status st = pmi_kv_state_parse(m->kv[p], r, s, &sp->kv[p]);
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
+        pm_status st = pmi_kv_state_parse(m->kv[p], r, s, flags, &sp->kv[p]);
         if (st != PM_OK) {
             if (m->n_kv > 1 || m->rec) {
                 pmi_fail_ctx(st, "%s section", m->n_kv == 2 ? (p == 0 ? "base KV" : "SWA KV") : "attention KV");
@@ -606,7 +603,7 @@ static pm_status apply_state(pm_memory *m, state_plan *sp, pm_seq_id s) {
     if (st != PM_OK) {
         return st;
     }
-    for (uint32_t p = sp->kv0; p < m->n_kv && st == PM_OK; ++p) {
+    for (uint32_t p = 0; p < m->n_kv && st == PM_OK; ++p) {
         st = pmi_kv_state_meta(m->kv[p], &sp->kv[p]);
     }
     if (st == PM_OK && m->rec) {
@@ -618,7 +615,7 @@ static pm_status apply_state(pm_memory *m, state_plan *sp, pm_seq_id s) {
     if (st != PM_OK) {
         return st;
     }
-    for (uint32_t p = sp->kv0; p < m->n_kv; ++p) {
+    for (uint32_t p = 0; p < m->n_kv; ++p) {
         pmi_kv_state_data(m->kv[p], &sp->kv[p]);
     }
     if (m->rec) {

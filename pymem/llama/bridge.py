@@ -12,7 +12,7 @@ another state format, and are not supported yet.
     llm = llama_cpp_py_sync.Llama("model.gguf", n_ctx=4096, n_gpu_layers=0)
     ...                                        # decode in llama.cpp
     mem = bridge.export_state(llm)             # the whole memory, as a pymem memory
-    mem.seq_rm(0, 100, -1); mem.seq_add(0, 100, -1, -20)   # edit in pymem
+    mem.seq_rm(0, 10, 30); mem.seq_add(0, 30, -1, -20)     # edit in pymem: drop 10..29, close the gap
     bridge.import_state(llm, mem)              # back into llama.cpp (pending K-shifts applied)
 
     one = bridge.export_state(llm, seq_id=0, dst_seq_id=3)      # sequence 0 -> pymem sequence 3
@@ -35,8 +35,8 @@ file and the context parameters. The parameters are recovered like this:
 * ``n_ctx``, ``n_ctx_seq``, ``n_seq_max``, ``n_batch``, ``n_ubatch`` and ``n_rs_seq`` come from the C
   getters (``llama_n_ctx`` ...).
 * ``kv_unified`` comes from the ``n_stream`` field that every KV section of a state blob has, even
-  when the cache is empty. For pure recurrent models it comes from ``n_ctx_seq * n_seq_max ==
-  n_ctx``. With ``n_seq_max == 1`` both settings build the same memory.
+  when the cache is empty. For pure recurrent models it comes from whether ``llama_n_ctx_seq``
+  equals ``llama_n_ctx``. With ``n_seq_max == 1`` both settings build the same memory.
 * ``flash_attn``, ``type_k`` and ``type_v`` have no getter. They come from the first KV stream that
   holds cells in a state blob: its ``v_trans`` field and the K and V type ids. The bridge reads
   these from the blob it is exporting anyway, or from the blob of the shortest non-empty sequence.
@@ -63,8 +63,9 @@ Every built memory is checked against the context: its sizes against the getters
 
 Failures
 --------
-Where llama.cpp would abort (a sequence id out of range, a context without memory), the bridge
-raises :class:`pymem.InvalidArgumentError` or :class:`pymem.UnsupportedError` first. Before it
+Where llama.cpp would abort (a sequence id out of range), the bridge raises
+:class:`pymem.InvalidArgumentError` instead. A context without a memory module raises
+:class:`pymem.UnsupportedError`. Before it
 calls llama.cpp to import, the bridge checks the memory against every parameter that is known
 and not assumed. A failed llama.cpp restore would leave the context cleared or half restored
 (SPEC 8.1), so mismatches it finds raise :class:`pymem.StateError` with the context unchanged.
@@ -80,7 +81,16 @@ a patched private copy instead (:mod:`pymem.llama._loader`). Use :func:`llama_cp
 module pymem loaded (also in ``sys.modules``, so a later ``import llama_cpp_py_sync`` gets it).
 A ``llama_cpp_py_sync`` imported earlier whose libraries never loaded is redirected to the same
 copy, so references to it keep working. The bridge always drives a context through the library
-that created it. It never needs pymem's loader for a ``Llama`` object or a ``capi.Context``.
+that created it. It never needs pymem's loader for a ``Llama`` object or a ``capi.Context``. A raw
+pointer is driven through the ``llama_cpp_py_sync`` already loaded in the process, or else
+through pymem's loader.
+
+``Llama`` objects
+-----------------
+``Llama.generate()`` and ``create_chat_completion()`` clear the memory before they start (chat
+completions keep a cached token prefix instead, which :func:`import_state` invalidates). An
+imported state is therefore for the low-level API: ``llama_decode(llm._ctx, ...)`` continuing at
+the imported positions, or ``Llama._eval_tokens(tokens, n_past)``.
 """
 from __future__ import annotations
 
@@ -506,7 +516,7 @@ def _kv_part_count(kind: str, flags: int) -> int:
     if kind in ("iswa", "hybrid_iswa"):
         return 1 if flags & 1 else 2
     if kind == "kv":
-        return 1
+        return 0 if flags & 1 else 1
     if kind == "hybrid":
         return 0 if flags & 1 else 1
     return 0
@@ -616,7 +626,8 @@ class ContextParams:
         """The :class:`pymem.gguf.MemorySpec` of this context's memory."""
         from ..gguf import memory_spec
 
-        return memory_spec(self.hparams, self.n_ctx, n_seq_max=self.n_seq_max, type_k=self.type_k,
+        hp = self.hparams if self.hparams is not None else _hparams(self.model_path)
+        return memory_spec(hp, self.n_ctx, n_seq_max=self.n_seq_max, type_k=self.type_k,
                            type_v=self.type_v, flash_attn=self.flash_attn, unified=self.kv_unified,
                            swa_full=self.swa_full, n_ubatch=self.n_ubatch, n_rs_seq=self.n_rs_seq,
                            format=format, n_batch=self.n_batch)
@@ -626,6 +637,22 @@ class ContextParams:
 
 
 _Probe = Tuple[Any, int, int]  # (blob, seq id or -1, flags)
+_HP_CACHE: Dict[Tuple[str, int, int], Any] = {}
+
+
+def _hparams(path: str) -> Any:
+    """read_hparams, cached per file version (a large vocabulary makes reading a GGUF slow)."""
+    from ..gguf import read_hparams
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    hp = _HP_CACHE.get(key)
+    if hp is None:
+        hp = read_hparams(path)
+        if len(_HP_CACHE) >= 16:
+            _HP_CACHE.clear()
+        _HP_CACHE[key] = hp
+    return hp
 
 
 def _probe_blob(live: _Live, n_seq_max: int) -> _Probe:
@@ -644,13 +671,13 @@ def _probe_blob(live: _Live, n_seq_max: int) -> _Probe:
 
 
 def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tuple[ContextParams, List[_Probe]]:
-    from ..gguf import memory_spec, read_hparams
+    from ..gguf import memory_spec
     from ..memory import type_name, type_id
 
     E = _E()
     if not live.model_path:
         raise E.InvalidArgumentError("the model's GGUF path is unknown: pass model_path=")
-    hp = read_hparams(live.model_path)
+    hp = _hparams(live.model_path)
     m = live.model()
     have = (m.arch, m.n_layer, m.n_embd, m.n_ctx_train)
     want = (hp.arch, hp.n_layer, hp.n_embd, hp.n_ctx_train)
@@ -922,7 +949,8 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
     through a restore. Pass ``update=False`` to write such a state anyway.
 
     ``check`` first compares the memory's layout with the context's parameters (all but the
-    assumed ones, see :attr:`ContextParams.assumed`). A mismatch raises
+    assumed ones, see :attr:`ContextParams.assumed`). To learn the cache types it reads the state
+    of the context's shortest non-empty sequence, so ``check=False`` saves that copy. A mismatch raises
     :class:`pymem.StateError` before llama.cpp is touched. When llama.cpp refuses the state
     (returns 0), :class:`pymem.StateError` carries its logged reason. In that case llama.cpp
     has already changed the context: a failed whole restore clears its memory, and a failed
