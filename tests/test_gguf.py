@@ -48,7 +48,6 @@ def _kv(n_layer: int = 2, heads: Any = 2, heads_kv: Any = 1, n_ff: Any = 96, ext
 
 
 EXTRA_SPECS: Dict[str, TinySpec] = {s.name: s for s in [
-    TinySpec("x_qwen3", "qwen3", _kv(), {}, "qwen3: NEOX"),
     TinySpec("x_llama_linear", "llama", _kv(extra=[
         ("rope.freq_base", "f32", 500000.0), ("rope.scaling.type", "str", "linear"),
         ("rope.scaling.factor", "f32", 4.0)]), {}, "llama, linear rope scaling x4, base 5e5"),
@@ -65,13 +64,6 @@ EXTRA_SPECS: Dict[str, TinySpec] = {s.name: s for s in [
         ("shortconv.l_cache", "u32", 3), ("attention.sliding_window", "u32", 8),
         ("rope.freq_base", "f32", 1000000.0)]), {},
         "lfm2 hybrid-iSWA, base 1e6, KV heads 2/1 (V padding)"),
-    TinySpec("x_granitehybrid", "granitehybrid", _kv(n_layer=4, heads=[2, 0, 2, 0], heads_kv=[1, 0, 2, 0],
-                                                      extra=_SSM2), {}, "granite hybrid: attention 0,2 + mamba2 1,3"),
-    TinySpec("x_falcon_h1", "falcon-h1", _kv(extra=_SSM2), {}, "falcon-h1: every layer attention + mamba2"),
-    TinySpec("x_nemotron_h", "nemotron_h", _kv(n_layer=4, heads=[2, 0, 0, 0], heads_kv=[1, 0, 0, 0],
-                                                n_ff=[0, 0, 96, 0], extra=_SSM2 + [
-                                                    ("attention.layer_norm_epsilon", "f32", 1e-5)]), {},
-              "nemotron-h: attention 0, mamba2 1,3, MLP 2"),
 ]}
 
 #: expected facts of every model: (memory kind, attention layers, SWA layers, recurrent layers,
@@ -92,15 +84,15 @@ EXPECT: Dict[str, Tuple[str, List[int], List[int], List[int], int, int, str]] = 
     "lfm2_swa": ("hybrid_iswa", [0, 2], [0, 2], [1, 3], 64 * 2, 0, "neox"),
     "jamba": ("hybrid", [0, 2], [], [1, 3], 3 * 128, 16 * 128, "none"),
     "jamba_gqa": ("hybrid", [0, 2], [], [1, 3], 3 * 128, 16 * 128, "none"),
-    "x_qwen3": ("kv", [0, 1], [], [], 0, 0, "neox"),
+    "qwen3": ("kv", [0, 1], [], [], 0, 0, "neox"),
     "x_llama_linear": ("kv", [0, 1], [], [], 0, 0, "norm"),
     "x_gemma2_base": ("iswa", [0, 1, 2, 3], [0, 2], [], 0, 0, "neox"),
     "x_gemma2_w200": ("iswa", [0, 1, 2, 3], [0, 2], [], 0, 0, "neox"),
     "x_gemma3_base": ("iswa", [0, 1, 2, 3], [0, 2], [], 0, 0, "neox"),
     "x_lfm2_swa_base": ("hybrid_iswa", [0, 2], [0, 2], [1, 3], 64 * 2, 0, "neox"),
-    "x_granitehybrid": ("hybrid", [0, 2], [], [1, 3], 3 * (128 + 32), 16 * 128, "norm"),
-    "x_falcon_h1": ("hybrid", [0, 1], [], [0, 1], 3 * (128 + 32), 16 * 128, "neox"),
-    "x_nemotron_h": ("hybrid", [0], [], [1, 3], 3 * (128 + 32), 16 * 128, "none"),
+    "granitehybrid": ("hybrid", [0, 2], [], [1, 3], 3 * (128 + 32), 16 * 128, "norm"),
+    "falcon_h1": ("hybrid", [0, 1], [], [0, 1], 3 * (128 + 32), 16 * 128, "neox"),
+    "nemotron_h": ("hybrid", [0], [], [1, 3], 3 * (128 + 32), 16 * 128, "none"),
 }
 ALL_SPECS: Dict[str, TinySpec] = {**tinymodels.SPECS, **EXTRA_SPECS}
 assert set(EXPECT) == set(ALL_SPECS)
@@ -468,7 +460,7 @@ def test_estimate_and_max_context(meta_models, name):
         assert pg.max_context(hp, pg.estimate(hp, 256, **kw).total - 1, **kw) == 0
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_hd128", "x_qwen3", "x_llama_linear"])
+@pytest.mark.parametrize("name", ["llama", "llama_hd128", "qwen3", "x_llama_linear"])
 def test_from_gguf_kv_and_nbytes(meta_models, name):
     for uni, ns, fa in ((True, 1, False), (False, 3, True)):
         kv = pg.from_gguf(meta_models[name], 1000, n_seq_max=ns, unified=uni, flash_attn=fa)
@@ -703,8 +695,8 @@ def _one_part_spec(spec: pg.MemorySpec, part: pg.PartSpec) -> pg.MemorySpec:
 # ---------------------------------------------------------------------------------------------
 # oracle: the RoPE parameters, through llama.cpp's K-shift
 # ---------------------------------------------------------------------------------------------
-ROPE_MODELS = ["llama", "x_llama_ff", "llama_yarn", "llama_neox", "x_llama_linear", "x_qwen3", "gemma2", "x_gemma2_base",
-               "x_gemma3_base", "lfm2", "x_lfm2_swa_base", "x_granitehybrid", "x_falcon_h1", "jamba"]
+ROPE_MODELS = ["llama", "x_llama_ff", "llama_yarn", "llama_neox", "x_llama_linear", "qwen3", "gemma2", "x_gemma2_base",
+               "x_gemma3_base", "lfm2", "x_lfm2_swa_base", "granitehybrid", "falcon_h1", "jamba"]
 
 
 @needs_oracle

@@ -14,7 +14,8 @@ pytestmark = [needs_oracle, pytest.mark.oracle]
 TYPES = {
     "gemma2": "iswa", "gemma3": "iswa",
     "mamba": "recurrent", "mamba2": "recurrent", "rwkv6": "recurrent", "rwkv7": "recurrent",
-    "lfm2": "hybrid", "jamba": "hybrid", "jamba_gqa": "hybrid",
+    "lfm2": "hybrid", "jamba": "hybrid", "jamba_gqa": "hybrid", "granitehybrid": "hybrid",
+    "falcon_h1": "hybrid", "nemotron_h": "hybrid",
     "lfm2_swa": "hybrid_iswa",
 }
 SWA = {"gemma2", "gemma3", "lfm2_swa"}

@@ -89,10 +89,10 @@ class Mirror:
                                  + (f" ({why})" if ctx is None else ""))
         self._count(f"decode rc={rc_l}")
         if rc_l == 0:
-            self._copy_new_rows(ctx)
+            self._copy_new_rows(ctx, {q for it in items for q in ([it[2]] if isinstance(it[2], int) else it[2])})
         return rc_l
 
-    def _copy_new_rows(self, ctx: Any) -> None:
+    def _copy_new_rows(self, ctx: Any, seqs: set) -> None:
         whole = self.llama.state_get()
         n = int.from_bytes(whole[:4], "little")
         off = 4 + n
@@ -102,17 +102,16 @@ class Mirror:
         rec = _rec_part(self.mem)
         if rec is not None:
             sec, off = parse_rec(whole, off, len(rec.layers))
-            self._copy_rec(ctx, rec, sec)
+            self._copy_rec(seqs, rec, sec)
 
-    def _copy_rec(self, ctx: Any, rec: RecurrentPart, sec: RecSection) -> None:
-        """The new states of the sequences the batch computed, in the cells they end up in (a
-        later ubatch of the same batch may move a state to another cell); every other row was
-        moved by pymem itself."""
+    def _copy_rec(self, seqs: set, rec: RecurrentPart, sec: RecSection) -> None:
+        """The new states of the sequences the batch computed (every id of every token), in
+        the cells they end up in (a later ubatch of the same batch may move a state to another
+        cell); every other row was moved by pymem itself."""
         cells = rec.cells_view()
         used = np.flatnonzero(np.any(cells.seq != 0, axis=1))
         if len(used) != len(sec.cells):
             raise AssertionError(f"recurrent: pymem holds {len(used)} cells, llama.cpp {len(sec.cells)}")
-        seqs = {int(q) for ub in ctx for q in ub.seq}
         new = {int(cells.tail[q]) for q in seqs if q < len(cells) and cells.tail[q] >= 0}
         for cell in sorted(new):
             rank = int(np.searchsorted(used, cell))

@@ -227,6 +227,23 @@ def _jamba(name: str, heads_kv: List[int]) -> TinySpec:
                     f"hybrid: attention 0,2 (n_head_kv {heads_kv[0]},{heads_kv[2]}) + mamba 1,3")
 
 
+_SSM2: List[KV] = _SSM + [("ssm.group_count", "u32", 1)]
+
+
+def _ssm_hybrid(name: str, arch: str, heads: List[int], heads_kv: List[int], recurrent: List[int],
+                rope_type: str, n_ff: Any = 96, extra: Sequence[KV] = (), description: str = "") -> TinySpec:
+    """Hybrids of attention and Mamba-2 layers (granitehybrid, falcon-h1, nemotron_h)."""
+    n_layer = len(heads)
+    kv = _common(n_layer=n_layer, n_head=None) + [
+        ("attention.head_count", "arr_u32", heads), ("attention.head_count_kv", "arr_u32", heads_kv)]
+    if isinstance(n_ff, list):
+        kv = [x for x in kv if x[0] != "feed_forward_length"] + [("feed_forward_length", "arr_u32", n_ff)]
+    kv += _SSM2 + list(extra)
+    lay = _layout(arch, "hybrid", n_layer, 64, heads, heads_kv, recurrent_layers=recurrent,
+                  r_row=_MAMBA2_R, s_row=_MAMBA_S, rope_type=rope_type)
+    return TinySpec(name, arch, tuple(kv), lay, description)
+
+
 def _all_specs() -> Dict[str, TinySpec]:
     yarn = {"type": "yarn", "factor": 2.0, "original_context_length": N_CTX_TRAIN // 2}
     specs = [
@@ -249,6 +266,14 @@ def _all_specs() -> Dict[str, TinySpec]:
         _lfm2("lfm2_swa", True),
         _jamba("jamba", [2, 0, 2, 0]),
         _jamba("jamba_gqa", [2, 0, 1, 0]),
+        _llama_like("qwen3", "qwen3", 64, 2, 1, rope_type="neox", description="plain KV, qwen3 (NEOX)"),
+        _ssm_hybrid("granitehybrid", "granitehybrid", [2, 0, 2, 0], [1, 0, 2, 0], [1, 3], "norm",
+                    description="hybrid: attention 0,2 (KV heads 1, 2) + mamba2 1,3"),
+        _ssm_hybrid("falcon_h1", "falcon-h1", [2, 2], [1, 1], [0, 1], "neox",
+                    description="hybrid: every layer both attention and mamba2"),
+        _ssm_hybrid("nemotron_h", "nemotron_h", [2, 0, 0, 0], [1, 0, 0, 0], [1, 3], "none",
+                    n_ff=[0, 0, 96, 0], extra=[("attention.layer_norm_epsilon", "f32", 1e-5)],
+                    description="hybrid: attention 0, mamba2 1,3, MLP 2"),
     ]
     return {s.name: s for s in specs}
 
