@@ -5,7 +5,7 @@ Target: llama.cpp b11739 (state format 11); format 10 reads and writes the older
 llama-cpp-python 0.3.36.  See README.md, DESIGN.md and SPEC.md."""
 from __future__ import annotations
 
-from . import kernels
+from . import kernels, state
 from ._errors import (
     BatchError,
     BufferTooSmallError,
@@ -74,6 +74,7 @@ __all__ = [
     "read_hparams",
     "row_size",
     "seq_set_order",
+    "state",
     "type_id",
     "type_name",
 ]

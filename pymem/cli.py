@@ -1,20 +1,313 @@
 """The ``pymem`` command line (also ``python -m pymem``).
 
-    pymem demo            build tiny models, run them in real llama.cpp, mirror their memory in
-                          pymem, and print what matched (exit status 1 on any mismatch)
+    pymem demo                      run tiny models of every memory type in real llama.cpp, mirror
+                                    their memory in pymem, save / inspect / edit / reload sessions
+    pymem inspect FILE              what a llama.cpp state file or blob holds
+    pymem diff A B                  where two states differ
+    pymem edit FILE --seq-rm ... -o OUT
+                                    change a state offline (proven against llama.cpp by the tests)
+    pymem estimate MODEL.gguf       bytes of the memory llama.cpp allocates; --budget: largest n_ctx
+
+Exit status: 0 success; 1 failure (bad input, refused edit; diff: the states differ); 2 usage
+errors (diff: trouble).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 __all__ = ["main"]
 
+_BIG = 50 << 20  # progress bars for files larger than this (when stderr is a terminal)
 
-def _demo_steps() -> list[tuple[str, Callable]]:
-    """The demo scenario: (description, function(mirror)) pairs."""
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``pymem CMD: error: ...``, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+class _Bar:
+    """A minimal stderr progress bar, drawn at most ~10 times a second."""
+
+    def __init__(self, label: str, stream: Any = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < 0.1:
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        width = 30
+        fill = int(frac * width)
+        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% "
+                          f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB")
+        self.stream.flush()
+        self.drawn = True
+        if done >= total:
+            self.stream.write("\n")
+            self.drawn = False
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+def _progress_for(label: str, size: int, force: Optional[bool] = None) -> Optional[_Bar]:
+    show = force if force is not None else (size > _BIG and sys.stderr.isatty())
+    return _Bar(label) if show else None
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# shared
+# ---------------------------------------------------------------------------------------------
+def _load(path: str, args: argparse.Namespace, strict: bool = False) -> Any:
+    from . import state
+
+    bar = _progress_for(f"reading {os.path.basename(path)}", _file_size(path), getattr(args, "progress", None))
+    try:
+        return state.load(path, model=args.model, layout=args.layout, kind=args.kind, strict=strict,
+                          progress=bar)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    if getattr(args, "model", None) and not os.path.isfile(args.model):
+        raise CLIError(f"model file not found: {args.model}")
+
+
+def _add_state_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("--model", "-m", metavar="M.gguf",
+                   help="the model that wrote the state(s): gives the section layout and layer ids, "
+                        "and for edit the RoPE parameters of K-shifts")
+    p.add_argument("--layout", metavar="LAYOUT",
+                   help="explicit section layout when the bytes are ambiguous and no model is at hand: "
+                        "kv | kv+kv | rec:N | kv+rec:N | kv+kv+rec:N (N = recurrent layers), or a memory "
+                        "kind (kv, iswa, recurrent:N, hybrid:N, hybrid_iswa:N); @10 for format 10")
+    p.add_argument("--kind", choices=["session", "seq_file", "context", "seq", "sections"],
+                   help="what the file%s holds (default: recognised from the first bytes)" % ("s" if many else ""))
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: for files over 50 MB when stderr is a terminal)")
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _check_model(args)
+    obj = _load(args.file, args, strict=False)
+    if args.json:
+        d = obj.summary(cells=args.cells)
+        d["file"] = args.file
+        json.dump(d, sys.stdout, indent=1 if args.pretty else None)
+        sys.stdout.write("\n")
+    else:
+        print(f"{args.file}:")
+        print(obj.describe(width=args.width, cells=args.cells is not False))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# diff
+# ---------------------------------------------------------------------------------------------
+def cmd_diff(args: argparse.Namespace) -> int:
+    from . import state
+
+    _check_model(args)
+    a = _load(args.a, args)
+    b = _load(args.b, args)
+    d = state.diff(a, b, ignore_order=args.ignore_order)
+    if args.json:
+        json.dump({"same": d.same, "first": d.first, "differences": d.lines, "counts": d.counts,
+                   "a": {"file": args.a, "type": a.what, "bytes": a.nbytes, "layout": a.layout.describe()},
+                   "b": {"file": args.b, "type": b.what, "bytes": b.nbytes, "layout": b.layout.describe()}},
+                  sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"A: {args.a}: {a.what}, {a.nbytes} bytes, {a.layout.describe()}")
+        print(f"B: {args.b}: {b.what}, {b.nbytes} bytes, {b.layout.describe()}")
+        if d.same:
+            print("identical" + (" (up to the order of cells)" if args.ignore_order and a.dump() != b.dump() else ""))
+        else:
+            print(d.text())
+    return 0 if d.same else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# edit
+# ---------------------------------------------------------------------------------------------
+class _OpAction(argparse.Action):
+    """Collects edit options in command-line order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        from . import state
+        from ._errors import Error
+
+        name = option_string.lstrip("-")
+        try:
+            op = state.parse_op(name, values)
+        except Error as exc:
+            parser.error(str(exc))
+        ops = list(getattr(ns, "ops", None) or [])
+        ops.append(op)
+        setattr(ns, "ops", ops)
+
+
+def _seq_table(obj: Any) -> str:
+    rows = []
+    for q, infos in obj.sequences().items():
+        rows.append(f"{q}:{min(x.pos_min for x in infos)}..{max(x.pos_max for x in infos)}")
+    return ", ".join(rows) or "(empty)"
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from . import state
+
+    ops = getattr(args, "ops", None) or []
+    if not ops and args.set_version is None:
+        raise CLIError("nothing to do: give at least one edit (--seq-rm, --seq-cp, --seq-keep, --seq-mv, "
+                       "--truncate, --seq-add, --seq-div) or --set-version", 2)
+    _check_model(args)
+    if os.path.isdir(args.output):
+        raise CLIError(f"output {args.output} is a directory")
+    t0 = time.perf_counter()
+    obj = _load(args.file, args, strict=not args.force)
+    new = obj
+    if ops:
+        new = obj.edit(ops, model=args.model)
+    if args.set_version is not None:
+        if not hasattr(new, "with_version"):
+            raise CLIError(f"--set-version applies to session and sequence state files, not to a {obj.what}")
+        new = new.with_version(args.set_version)
+    bar = _progress_for(f"writing {os.path.basename(args.output)}", new.nbytes, args.progress)
+    try:
+        new.save(args.output, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if not args.quiet:
+        path = new.edit_path or "none"
+        how = {"model": f"model path: a pymem memory built from {os.path.basename(args.model or '')} "
+                        "(llama.cpp's semantics in pymem's C core)",
+               "structure": "structure path: a pymem memory with the state's own geometry, no model "
+                            "(llama.cpp's semantics in pymem's C core; no K-shifts)"}.get(path, "no edit")
+        print(f"{args.file}: {obj.what}, {obj.nbytes} bytes")
+        print(f"  edits: {', '.join(str(o) for o in ops) or '-'}")
+        print(f"  {how}")
+        for n in new.edit_notes or []:
+            print(f"  {n}")
+        if hasattr(obj, "tokens") and hasattr(new, "tokens") and len(obj.tokens) != len(new.tokens):
+            print(f"  tokens: {len(obj.tokens)} -> {len(new.tokens)}")
+        print(f"  sequences: {_seq_table(obj)} -> {_seq_table(new)}")
+        print(f"wrote {args.output}: {new.nbytes} bytes ({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+# ---------------------------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def _bytes_arg(text: str) -> int:
+    t = text.strip().lower().replace("_", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
+    if unit not in _UNITS or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return int(value * _UNITS[unit])
+
+
+def _human(n: int) -> str:
+    for unit, k in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from . import gguf
+
+    if not os.path.isfile(args.model):
+        raise CLIError(f"model file not found: {args.model}")
+    fa: Any = {"on": True, "off": False, "auto": "auto"}[args.flash_attn]
+    kw = dict(n_seq_max=args.n_seq_max, type_k=args.type_k, type_v=args.type_v, flash_attn=fa,
+              unified=args.unified, swa_full=args.swa_full, n_ubatch=args.n_ubatch, n_rs_seq=args.n_rs_seq)
+    try:
+        hp = gguf.read_hparams(args.model)
+    except Exception as exc:
+        from ._errors import Error
+
+        if isinstance(exc, Error):
+            raise
+        raise CLIError(f"cannot read {args.model}: {exc}") from None
+    if args.budget is not None:
+        n = gguf.max_context(hp, args.budget, **kw)
+        e = gguf.estimate(hp, n, **kw) if n else None
+        if args.json:
+            json.dump({"model": args.model, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
+                       "bytes": e.total if e else None}, sys.stdout)
+            sys.stdout.write("\n")
+        elif n == 0:
+            print(f"{args.model} ({hp.arch}): not even 256 cells per stream fit in {_human(args.budget)}")
+        else:
+            print(f"{args.model} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
+                  f"({_human(e.total)} of memory)")
+        return 0
+    e = gguf.estimate(hp, args.n_ctx, **kw)
+    spec = e.spec
+    if args.json:
+        json.dump({"model": args.model, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
+                   "n_ctx_seq": spec.n_ctx_seq, "n_stream": spec.n_stream, "total": e.total,
+                   "parts": [{"name": p[0], "cells": p[1], "bytes_a": p[2], "bytes_b": p[3]} for p in e.parts],
+                   "layers": e.layers}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{args.model}: {hp.arch}, {spec.kind} memory, n_ctx {spec.n_ctx} ({spec.n_ctx_seq} cells x "
+          f"{spec.n_stream} stream{'s' if spec.n_stream > 1 else ''}), K {spec.type_k}, V {spec.type_v}, "
+          f"{'flash attention' if spec.flash_attn else 'V transposed'}")
+    for name, cells, x, y in e.parts:
+        kind = next(p.kind for p in spec.parts if p.name == name)
+        a, b = ("K", "V") if kind == "kv" else ("R", "S")
+        print(f"  {name:10s} {cells:8d} cells  {a} {_human(x):>11s}  {b} {_human(y):>11s}")
+    print(f"  total {_human(e.total)} ({e.total} bytes)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+def _demo_steps() -> list:
+    """The mirror scenario: (description, function(mirror)) pairs."""
 
     def fill(seq: int, n: int, start: int = 0, tok: int = 0) -> Callable:
         return lambda m: m.decode([((tok + i) % 128, start + i, [seq]) for i in range(n)])
@@ -35,13 +328,86 @@ def _demo_steps() -> list[tuple[str, Callable]]:
     ]
 
 
+#: the saved-state part of the demo: (model, llama.cpp context arguments, edits); an edit is
+#: (description, operations, structure path: edited without the model)
+_STATE_DEMO = [
+    ("llama", dict(kv_unified=True, flash_attn=False),
+     [("move seq 1 to seq 2, drop seq 0 (no model)", [("seq_mv", 1, 2), ("seq_rm", 0)], True),
+      ("context shift of seq 0: drop 4..8, shift 8.. by -4", [("seq_rm", 0, 4, 8), ("seq_add", 0, 8, -1, -4)], False),
+      ("truncate the session to 12 tokens", [("truncate", 12)], False)]),
+    ("gemma2", dict(kv_unified=False, flash_attn=True),
+     [("move seq 1 to seq 2, drop seq 0", [("seq_mv", 1, 2), ("seq_rm", 0)], False),
+      ("context shift of seq 0: drop 4..8, shift 8.. by -4", [("seq_rm", 0, 4, 8), ("seq_add", 0, 8, -1, -4)], False)]),
+    ("mamba", dict(kv_unified=True, flash_attn=False),
+     [("move seq 1 to seq 2, drop seq 0 (no model)", [("seq_mv", 1, 2), ("seq_rm", 0)], True),
+      ("truncate to 12 tokens (both refuse)", [("truncate", 12)], False)]),
+    ("jamba", dict(kv_unified=True, flash_attn=False),
+     [("keep seq 1, shift it by +3", [("seq_keep", 1), ("seq_add", 1, 0, -1, 3)], False),
+      ("drop seq 1 from position 10 (both refuse)", [("seq_rm", 1, 10, -1)], False)]),
+    ("lfm2_swa", dict(kv_unified=True, flash_attn=True),
+     [("move seq 1 to seq 2, drop seq 0", [("seq_mv", 1, 2), ("seq_rm", 0)], False),
+      ("halve seq 1's positions 10.. (seq_div)", [("seq_div", 1, 10, -1, 2)], False)]),
+]
+
+
+def _demo_states(w: Any, paths: dict, rows: list) -> int:
+    """Save sessions in llama.cpp, inspect them, edit them with pymem, load the edits back in
+    llama.cpp and compare with llama.cpp doing the same operations itself."""
+    import tempfile
+
+    from . import state
+    from .llama.verify import check_session_edit
+
+    failures = 0
+    n_seq_max = 4
+    with tempfile.TemporaryDirectory(prefix="pymem-demo-") as tmp:
+        for name, cfg, edits in _STATE_DEMO:
+            kw = dict(n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
+
+            def setup(c: Any) -> None:
+                assert c.decode([(i % 128, i, [0]) for i in range(16)]) == 0
+                c.seq_cp(0, 1)
+                assert c.decode([((5 * i + 1) % 128, 16 + i, [1]) for i in range(4)]) == 0
+
+            # save and inspect once
+            ctx = w.context(paths[name], **kw)
+            setup(ctx)
+            f = os.path.join(tmp, f"{name}.session")
+            ctx.state_save_file(f, list(range(16)))
+            sess = state.Session.load(f, model=paths[name])
+            want = {s: (ctx.pos_min(s), ctx.pos_max(s)) for s in range(n_seq_max)}
+            ctx.close()
+            got = {s: (max(x.pos_min for x in v), max(x.pos_max for x in v)) for s, v in sess.sequences().items()}
+            with open(f, "rb") as fh:
+                seen = all(got.get(s, (-1, -1)) == p for s, p in want.items()) and sess.dump() == fh.read()
+            failures += not seen
+            label = f"{name} ({sess.state.layout.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}"
+            rows.append((label, "save a session, inspect it", sess.nbytes,
+                         f"{'ok' if seen else 'MISMATCH'}: {sess.state.layout.describe()}, seqs "
+                         + " ".join(f"{q}:{a}..{b}" for q, (a, b) in got.items())))
+            for what, ops, structure in edits:
+                r = check_session_edit(w, paths[name], kw, setup, ops, list(range(16)), next_seq=1,
+                                       structure=structure, tmpdir=tmp)
+                failures += not r.ok
+                if not r.llama_ok:
+                    status = "ok: both refuse" if r.refused else "MISMATCH: pymem did not refuse"
+                elif r.refused:
+                    status = "MISMATCH: pymem refused: " + r.refused[:60]
+                else:
+                    status = ("ok" if r.ok else "MISMATCH") + \
+                        f": {r.path} path, state {'=' if r.state_equal else '!='}, " \
+                        f"loaded {'yes' if r.loaded else 'NO'}, logits {'=' if r.logits_equal else '!='}, " \
+                        f"next state {'=' if r.next_state_equal else '!='}"
+                rows.append((label, what, r.edited_bytes or r.session_bytes, status))
+    return failures
+
+
 def demo(args: argparse.Namespace) -> int:
     try:
         from .llama import OracleUnavailable, OracleWorker, tinymodels
         from .llama.mirror import Mirror
     except ImportError as exc:  # pragma: no cover
-        print(f"pymem demo: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(f"the demo needs pymem.llama: {exc}", 2)
     import pymem
 
     configs = [
@@ -57,12 +423,12 @@ def demo(args: argparse.Namespace) -> int:
         w = OracleWorker()
         w.start()
     except OracleUnavailable as exc:
-        print(f"pymem demo needs real llama.cpp: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(f"the demo needs real llama.cpp: {exc}", 2)
     failures = 0
     rows = []
+    srows: list = []
     with w:
-        paths = w.ensure_models(sorted({name for name, _ in configs}))
+        paths = w.ensure_models(sorted({name for name, _ in configs} | {n for n, _, _ in _STATE_DEMO}))
         for name, cfg in configs:
             layout = tinymodels.layout(name)
             n_seq_max = 3
@@ -83,35 +449,214 @@ def demo(args: argparse.Namespace) -> int:
                 whole = len(m.mem.state_write(envelope="llama"))
                 rows.append((label, what, whole, "match" if ok else "MISMATCH: " + "; ".join(map(str, bad))[:120]))
             ctx.close()
+        t1 = time.perf_counter()
+        sfail = _demo_states(w, paths, srows)
+        failures += sfail
+    print("Part 1: the same operations in llama.cpp and in pymem, states compared byte for byte")
+    _table(rows, "state bytes", "result")
+    n = len(rows)
+    print(f"\n{n - sum(1 for r in rows if r[3] != 'match')}/{n} steps byte-identical to llama.cpp b11739 "
+          f"(positions, whole state and every sequence state), {t1 - t0:.1f} s")
+    print("\nPart 2: sessions saved by llama.cpp, inspected and edited offline by pymem, loaded back into "
+          "llama.cpp;\ncompared with llama.cpp doing the same operations itself (state after its next update, "
+          "logits and state\nof a 3-token continuation)")
+    _table(srows, "file bytes", "result")
+    ns = len(srows)
+    print(f"\n{ns - sum(1 for r in srows if not r[3].startswith('ok'))}/{ns} session checks passed, "
+          f"{time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    return 1 if failures else 0
+
+
+def _table(rows: list, size_head: str, result_head: str) -> None:
     width = max(len(r[1]) for r in rows)
     current = None
     for label, what, size, status in rows:
         if label != current:
             print(f"\n{label}")
-            print(f"  {'step':{width}s}  {'state bytes':>11s}  result")
+            print(f"  {'step':{width}s}  {size_head:>11s}  {result_head}")
             current = label
         print(f"  {what:{width}s}  {size:11d}  {status}")
-    n = len(rows)
-    print(f"\n{n - failures}/{n} steps byte-identical to llama.cpp b11739 "
-          f"(positions, whole state and every sequence state), {time.perf_counter() - t0:.1f} s")
-    return 1 if failures else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+_EPILOG = """\
+examples:
+  pymem demo
+  pymem inspect prompt.session
+  pymem inspect prompt.session --model model.gguf --json
+  pymem diff a.session b.session --model model.gguf
+  pymem edit prompt.session --seq-rm 0:100:200 --seq-add 0:200:-1:-100 --model model.gguf -o shifted.session
+  pymem edit slot.bin --seq-keep 1 --seq-mv 1:0 -o out.bin
+  pymem estimate model.gguf --n-ctx 32768 --n-seq-max 4 --type-k q8_0
+  pymem estimate model.gguf --budget 8GiB
+
+exit status: 0 ok; 1 failure (diff: the states differ); 2 usage error (diff: trouble)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pymem",
-        description="llama.cpp's inference memory module, byte-compatible, from Python.",
-        epilog="examples:\n  pymem demo\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        description="llama.cpp's inference memory module, byte-compatible, from Python: run the demo, "
+                    "inspect, compare and edit saved llama.cpp states, estimate memory sizes.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"pymem {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("demo", help="run tiny models in real llama.cpp and mirror their memory in pymem")
+
+    p = sub.add_parser("demo", help="run tiny models of all five memory types in real llama.cpp next to pymem",
+                       description="Builds tiny models (no downloads), runs them in real llama.cpp b11739 and "
+                                   "mirrors their memory in pymem, comparing states byte for byte; then saves "
+                                   "sessions, inspects and edits them offline and loads the edits back into "
+                                   "llama.cpp.  Exit status 1 on any mismatch.")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser(
+        "inspect", help="what a llama.cpp state file or blob holds",
+        description="Summarise a session file (llama_state_save_file), a sequence state file "
+                    "(llama_state_seq_save_file), a context blob (llama_state_get_data), a sequence blob "
+                    "(llama_state_seq_get_data) or bare memory sections: architecture, format, tokens, "
+                    "sections, streams, cells, layers and sequences, with a picture of cell occupancy.",
+        epilog="examples:\n  pymem inspect prompt.session\n  pymem inspect slot0.bin --model model.gguf --json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file")
+    _add_state_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--pretty", action="store_true", help="indent the JSON")
+    p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
+                   help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
+    p.add_argument("--width", type=int, default=64, help="width of the occupancy pictures (default 64)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "diff", help="where two states differ (exit 1 when they do)",
+        description="Compare two states: container, tokens, layout, then per section the first differing "
+                    "stream, cell or layer, and a summary.  Exit status 0 identical, 1 different, 2 trouble.",
+        epilog="examples:\n  pymem diff before.session after.session\n"
+               "  pymem diff a.bin b.bin --model model.gguf --ignore-order\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a")
+    p.add_argument("b")
+    _add_state_args(p, many=True)
+    p.add_argument("--ignore-order", action="store_true",
+                   help="compare cells sorted by position and sequence ids (same contents in other cells "
+                        "compare equal)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "edit", help="change a state offline (seq_rm, seq_cp, seq_keep, seq_mv, truncate, seq_add, seq_div)",
+        description="Apply sequence operations to a saved state without running the model, in the order "
+                    "given, exactly as llama.cpp would apply them (followed by its next update: K-shift, "
+                    "stream copies).  With --model the state is loaded into the memory llama.cpp creates "
+                    "for that model; without it into a memory with the state's own geometry, which cannot "
+                    "shift attention caches (--seq-add / --seq-div need --model).  The output is written to "
+                    "a temporary file and renamed: never a partial file.  Positions are half-open ranges "
+                    "[P0, P1); -1 or an empty field means open.",
+        epilog="examples:\n"
+               "  pymem edit a.session --truncate 512 -o b.session\n"
+               "  pymem edit a.session -m model.gguf --seq-rm 0:4:260 --seq-add 0:260::-256 -o shifted.session\n"
+               "  pymem edit slots.bin --seq-cp 0:3 --seq-keep 3 -o only3.bin\n"
+               "  pymem edit seq1.ggsq --seq-mv 1:0 -o seq0.ggsq\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file")
+    _add_state_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (may be FILE itself)")
+    g = p.add_argument_group("edits (applied in the order given; each may repeat)")
+    g.add_argument("--seq-rm", action=_OpAction, metavar="S[:P0:P1]",
+                   help="remove positions [P0,P1) of sequence S (S -1: all sequences; default: all positions)")
+    g.add_argument("--seq-cp", action=_OpAction, metavar="SRC:DST[:P0:P1]",
+                   help="let DST share SRC's cells (positions [P0,P1))")
+    g.add_argument("--seq-keep", action=_OpAction, metavar="S", help="drop every sequence but S")
+    g.add_argument("--seq-mv", action=_OpAction, metavar="SRC:DST", help="move sequence SRC to id DST")
+    g.add_argument("--truncate", action=_OpAction, metavar="N",
+                   help="drop positions >= N of every sequence, and a session's tokens after the first N")
+    g.add_argument("--seq-add", action=_OpAction, metavar="S:P0:P1:DELTA",
+                   help="move positions [P0,P1) of S by DELTA, rotating K (needs --model)")
+    g.add_argument("--seq-div", action=_OpAction, metavar="S:P0:P1:D",
+                   help="divide positions [P0,P1) of S by D, rotating K (needs --model)")
+    p.add_argument("--set-version", type=int, metavar="V",
+                   help="write another file version (session 11 <-> 10, sequence file 4 <-> 3)")
+    p.add_argument("--force", action="store_true",
+                   help="accept a session file with trailing bytes (llama.cpp would not load it)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_edit, ops=[])
+
+    p = sub.add_parser(
+        "estimate", help="memory llama.cpp allocates for a model and context (or the n_ctx a budget allows)",
+        description="Bytes of the KV cache / recurrent state llama.cpp b11739 allocates for a GGUF model "
+                    "and context parameters, per part; with --budget the largest n_ctx that fits.",
+        epilog="examples:\n  pymem estimate model.gguf --n-ctx 32768\n"
+               "  pymem estimate model.gguf --n-ctx 8192 --n-seq-max 4 --no-unified --type-k q8_0 "
+               "--type-v q8_0 --flash-attn on\n  pymem estimate model.gguf --budget 8GiB\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--n-ctx", type=int, default=0, help="context size (default 0: the model's training context)")
+    p.add_argument("--n-seq-max", type=int, default=1)
+    p.add_argument("--type-k", default="f16")
+    p.add_argument("--type-v", default="f16")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default="off",
+                   help="off: V transposed (pymem's default); auto = on for the CPU backend")
+    p.add_argument("--unified", action=argparse.BooleanOptionalAction, default=True,
+                   help="one stream for all sequences (default) or one per sequence")
+    p.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--n-ubatch", type=int, default=512)
+    p.add_argument("--n-rs-seq", type=int, default=0)
+    p.add_argument("--budget", type=_bytes_arg, metavar="BYTES",
+                   help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate)
+    return ap
+
+
+def _version() -> str:
+    try:
+        import pymem
+
+        return pymem.__version__
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
-        ap.print_help()
+        ap.print_help(sys.stderr)
         return 2
-    return int(args.func(args))
+    from ._errors import Error
+
+    debug = os.environ.get("PYMEM_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        code = exc.code
+        msg = str(exc)
+    except Error as exc:
+        code = 1
+        msg = str(exc)
+    except BrokenPipeError:   # e.g. `pymem inspect big.session | head`: stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except (OSError, ValueError) as exc:
+        if debug:
+            raise
+        code = 1
+        msg = str(exc)
+    except MemoryError:
+        code = 1
+        msg = "out of memory"
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\npymem {args.command}: interrupted\n")
+        return 130
+    if args.command == "diff":
+        code = 2
+    sys.stderr.write(f"pymem {args.command}: error: {msg}\n")
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,8 @@ __all__ = [
     "Layout",
     "infer_layout",
     "MemoryState",
+    "SeqInfo",
+    "memory_params",
     "Session",
     "SeqState",
     "Blob",
@@ -231,6 +233,8 @@ class SectionSpec:
     ple: Optional[Tuple[bool, ...]] = None
     layers: Optional[Tuple[int, ...]] = None
     n_layer_model: Optional[int] = None
+    #: KV: the cache has a sliding window (only such caches write a PARTIAL_ONLY state)
+    swa: bool = False
 
     @property
     def label(self) -> str:
@@ -255,8 +259,10 @@ _PATTERN_KINDS = {
 class Layout:
     """The sections of a state, in order, and the KV format (11 = b11739, 10 = 0c1e570;
     None = taken from the container or inferred).  ``kind`` is the memory kind when known;
-    ``partial`` marks a PARTIAL_ONLY sequence state (iSWA: the SWA section only; hybrids:
-    without the full-attention section); ``source`` says where the layout came from."""
+    ``partial`` marks a PARTIAL_ONLY sequence state, which holds only the sections of caches
+    with a sliding window and the recurrent section (b11739 writes nothing for a cache
+    without a window: iSWA -> the SWA section, hybrid -> the recurrent section, plain KV ->
+    nothing); ``source`` says where the layout came from."""
 
     sections: Tuple[SectionSpec, ...]
     format: Optional[int] = None
@@ -272,13 +278,11 @@ class Layout:
         if kind not in _KIND_SECTIONS:
             raise E.InvalidArgumentError(f"unknown memory kind {kind!r} (one of {', '.join(_KIND_SECTIONS)})")
         names = list(_KIND_SECTIONS[kind])
-        if partial and kind != "kv" and kind != "recurrent":
-            names = names[1:]
         secs = tuple(SectionSpec("rec", n, n_recurrent=int(n_recurrent)) if n == "recurrent"
-                     else SectionSpec("kv", n, cell_ext=cell_ext) for n in names)
+                     else SectionSpec("kv", n, cell_ext=cell_ext, swa=n == "swa") for n in names)
         if any(s.kind == "rec" for s in secs) and n_recurrent <= 0:
             raise E.InvalidArgumentError(f"a {kind} layout needs n_recurrent (the number of recurrent layers)")
-        return cls(secs, format, kind, partial, f"kind {kind}")
+        return cls(_partial(secs) if partial else secs, format, kind, bool(partial), f"kind {kind}")
 
     @classmethod
     def from_spec(cls, spec: Any, partial: bool = False, format: Optional[int] = None,
@@ -289,7 +293,8 @@ class Layout:
             kw = p.kwargs
             if p.kind == "kv":
                 ext = bool(kw.get("cell_ext")) or int(kw.get("n_pos_per_embd", 1)) > 1
-                secs.append(SectionSpec("kv", p.name, cell_ext=ext, layers=tuple(kw["layers"])))
+                secs.append(SectionSpec("kv", p.name, cell_ext=ext, layers=tuple(kw["layers"]),
+                                        swa=str(kw.get("swa_type", "none")) != "none" and bool(kw.get("n_swa"))))
             else:
                 n_p = kw.get("n_embd_p", 0)
                 ple = None
@@ -298,9 +303,7 @@ class Layout:
                     ple = tuple(bool(per[il]) for il in kw["layers"])
                 secs.append(SectionSpec("rec", p.name, n_recurrent=len(kw["layers"]), ple=ple,
                                         layers=tuple(kw["layers"]), n_layer_model=int(kw["n_layer"])))
-        if partial and spec.kind in ("iswa", "hybrid", "hybrid_iswa"):
-            secs = secs[1:]
-        return cls(tuple(secs), format, spec.kind, partial and spec.kind in ("iswa", "hybrid", "hybrid_iswa"),
+        return cls(_partial(secs) if partial else tuple(secs), format, spec.kind, bool(partial),
                    source or f"model ({spec.arch})")
 
     @classmethod
@@ -322,7 +325,8 @@ class Layout:
         for name, kv in zip(names, mem.kv_parts()):
             fmt = kv.format
             has_v = all(kv._layer(il)[1].n_embd_v_gqa > 0 for il in kv.layers) if kv.layers else True
-            secs.append(SectionSpec("kv", name, cell_ext=kv.cell_ext, has_v=has_v, layers=tuple(kv.layers)))
+            secs.append(SectionSpec("kv", name, cell_ext=kv.cell_ext, has_v=has_v, layers=tuple(kv.layers),
+                                    swa=kv.swa_type != "none"))
         rec = getattr(mem, "recurrent", None)
         if rec is not None:
             ple = tuple(bool(li.row_bytes[2]) for _, li in (rec._layers[il] for il in rec.layers))
@@ -330,9 +334,7 @@ class Layout:
             secs.append(SectionSpec("rec", "recurrent", n_recurrent=len(rec.layers),
                                     ple=ple if any(ple) else None, layers=tuple(rec.layers),
                                     n_layer_model=info))
-        if partial and mem.kind in ("iswa", "hybrid", "hybrid_iswa"):
-            secs = secs[1:]
-        return cls(tuple(secs), fmt, mem.kind, partial and mem.kind in ("iswa", "hybrid", "hybrid_iswa"),
+        return cls(_partial(secs) if partial else tuple(secs), fmt, mem.kind, bool(partial),
                    f"memory ({mem.kind})")
 
     @classmethod
@@ -415,13 +417,31 @@ class Layout:
         return head + (f"@{self.format}" if self.format else "")
 
 
+_HP_CACHE: Dict[tuple, Any] = {}
+
+
+def _partial(secs: Sequence[SectionSpec]) -> Tuple[SectionSpec, ...]:
+    """The sections of a PARTIAL_ONLY state: caches with a sliding window, and the recurrent
+    state (b11739 writes nothing for a cache without a window)."""
+    return tuple(s for s in secs if s.kind == "rec" or s.swa)
+
+
 def _hparams(model: Any) -> Any:
+    """The model's hyper-parameters (cached by path, size and modification time)."""
     from .gguf import Hparams, read_hparams
 
     if isinstance(model, Hparams):
         return model
     try:
-        return read_hparams(model)
+        st = os.stat(model)
+        key = (os.path.realpath(model), st.st_size, st.st_mtime_ns)
+        hp = _HP_CACHE.get(key)
+        if hp is None:
+            hp = read_hparams(model)
+            if len(_HP_CACHE) > 16:
+                _HP_CACHE.clear()
+            _HP_CACHE[key] = hp
+        return hp
     except FileNotFoundError:
         raise StateError(f"model file not found: {os.fspath(model)}") from None
     except E.Error:
@@ -456,8 +476,8 @@ def _check_kv(sec: KVSection, spec: SectionSpec, where: str, off: int) -> None:
         if st.v_trans not in (0, 1):
             raise StateError(f"{where}: stream {s} v_trans is {st.v_trans} (0 or 1)")
         for name, r in (("k_rot", st.k_rot), ("v_rot", st.v_rot)):
-            if r and (r & (r - 1) or r > 1 << 16):
-                raise StateError(f"{where}: stream {s} {name} {r} is not 0 or a power of two")
+            if r and (r & (r - 1) or r < 16 or r > 1 << 16):
+                raise StateError(f"{where}: stream {s} {name} {r} is not 0 or a power of two >= 16")
         for l, L in enumerate(st.layers):
             if not 0 <= L.k_type < 64:
                 raise StateError(f"{where}: stream {s} layer {l} K type {L.k_type} is not a ggml type")
@@ -791,8 +811,16 @@ class MemoryState:
                         out.setdefault(q, []).append(SeqInfo(q, c.pos, c.pos, 1, per, None, i))
         return dict(sorted(out.items()))
 
-    def summary(self) -> Dict[str, Any]:
-        """A JSON-able description of every section."""
+    def n_cells(self) -> int:
+        """Cells over every section and stream."""
+        return sum(sum(len(st.cells) for st in s.streams) if sp.kind == "kv" else len(s.cells)
+                   for sp, s in zip(self.specs, self.sections))
+
+    def summary(self, cells: Optional[bool] = None) -> Dict[str, Any]:
+        """A JSON-able description of every section.  ``cells``: include the cell lists
+        ([pos, [seq ids]] per cell; default: when there are at most 4096 cells)."""
+        if cells is None:
+            cells = self.n_cells() <= 4096
         secs = []
         for i, (sp, s, off) in enumerate(zip(self.specs, self.sections, self.offsets)):
             d: Dict[str, Any] = {"index": i, "name": sp.name or None, "kind": sp.kind, "offset": off,
@@ -817,17 +845,23 @@ class MemoryState:
                                       "v_element": L.v_row if st.v_trans else None,
                                       "n_embd_v": L.v_embd if st.v_trans else
                                       (_width(L.v_type, L.v_row) if L.v_type is not None else None),
-                                  } for l, L in enumerate(st.layers)],
-                                  cell_list=[[c.pos, list(c.seq_ids)] + ([list(c.ext)] if c.ext else [])
-                                             for c in st.cells])
+                                  } for l, L in enumerate(st.layers)])
+                        if cells:
+                            sd["cell_list"] = [[c.pos, list(c.seq_ids)] + ([list(c.ext)] if c.ext else [])
+                                               for c in st.cells]
+                        else:
+                            sd["cell_list_omitted"] = True
                     d["streams"].append(sd)
             else:
                 d.update(cells=len(s.cells), s_trans=s.s_trans, n_layer_model=s.n_layer,
                          n_recurrent=len(s.layers),
                          layers=[{"index": l, "model_layer": sp.layers[l] if sp.layers else None,
                                   "r_type": _tname(L.r_type), "r_row": L.r_row, "s_type": _tname(L.s_type),
-                                  "s_row": L.s_row, "p_row": L.p_row} for l, L in enumerate(s.layers)],
-                         cell_list=[[c.pos, list(c.seq_ids)] for c in s.cells])
+                                  "s_row": L.s_row, "p_row": L.p_row} for l, L in enumerate(s.layers)])
+                if cells:
+                    d["cell_list"] = [[c.pos, list(c.seq_ids)] for c in s.cells]
+                else:
+                    d["cell_list_omitted"] = True
             secs.append(d)
         seqs = {}
         for q, infos in self.sequences().items():
@@ -948,10 +982,11 @@ class _Saved:
     def sequences(self) -> Dict[int, List[SeqInfo]]:
         return self.state.sequences()
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self, cells: Optional[bool] = None) -> Dict[str, Any]:
+        """A JSON-able description (see :meth:`MemoryState.summary`)."""
         d = {"type": self.what, "bytes": self.nbytes, "arch": self.arch}
         d.update(self._extra_summary())
-        d["memory"] = self.state.summary()
+        d["memory"] = self.state.summary(cells)
         if self.trailing:
             d["trailing_bytes"] = len(self.trailing)
         return d
@@ -1013,13 +1048,17 @@ class _Saved:
                 tokens = tokens[:n]
             run.append(op)
         if self.state.scope == "seq":
+            if self.state.seq_id is None:
+                # the bytes do not record the sequence (a purely recurrent sequence file): it is
+                # the one the operations name
+                s_id = next((i for op in run for i in op.seq_args() if i >= 0), 0)
             run, out_seq = _seq_scope_ops(run, s_id, self.what)
         ids = [i for op in run for i in op.seq_args() if i >= 0] + ([out_seq] if out_seq >= 0 else [])
         path = "model" if model is not None else "structure"
-        if isinstance(model, (str, os.PathLike)) or hasattr(model, "n_layer"):
-            pass
-        elif model is not None:
-            raise E.InvalidArgumentError("model must be a GGUF path")
+        from .gguf import Hparams
+
+        if model is not None and not isinstance(model, (str, os.PathLike, Hparams)):
+            raise E.InvalidArgumentError(f"model must be a GGUF path, not {type(model).__name__}")
         try:
             mem = _build_memory(self.state, model, self.arch, extra_ids=ids)
         except E.UnsupportedError as exc:
@@ -1031,6 +1070,12 @@ class _Saved:
                 else mem.state_write()
         finally:
             mem.close()
+        if self.state.scope == "seq" and self.state.layout.pattern[:2] == ("kv", "kv") and \
+                any(op.name in ("seq_rm", "seq_add", "seq_div") for op in run):
+            (_, base), (_, swa) = self.state.kv_sections()[:2]
+            if sum(len(x.cells) for x in base.streams) > sum(len(x.cells) for x in swa.streams):
+                notes.append("this sequence state omits the SWA cells outside the window (llama.cpp does not save "
+                             "them): positions an edit brings back into the window have no SWA cells")
         res = self._rebuild(new_sec, tokens, out_seq)
         res.edit_path = path
         res.edit_notes = notes
@@ -1120,12 +1165,21 @@ class Session(_Saved):
         fmt = SESSION_VERSIONS[version]
         tokens, off = _read_tokens(mv, 8, what)
         arch, off = _read_arch(mv, off, what)
-        st, end = _parse_state(mv, off, len(mv), fmt, model, layout, "whole", what, allow_trailing=not strict,
-                               arch=arch)
+        try:
+            st, end = _parse_state(mv, off, len(mv), fmt, model, layout, "whole", what, arch=arch)
+        except StateError as exc:
+            if isinstance(exc, LayoutAmbiguousError):
+                raise
+            try:
+                st, end = _parse_state(mv, off, len(mv), fmt, model, layout, "whole", what, allow_trailing=True,
+                                       arch=arch)
+            except StateError as exc2:
+                raise exc2 from None
+            if strict:
+                raise StateError(f"{what}: {len(mv) - end} bytes after the state ({st.layout.describe()}) at offset "
+                                 f"{end}: llama_state_load_file rejects the file ('did not read all of the session "
+                                 "file data'), after having replaced the memory") from None
         trailing = bytes(mv[end:])
-        if trailing and strict:
-            raise StateError(f"{what}: {len(trailing)} bytes after the state at offset {end} "
-                             "(llama_state_load_file rejects the file: 'did not read all of the session file data')")
         return cls(version, tokens, arch, st, trailing)
 
     def _header_chunks(self) -> List[bytes]:
@@ -1247,6 +1301,13 @@ class SeqState(_Saved):
 
     def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "SeqState":
         return SeqState(self.version, tokens, self._new_state(sec, seq_id))
+
+    def with_version(self, version: int) -> "SeqState":
+        """The same state as a file of another version (4 <-> 3; see Session.with_version)."""
+        if version not in SEQ_FILE_VERSIONS:
+            raise E.InvalidArgumentError(f"sequence file version {version} (3 or 4)")
+        st = _convert_format(self.state, SEQ_FILE_VERSIONS[version])
+        return SeqState(version, list(self.tokens), st, self.trailing)
 
     @classmethod
     def from_memory(cls, mem: Any, seq_id: int, tokens: Sequence[int] = (), version: Optional[int] = None
@@ -1448,7 +1509,22 @@ def _parse_state(mv: memoryview, off: int, end: int, fmt: Optional[int], model: 
         f = fmt or 11
         return MemoryState(Layout((), f, None, False, "empty"), [], [], f, scope or "whole", seq_id, flags or 0), end
     else:
-        candidates = [infer_layout(mv, fmt, off, end, what, allow_prefix=allow_trailing)]
+        try:
+            candidates = [infer_layout(mv, fmt, off, end, what)]
+        except LayoutAmbiguousError:
+            raise
+        except StateError as exc:
+            if not allow_trailing:
+                raise
+            # trailing bytes, or a truncated / corrupt state?  The bytes alone cannot tell
+            try:
+                lay = infer_layout(mv, fmt, off, end, what, allow_prefix=True)
+                _, _, stop = _parse_sections(mv, off, end, lay, lay.format or fmt or 11, what)
+            except StateError:
+                raise exc from None
+            raise StateError(f"{what}: the bytes parse only partly: as {lay.describe()} up to offset {stop}, "
+                             f"leaving {end - stop} bytes: a truncated or corrupt state, or trailing bytes (give "
+                             "the model to tell)") from None
     errors: List[StateError] = []
     results = []
     for cand in candidates:
@@ -1468,6 +1544,13 @@ def _parse_state(mv: memoryview, off: int, end: int, fmt: Optional[int], model: 
         raise _best_error(errors)
     top = max(r[0] for r in results)
     pick = [r for r in results if r[0] == top]
+
+    def kv_cells(r: tuple) -> bool:
+        return any(st.cells for sp, sec in zip(r[1].sections, r[3]) if sp.kind == "kv" for st in sec.streams)
+
+    # the format only matters where KV cells are written: otherwise the first one stands
+    pick = [r for i, r in enumerate(pick)
+            if kv_cells(r) or not any(q[1] is r[1] for q in pick[:i])]
     if len(pick) > 1:
         raise LayoutAmbiguousError(f"{what}: several layouts parse these bytes: "
                                    + "; ".join(f"{r[1].describe()} (format {r[2]})" for r in pick),
@@ -1491,6 +1574,11 @@ def _finish(lay: Layout, secs: List[Any], offs: List[int], fmt: int, scope: Opti
     if scope is None:
         rec = next((s for sp, s in zip(lay.sections, secs) if sp.kind == "rec"), None)
         scope = "seq" if rec is not None and rec.cells and all(not c.seq_ids for c in rec.cells) else "whole"
+    if scope == "whole" and lay.kind is None:
+        # a whole state has every section of its memory: the pattern names the kind
+        kinds = {("kv",): "kv", ("kv", "kv"): "iswa", ("rec",): "recurrent", ("kv", "rec"): "hybrid",
+                 ("kv", "kv", "rec"): "hybrid_iswa"}
+        lay = replace(lay, kind=kinds.get(lay.pattern))
     if scope == "seq":
         if seq_id is None:
             seq_id = _seq_of_cells(secs, lay.sections)
@@ -1562,9 +1650,16 @@ def memory_params(state: MemoryState, extra_ids: Sequence[int] = ()) -> Dict[str
     ``n_seq_max`` (the stream count when not unified, else the highest sequence id + 1,
     also covering ``extra_ids``), ``flash_attn`` (= not v_trans), ``type_k`` / ``type_v``,
     ``n_ctx`` (the smallest multiple of 256 cells per stream holding the state) and
-    ``format``.  Not in the bytes, so fixed: ``swa_full=True`` (an SWA cache as large as the
-    base, which holds any state), ``n_rs_seq=0`` (rollback snapshots are not saved),
-    ``n_ubatch`` 512."""
+    ``format``.
+
+    Not in the bytes, so fixed: ``swa_full=True`` (an SWA cache as large as the base, which
+    holds any state; llama.cpp's own context may have had a smaller one, where it cannot
+    shift), ``n_rs_seq=0`` (rollback snapshots are not saved), ``n_ubatch`` 512, the
+    original context size (only the cells in use are known) and, in a unified cache, the
+    original ``n_seq_max`` (only the ids in use are known).  Cell placement and the search
+    head are not saved either: a whole restore packs the cells at 0..n-1 in blob order, as
+    llama.cpp's does.  K/V types of a cache without cells default to f16 (they do not
+    matter until cells exist)."""
     g = state.geometry()
     n_stream = max([k["n_stream"] for k in g["kv"]] or [1])
     ids = list(state.seq_ids()) + [i for i in extra_ids if i is not None and i >= 0]
@@ -1977,7 +2072,10 @@ def _diff_kv(name: str, x: KVSection, y: KVSection, ignore_order: bool, add: Cal
             i = bad[0]
             add(f"{where}, cell {i}: pos {p.cells[i].pos} seqs {p.cells[i].seq_ids} vs pos {q.cells[i].pos} "
                 f"seqs {q.cells[i].seq_ids}" + (f" ({len(bad)} cells differ)" if len(bad) > 1 else ""), "cells", len(bad))
-        if len(p.cells) != len(q.cells) or not p.cells:
+        if not p.cells or not q.cells:
+            continue
+        if len(p.cells) != len(q.cells):
+            _diff_rows_unequal(where, p, q, n, add)
             continue
         for attr in ("v_trans", "k_rot", "v_rot"):
             if getattr(p, attr) != getattr(q, attr):
@@ -2006,6 +2104,25 @@ def _diff_kv(name: str, x: KVSection, y: KVSection, ignore_order: bool, add: Cal
                     nd = sum(1 for c in range(n) if A.v[c * A.v_row:(c + 1) * A.v_row] != B.v[c * B.v_row:(c + 1) * B.v_row])
                 add(f"{where}, layer {l}: V rows differ, first at cell {i} (pos {p.cells[i].pos}), {nd} of {n} cells",
                     "V rows", nd)
+
+
+def _diff_rows_unequal(where: str, p: KVStream, q: KVStream, n: int, add: Callable) -> None:
+    """Rows of the first n cells of two streams with different cell counts."""
+    if len(p.layers) != len(q.layers) or p.v_trans != q.v_trans:
+        add(f"{where}: layers {len(p.layers)} vs {len(q.layers)}, v_trans {p.v_trans} vs {q.v_trans}", "layers")
+        return
+    for l, (A, B) in enumerate(zip(p.layers, q.layers)):
+        if (A.k_type, A.k_row, A.v_type, A.v_row) != (B.k_type, B.k_row, B.v_type, B.v_row):
+            add(f"{where}, layer {l}: types/rows differ", "layers")
+            continue
+        for what, get in (("K", p.k_row_of), ("V", p.v_row_of)):
+            other = q.k_row_of if what == "K" else q.v_row_of
+            if what == "V" and A.v_type is None:
+                continue
+            bad = [i for i in range(n) if get(l, i) != other(l, i)]
+            if bad:
+                add(f"{where}, layer {l}: {what} rows differ, first at cell {bad[0]} (pos {p.cells[bad[0]].pos}), "
+                    f"{len(bad)} of the first {n} cells", f"{what} rows", len(bad))
 
 
 def _diff_rec(name: str, x: RecSection, y: RecSection, ignore_order: bool, add: Callable) -> None:
