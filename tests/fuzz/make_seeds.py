@@ -108,8 +108,63 @@ def kv_state_seeds() -> dict[str, bytes]:
     return seeds
 
 
+# ---- fuzz_mem_state ----------------------------------------------------------------------------
+
+
+def mem_state_seeds() -> dict[str, bytes]:
+    """Whole, per-sequence and PARTIAL_ONLY states of the memories of fuzz_mem_state.c (same
+    parameters), written by pymem after the target's own prefill."""
+    import pymem
+
+    def kv(layers, unified, v_trans, swa):
+        return dict(n_layer=4, layers=layers, n_head_kv=[1, 1, 2, 2] if layers != [0, 2] else [1, 1, 2, 1],
+                    n_embd_head_k=32, size=16, n_seq_max=3, v_trans=v_trans, unified=unified,
+                    swa_type="standard" if swa else "none", n_swa=4 if swa else 0,
+                    rope=pymem.Rope(n_rot=32, mode="neox"), arch="fz")
+
+    def rec(n_rs_seq):
+        return dict(n_layer=4, layers=[1, 3], n_embd_r=32, n_embd_s=64, size=3, n_seq_max=3, n_rs_seq=n_rs_seq,
+                    arch="fz")
+
+    def make(kind):
+        unified = kind % 2 == 0
+        if kind < 2:
+            base = kv([1, 3], unified, True, False)
+            base["n_head_kv"] = [1, 1, 1, 2]
+            swa = kv([0, 2], unified, True, True)
+            swa["n_head_kv"] = [1, 1, 2, 1]
+            return pymem.KVCacheISWA(base=base, swa=swa)
+        if kind < 4:
+            return pymem.RecurrentMemory(**rec(2 if kind == 3 else 0))
+        if kind < 6:
+            a = kv([0, 2], unified, False, False)
+            a["n_head_kv"] = [1, 1, 2, 1]
+            return pymem.HybridMemory(attn=a, recurrent=rec(2))
+        base = kv([], unified, False, False)
+        swa = kv([0, 2], unified, False, True)
+        swa["n_head_kv"] = [1, 1, 2, 1]
+        return pymem.HybridISWAMemory(attn={"base": base, "swa": swa}, recurrent=rec(0))
+
+    out = {}
+    for kind in range(8):
+        m = make(kind)
+        for s, n in ((0, 5), (1, 3)):
+            m.decode(pymem.Batch(tokens=list(range(1, n + 1)), pos=list(range(n)), seq_ids=[[s]] * n), n_ubatch=8)
+        for seq in (-1, 0, 1):
+            for flags in (0, 1):
+                for env in (None, "llama"):
+                    if seq == -1 and flags:
+                        continue
+                    mode = (1 if env else 0) | (2 | (seq << 2) if seq >= 0 else 0) | (0x40 if flags else 0)
+                    blob = m.state_write(seq, flags=flags, envelope=env)
+                    out[f"synth_k{kind}_s{seq}_f{flags}_{env or 'bare'}"] = bytes([kind, mode]) + blob
+                    out[f"synth_k{kind}_s{seq}_f{flags}_{env or 'bare'}_pre"] = bytes([kind, mode | 0x20]) + blob
+    return out
+
+
 def main() -> None:
-    for target, seeds in (("fuzz_batch", fuzz_batch_seeds()), ("fuzz_kv_state", kv_state_seeds())):
+    for target, seeds in (("fuzz_batch", fuzz_batch_seeds()), ("fuzz_kv_state", kv_state_seeds()),
+                          ("fuzz_mem_state", mem_state_seeds())):
         d = HERE / "corpus" / target
         d.mkdir(parents=True, exist_ok=True)
         prefix = "seed_" if target == "fuzz_batch" else "synth_"
