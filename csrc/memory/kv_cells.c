@@ -450,14 +450,19 @@ void pmi_cells_reset_shift(pmi_cells *c) {
     c->has_shift = false;
 }
 
-void pmi_cells_rm(pmi_cells *c, uint32_t i) {
-    jtouch(c, i);
-    idx_all(c, i, false);
-    seq_clear(c, i);
+/* the cell (already out of every index, no sequence left) becomes empty */
+static void make_empty(pmi_cells *c, uint32_t i) {
     c->pos[i] = -1;
     c->ext[i] = EXT_RESET;
     c->shift[i] = 0;
     used_set(c, i, false);
+}
+
+void pmi_cells_rm(pmi_cells *c, uint32_t i) {
+    jtouch(c, i);
+    idx_all(c, i, false);
+    seq_clear(c, i);
+    make_empty(c, i);
 }
 
 bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s) {
@@ -465,10 +470,7 @@ bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s) {
     c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] &= ~(1ULL << ((uint32_t)s & 63));
     idx_rm(c, s, c->pos[i], i);
     if (pmi_cells_seq_count(c, i) == 0) {
-        c->pos[i] = -1;
-        c->ext[i] = EXT_RESET;
-        c->shift[i] = 0;
-        used_set(c, i, false);
+        make_empty(c, i);
         return true;
     }
     return false;
@@ -489,10 +491,7 @@ bool pmi_cells_seq_keep(pmi_cells *c, uint32_t i, pm_seq_id s) {
         jtouch(c, i);
         idx_all(c, i, false);
         seq_clear(c, i);
-        c->pos[i] = -1;
-        c->ext[i] = EXT_RESET;
-        c->shift[i] = 0;
-        used_set(c, i, false);
+        make_empty(c, i);
         return true;
     }
     return false;

@@ -308,52 +308,45 @@ pm_status pm_mem_seq_keep(pm_memory *m, pm_seq_id s) {
     return PM_OK;
 }
 
-pm_status pm_mem_seq_add(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
+/* seq_add (div = false) or seq_div (div = true): every part is checked before any changes */
+static pm_status pos_op(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t v, bool div) {
     CHECK_MEM(m);
     for (uint32_t p = 0; p < m->n_kv; ++p) {
-        pm_status st = pmi_kv_seq_add_check(m->kv[p], s, p0, p1, d);
+        pm_status st = div ? pmi_kv_seq_div_check(m->kv[p], s, p0, p1, v) : pmi_kv_seq_add_check(m->kv[p], s, p0, p1, v);
         if (st != PM_OK) {
             return st;
         }
     }
     if (m->rec) {
-        pm_status st = pmi_rec_seq_add(m->rec, s, p0, p1, d, true);
+        pm_status st = div ? pmi_rec_seq_div(m->rec, s, p0, p1, v, true) : pmi_rec_seq_add(m->rec, s, p0, p1, v, true);
         if (st != PM_OK) {
             return st;
         }
     }
     for (uint32_t p = 0; p < m->n_kv; ++p) {
-        pmi_kv_seq_add(m->kv[p], s, p0, p1, d);
+        if (div) {
+            pmi_kv_seq_div(m->kv[p], s, p0, p1, v);
+        } else {
+            pmi_kv_seq_add(m->kv[p], s, p0, p1, v);
+        }
     }
     if (m->rec) {
-        pmi_rec_seq_add(m->rec, s, p0, p1, d, false);
+        if (div) {
+            pmi_rec_seq_div(m->rec, s, p0, p1, v, false);
+        } else {
+            pmi_rec_seq_add(m->rec, s, p0, p1, v, false);
+        }
     }
     m->gen++;
     return PM_OK;
 }
 
+pm_status pm_mem_seq_add(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d) {
+    return pos_op(m, s, p0, p1, d, false);
+}
+
 pm_status pm_mem_seq_div(pm_memory *m, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t d) {
-    CHECK_MEM(m);
-    for (uint32_t p = 0; p < m->n_kv; ++p) {
-        pm_status st = pmi_kv_seq_div_check(m->kv[p], s, p0, p1, d);
-        if (st != PM_OK) {
-            return st;
-        }
-    }
-    if (m->rec) {
-        pm_status st = pmi_rec_seq_div(m->rec, s, p0, p1, d, true);
-        if (st != PM_OK) {
-            return st;
-        }
-    }
-    for (uint32_t p = 0; p < m->n_kv; ++p) {
-        pmi_kv_seq_div(m->kv[p], s, p0, p1, d);
-    }
-    if (m->rec) {
-        pmi_rec_seq_div(m->rec, s, p0, p1, d, false);
-    }
-    m->gen++;
-    return PM_OK;
+    return pos_op(m, s, p0, p1, d, true);
 }
 
 pm_status pm_mem_seq_pos_min(const pm_memory *m, pm_seq_id s, pm_pos *out) {
