@@ -5,7 +5,7 @@ Target: llama.cpp b11739 (state format 11); format 10 reads and writes the older
 llama-cpp-python 0.3.36.  See README.md, DESIGN.md and SPEC.md."""
 from __future__ import annotations
 
-from . import kernels, state
+from . import kernels, shapes, state
 from ._errors import (
     BatchError,
     BufferTooSmallError,

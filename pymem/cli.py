@@ -254,10 +254,30 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import gguf
+def _layer_ranges(layers: List[int]) -> str:
+    out: List[str] = []
+    for il in layers:
+        if out and out[-1][1] == il - 1:
+            out[-1][1] = il
+        else:
+            out.append([il, il])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
-    if not os.path.isfile(args.model):
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from . import gguf, shapes
+
+    if args.list_shapes:
+        for name in shapes.names():
+            print(f"{name:16s} {shapes.describe(name)}")
+        return 0
+    if (args.model is None) == (args.shape is None):
+        raise CLIError("give a MODEL.gguf or --shape NAME (pymem estimate --list-shapes lists them)")
+    label = args.model
+    if args.shape is not None:
+        args.model = shapes.path(args.shape)
+        label = f"{args.shape} (shape)"
+    elif not os.path.isfile(args.model):
         raise CLIError(f"model file not found: {args.model}")
     fa: Any = {"on": True, "off": False, "auto": "auto"}[args.flash_attn]
     kw = dict(n_seq_max=args.n_seq_max, type_k=args.type_k, type_v=args.type_v, flash_attn=fa,
@@ -274,31 +294,37 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         n = gguf.max_context(hp, args.budget, **kw)
         e = gguf.estimate(hp, n, **kw) if n else None
         if args.json:
-            json.dump({"model": args.model, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
+            json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
                        "bytes": e.total if e else None}, sys.stdout)
             sys.stdout.write("\n")
         elif n == 0:
-            print(f"{args.model} ({hp.arch}): not even 256 cells per stream fit in {_human(args.budget)}")
+            print(f"{label} ({hp.arch}): not even 256 cells per stream fit in {_human(args.budget)}")
         else:
-            print(f"{args.model} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
+            print(f"{label} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
                   f"({_human(e.total)} of memory)")
         return 0
     e = gguf.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
-        json.dump({"model": args.model, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
+        json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
                    "n_ctx_seq": spec.n_ctx_seq, "n_stream": spec.n_stream, "total": e.total,
                    "parts": [{"name": p[0], "cells": p[1], "bytes_a": p[2], "bytes_b": p[3]} for p in e.parts],
                    "layers": e.layers}, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    print(f"{args.model}: {hp.arch}, {spec.kind} memory, n_ctx {spec.n_ctx} ({spec.n_ctx_seq} cells x "
+    print(f"{label}: {hp.arch}, {spec.kind} memory, n_ctx {spec.n_ctx} ({spec.n_ctx_seq} cells x "
           f"{spec.n_stream} stream{'s' if spec.n_stream > 1 else ''}), K {spec.type_k}, V {spec.type_v}, "
           f"{'flash attention' if spec.flash_attn else 'V transposed'}")
-    for name, cells, x, y in e.parts:
-        kind = next(p.kind for p in spec.parts if p.name == name)
-        a, b = ("K", "V") if kind == "kv" else ("R", "S")
-        print(f"  {name:10s} {cells:8d} cells  {a} {_human(x):>11s}  {b} {_human(y):>11s}")
+    for part, (name, cells, x, y) in zip(spec.parts, e.parts):
+        a, b = ("K", "V") if part.kind == "kv" else ("R", "S")
+        print(f"  {name:10s} {cells:8d} cells  {a} {_human(x):>11s}  {b} {_human(y):>11s}   "
+              f"{len(part.layers)} layers: {_layer_ranges(list(part.layers))}")
+    if args.layers:
+        print(f"  {'part':10s} {'layer':>5s} {'width':>11s} {'bytes':>23s}")
+        for d in e.layers:
+            a, b = ("k", "v") if "k_bytes" in d else ("r", "s")
+            print(f"  {d['part']:10s} {d['layer']:5d} {d['n_embd_' + a]:5d}/{d['n_embd_' + b]:<5d} "
+                  f"{_human(d[a + '_bytes']):>11s} {_human(d[b + '_bytes']):>11s}")
     print(f"  total {_human(e.total)} ({e.total} bytes)")
     return 0
 
@@ -588,16 +614,23 @@ def _parser() -> argparse.ArgumentParser:
         description="Bytes of the KV cache / recurrent state llama.cpp b11739 allocates for a GGUF model "
                     "and context parameters, per part; with --budget the largest n_ctx that fits.",
         epilog="examples:\n  pymem estimate model.gguf --n-ctx 32768\n"
-               "  pymem estimate model.gguf --n-ctx 8192 --n-seq-max 4 --no-unified --type-k q8_0 "
-               "--type-v q8_0 --flash-attn on\n  pymem estimate model.gguf --budget 8GiB\n",
+               "  pymem estimate model.gguf --ctx 8192 --parallel 4 --no-unified --type-k q8_0 "
+               "--type-v q8_0 --flash-attn\n  pymem estimate model.gguf --budget 8GiB\n"
+               "  pymem estimate --shape gemma3-12b --ctx 131072 --layers\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL.gguf")
-    p.add_argument("--n-ctx", type=int, default=0, help="context size (default 0: the model's training context)")
-    p.add_argument("--n-seq-max", type=int, default=1)
+    p.add_argument("model", metavar="MODEL.gguf", nargs="?", help="a GGUF file (metadata is enough)")
+    p.add_argument("--shape", metavar="NAME",
+                   help="a built-in published model shape instead of a file (see --list-shapes)")
+    p.add_argument("--list-shapes", action="store_true", help="list the built-in shapes")
+    p.add_argument("--n-ctx", "--ctx", type=int, default=0,
+                   help="context size (default 0: the model's training context)")
+    p.add_argument("--n-seq-max", "--parallel", type=int, default=1, help="parallel sequences")
     p.add_argument("--type-k", default="f16")
     p.add_argument("--type-v", default="f16")
-    p.add_argument("--flash-attn", choices=["on", "off", "auto"], default="off",
-                   help="off: V transposed (pymem's default); auto = on for the CPU backend")
+    p.add_argument("--flash-attn", choices=["on", "off", "auto"], nargs="?", const="on", default="off",
+                   help="off: V transposed (pymem's default); --flash-attn alone = on; auto = on for the CPU "
+                        "backend")
+    p.add_argument("--layers", action="store_true", help="also print every layer's sizes")
     p.add_argument("--unified", action=argparse.BooleanOptionalAction, default=True,
                    help="one stream for all sequences (default) or one per sequence")
     p.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=True)

@@ -131,7 +131,7 @@ class _Loaded:
 
 _LOCK = threading.Lock()
 _LOADED: Optional[_Loaded] = None
-_LOG: Deque[Tuple[int, int, str]] = collections.deque(maxlen=4000)  # (serial, level, text)
+_LOG: Deque[Tuple[int, int, str]] = collections.deque(maxlen=20000)  # (serial, level, text)
 _LOG_SERIAL = [0]
 _ECHO = [os.environ.get("PYMEM_LLAMA_LOG", "") not in ("", "0")
          or os.environ.get("ORACLE_LOG", "") not in ("", "0")]

@@ -92,21 +92,39 @@ def context_default_params() -> Dict[str, Any]:
 # model
 # ----------------------------------------------------------------------------------------
 class Model:
-    """A llama.cpp model loaded from a GGUF file (CPU only, no progress output)."""
+    """A llama.cpp model loaded from a GGUF file (CPU only, no progress output).
 
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
-        ffi, lib, _ = _loader.load()
+    ``metadata_only=True`` builds the model from the GGUF's metadata alone, allocating no
+    weights (``llama_model_init_from_user`` with ``no_alloc`` and a callback that does
+    nothing): contexts created on it log the sizes of their memory without allocating it,
+    which is how the planner is checked at full-size shapes. Such a model cannot decode."""
+
+    def __init__(self, path: Union[str, os.PathLike], metadata_only: bool = False) -> None:
+        ffi, lib, ggml = _loader.load()
         self._ffi, self._lib = ffi, lib
         self.path = os.fspath(path)
+        self.metadata_only = bool(metadata_only)
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0
         self._progress = ffi.callback("bool(float, void *)", lambda p, ud: True)
         mp.progress_callback = self._progress  # silences the '....' progress dots
         mark = _loader.log_mark()
-        self.ptr = lib.llama_model_load_from_file(self.path.encode(), mp)
+        if self.metadata_only:
+            mp.no_alloc = True
+            g = ggml.gguf_init_from_file(self.path.encode(), {"no_alloc": True, "ctx": ffi.NULL})
+            if g == ffi.NULL:
+                raise LlamaError(f"gguf_init_from_file({self.path!r}) failed")
+            self._fill = ffi.callback("void(struct ggml_tensor *, void *)", lambda t, ud: None)
+            try:
+                self.ptr = lib.llama_model_init_from_user(g, self._fill, ffi.NULL, mp)
+            finally:
+                ggml.gguf_free(g)
+        else:
+            self.ptr = lib.llama_model_load_from_file(self.path.encode(), mp)
         if self.ptr == ffi.NULL:
             self.ptr = None
-            raise LlamaError(f"llama_model_load_from_file({self.path!r}) failed:\n"
+            what = "llama_model_init_from_user" if self.metadata_only else "llama_model_load_from_file"
+            raise LlamaError(f"{what}({self.path!r}) failed:\n"
                              + "".join(t for _, t in _loader.log_since(mark, 3)))
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self.vocab)
@@ -137,7 +155,7 @@ class Model:
         """Plain-dict summary (picklable)."""
         return {k: getattr(self, k) for k in (
             "path", "arch", "n_vocab", "n_layer", "n_embd", "n_head", "n_head_kv", "n_swa",
-            "n_ctx_train", "is_recurrent", "is_hybrid", "rope_type")}
+            "n_ctx_train", "is_recurrent", "is_hybrid", "rope_type", "metadata_only")}
 
     def context(self, **params: Any) -> "Context":
         """Shortcut for ``Context(self, **params)``."""
@@ -215,6 +233,7 @@ class Context:
             raise LlamaError("llama_init_from_model failed:\n"
                              + "".join(t for _, t in _loader.log_since(mark, 3)))
         self.ptr = ptr
+        self._creation_log = "".join(t for _, t in _loader.log_since(mark, 2))
         self.mem = lib.llama_get_memory(ptr)
         self.n_vocab = model.n_vocab
 
@@ -441,6 +460,11 @@ class Context:
         return (r, toks, cnt) if with_count else (r, toks)
 
     # -- logs ----------------------------------------------------------------------------
+    def creation_log(self) -> str:
+        """What llama.cpp logged (info and above) while creating this context: its
+        parameters and the sizes of its memory parts."""
+        return self._creation_log
+
     @staticmethod
     def last_log(n: int = 20, min_level: int = 0) -> str:
         """The last ``n`` captured llama.cpp log lines (process-wide)."""

@@ -73,7 +73,7 @@ CONTEXT_METHODS: Tuple[str, ...] = (
     "can_shift", "positions",
     "state_get_size", "state_get", "state_set", "state_seq_get_size", "state_seq_get",
     "state_seq_set", "state_save_file", "state_load_file", "state_seq_save_file",
-    "state_seq_load_file", "last_log",
+    "state_seq_load_file", "last_log", "creation_log",
 )
 
 
@@ -537,9 +537,10 @@ class OracleWorker:
         """llama.cpp version, system info, loaded package folder, default context params."""
         return self.call("info")
 
-    def model(self, path: Union[str, os.PathLike]) -> ModelHandle:
-        """Load (or reuse) the model at ``path`` in the child."""
-        mid, info = self.call("model", os.fspath(path))
+    def model(self, path: Union[str, os.PathLike], metadata_only: bool = False) -> ModelHandle:
+        """Load (or reuse) the model at ``path`` in the child (``metadata_only``: see
+        :class:`capi.Model`)."""
+        mid, info = self.call("model", os.fspath(path), metadata_only)
         return ModelHandle(mid, self.generation, info)
 
     def context(self, model: Union[ModelHandle, str, os.PathLike], **params: Any) -> ContextHandle:
@@ -611,12 +612,12 @@ class _Server:
                 "glibc": L.glibc_version(), "pid": os.getpid(),
                 "context_default_params": self.capi.context_default_params()}
 
-    def op_model(self, path: str) -> Tuple[int, Dict[str, Any]]:
+    def op_model(self, path: str, metadata_only: bool = False) -> Tuple[int, Dict[str, Any]]:
         st = os.stat(path)
-        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+        key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, bool(metadata_only))
         mid = self.model_keys.get(key)
         if mid is None:
-            m = self.capi.Model(path)
+            m = self.capi.Model(path, metadata_only=metadata_only)
             mid = self._new_id()
             self.models[mid] = m
             self.model_keys[key] = mid
