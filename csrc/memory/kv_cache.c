@@ -370,16 +370,7 @@ static void kv_seq_rm(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1) {
     norm_range(&p0, &p1);
     if (s >= 0) {
         uint32_t st = pmi_kv_stream(kv, s);
-        pmi_cells *c = &kv->cells[st];
-        uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
-        uint32_t new_head = PMI_NONE;
-        for (uint32_t k = 0; k < n; ++k) {
-            uint32_t i = kv->work[k];
-            if (pmi_cells_seq_rm(c, i, s) && i < new_head) {
-                new_head = i;
-            }
-        }
-        lower_head(kv, st, new_head);
+        lower_head(kv, st, pmi_cells_seq_rm_range(&kv->cells[st], s, p0, p1));
         return;
     }
     for (uint32_t st = 0; st < kv->n_stream; ++st) {
@@ -465,11 +456,7 @@ pm_status pmi_kv_seq_cp(pmi_kv *kv, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos 
             return PM_OK;
         }
         norm_range(&p0, &p1);
-        pmi_cells *c = &kv->cells[sa];
-        uint32_t n = pmi_cells_seq_range(c, a, p0, p1, kv->work);
-        for (uint32_t k = 0; k < n; ++k) {
-            pmi_cells_seq_add(c, kv->work[k], b);
-        }
+        pmi_cells_seq_cp_range(&kv->cells[sa], a, b, p0, p1);
         return PM_OK;
     }
     /* cross-stream: whole sequence, data copy deferred to the next update */
@@ -502,19 +489,7 @@ pm_status pmi_kv_seq_keep(pmi_kv *kv, pm_seq_id s) {
         return st;
     }
     uint32_t strm = pmi_kv_stream(kv, s);
-    pmi_cells *c = &kv->cells[strm];
-    uint32_t new_head = PMI_NONE;
-    for (uint32_t w = 0; w < c->nwords; ++w) {
-        uint64_t bits = c->used_bits[w];
-        while (bits) {
-            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
-            bits &= bits - 1;
-            if (pmi_cells_seq_keep(c, i, s) && new_head == PMI_NONE) {
-                new_head = i;
-            }
-        }
-    }
-    lower_head(kv, strm, new_head);
+    lower_head(kv, strm, pmi_cells_seq_keep_all(&kv->cells[strm], s));
     return PM_OK;
 }
 
@@ -558,15 +533,7 @@ pm_status pmi_kv_seq_add(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d
         return PM_OK;
     }
     uint32_t strm = pmi_kv_stream(kv, s);
-    pmi_cells *c = &kv->cells[strm];
-    uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
-    uint32_t new_head = PMI_NONE;
-    for (uint32_t k = 0; k < n; ++k) {
-        uint32_t i = kv->work[k];
-        if (pmi_cells_pos_add(c, i, d) && i < new_head) {
-            new_head = i;
-        }
-    }
+    uint32_t new_head = pmi_cells_seq_shift_range(&kv->cells[strm], s, p0, p1, d, 0);
     kv->head[strm] = new_head != PMI_NONE ? new_head : 0;
     return PM_OK;
 }
@@ -604,11 +571,7 @@ pm_status pmi_kv_seq_div(pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, int32_t 
     if (p0 == p1) {
         return PM_OK;
     }
-    pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
-    uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
-    for (uint32_t k = 0; k < n; ++k) {
-        pmi_cells_pos_div(c, kv->work[k], d);
-    }
+    pmi_cells_seq_shift_range(&kv->cells[pmi_kv_stream(kv, s)], s, p0, p1, 0, d);
     return PM_OK;
 }
 
@@ -1092,7 +1055,7 @@ static uint32_t select_cells(const pmi_kv *kv, uint32_t st, pm_seq_id seq, uint3
         }
         return n;
     }
-    uint32_t m = pmi_cells_seq_range(c, seq, INT32_MIN, INT32_MAX, out);
+    uint32_t m = pmi_cells_seq_all(c, seq, out);
     if (kv->swa_type != PM_SWA_NONE && m > 0) {
         pm_pos pmax = pmi_cells_seq_pos_max(c, seq);
         for (uint32_t k = 0; k < m; ++k) {
@@ -1222,6 +1185,47 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
     }
 }
 
+/* bytes write_stream writes for n cells carrying nids sequence ids in all */
+static uint64_t stream_bytes(const pmi_kv *kv, uint64_t n, uint64_t nids) {
+    if (n == 0) {
+        return 4;
+    }
+    uint64_t b = 4 + n * (8 + (kv->cell_ext ? 12 : 0)) + 4 * nids + 8 + (kv->format >= 11 ? 8 : 0);
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        b += 12 + L->k_row * n;
+        if (L->v != NULL) {
+            b += kv->v_trans ? 12 + (uint64_t)L->n_embd_v_gqa * L->v_row * n : 12 + L->v_row * n;
+        }
+    }
+    return b;
+}
+
+/* A size query (count-only writer) from the counters alone, without visiting cells; not for
+ * one sequence of a sliding-window cache, whose masked cells are left out. */
+static bool count_only(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq) {
+    if (w->buf != NULL || (seq != -1 && kv->swa_type != PM_SWA_NONE)) {
+        return false;
+    }
+    uint64_t b = 4;
+    for (uint32_t st = 0; st < kv->n_stream; ++st) {
+        const pmi_cells *c = &kv->cells[st];
+        uint64_t n, nids = 0;
+        if (seq == -1) {
+            n = c->used;
+            for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
+                nids += c->cnt[q];
+            }
+        } else {
+            n = c->cnt[seq];
+            nids = (uint32_t)seq < kv->n_seq_max ? n : 0;
+        }
+        b += stream_bytes(kv, n, nids);
+    }
+    pmi_w_reserve(w, b);
+    return true;
+}
+
 bool pmi_kv_partial_skips(const pmi_kv *kv, uint32_t flags) {
     return (flags & PM_STATE_PARTIAL_ONLY) && kv->swa_type == PM_SWA_NONE;
 }
@@ -1231,7 +1235,7 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uin
         return pmi_fail(PM_E_INVALID_ARG, "state_write: seq_id %d is not -1 or in [0, %d)", seq,
                         PM_MAX_SEQ);
     }
-    if (pmi_kv_partial_skips(kv, flags)) {
+    if (pmi_kv_partial_skips(kv, flags) || count_only(kv, w, seq)) {
         return PM_OK;
     }
     uint32_t *cells = malloc(sizeof(uint32_t) * (size_t)kv->size + 1);

@@ -18,7 +18,12 @@ static inline uint64_t key_of(pm_pos pos, uint32_t cell) {
     return ((uint64_t)((uint32_t)pos ^ 0x80000000u) << 32) | cell;
 }
 
-static inline uint64_t prio_of(uint64_t k) {
+/* The heap priority of a node is a hash of its cell (the low half of the key) alone: every
+ * cell is at most once in a sequence's index, so priorities are distinct, the shape is a pure
+ * function of the set of cells, and a node keeps its place in the heap order when its
+ * position changes (seq_add / seq_div rewrite keys in place). */
+static inline uint64_t prio_of(uint64_t key) {
+    uint64_t k = (uint32_t)key;
     k += 0x9e3779b97f4a7c15ULL;
     k = (k ^ (k >> 30)) * 0xbf58476d1ce4e5b9ULL;
     k = (k ^ (k >> 27)) * 0x94d049bb133111ebULL;
@@ -103,6 +108,60 @@ static uint32_t tr_erase(pmi_cells *c, uint32_t t, uint64_t key) {
     return t;
 }
 
+/* the union of two treaps with disjoint key sets */
+static uint32_t tr_union(pmi_cells *c, uint32_t a, uint32_t b) {
+    if (a == PMI_NONE) {
+        return b;
+    }
+    if (b == PMI_NONE) {
+        return a;
+    }
+    if (prio_of(c->nkey[a]) < prio_of(c->nkey[b])) {
+        uint32_t t = a;
+        a = b;
+        b = t;
+    }
+    uint32_t lo, hi;
+    tr_split(c, b, c->nkey[a], &lo, &hi);
+    c->nl[a] = tr_union(c, c->nl[a], lo);
+    c->nr[a] = tr_union(c, c->nr[a], hi);
+    return a;
+}
+
+/* the nodes of subtree t in key order, appended to out[n..]; returns the new count */
+static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32_t n) {
+    while (t != PMI_NONE) {
+        n = tr_collect(c, c->nl[t], out, n);
+        out[n++] = t;
+        t = c->nr[t];
+    }
+    return n;
+}
+
+/* one node onto the right spine of a Cartesian tree under construction (keys ascending) */
+static inline void cart_push(pmi_cells *c, uint32_t nd, uint32_t *stack, uint32_t *sp) {
+    uint64_t pr = prio_of(c->nkey[nd]);
+    uint32_t last = PMI_NONE;
+    while (*sp > 0 && prio_of(c->nkey[stack[*sp - 1]]) < pr) {
+        last = stack[--*sp];
+    }
+    c->nl[nd] = last;
+    c->nr[nd] = PMI_NONE;
+    if (*sp > 0) {
+        c->nr[stack[*sp - 1]] = nd;
+    }
+    stack[(*sp)++] = nd;
+}
+
+/* the treap of nodes[0..n) (ascending keys) in linear time; nodes may alias c->tmp */
+static uint32_t tr_build(pmi_cells *c, const uint32_t *nodes, uint32_t n) {
+    uint32_t *stack = c->tmp + c->size, sp = 0;
+    for (uint32_t j = 0; j < n; ++j) {
+        cart_push(c, nodes[j], stack, &sp);
+    }
+    return sp > 0 ? stack[0] : PMI_NONE;
+}
+
 static void idx_add(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
     uint32_t n = node_new(c, key_of(pos, i));
     c->root[s] = tr_insert(c, c->root[s], n);
@@ -145,8 +204,9 @@ pm_status pmi_cells_init(pmi_cells *c, uint32_t size) {
     c->nkey = malloc(sizeof(uint64_t) * c->ncap);
     c->nl = malloc(sizeof(uint32_t) * c->ncap);
     c->nr = malloc(sizeof(uint32_t) * c->ncap);
+    c->tmp = malloc(sizeof(uint32_t) * 2 * (size_t)(size ? size : 1));
     if (!c->pos || !c->shift || !c->ext || !c->seq || !c->used_bits || !c->nkey || !c->nl ||
-        !c->nr) {
+        !c->nr || !c->tmp) {
         pmi_cells_free(c);
         return pmi_fail(PM_E_NOMEM, "out of memory for %u cells", size);
     }
@@ -173,6 +233,7 @@ void pmi_cells_free(pmi_cells *c) {
     free(c->nkey);
     free(c->nl);
     free(c->nr);
+    free(c->tmp);
     free(c->jmark);
     free(c->jrec);
     memset(c, 0, sizeof(*c));
@@ -181,7 +242,7 @@ void pmi_cells_free(pmi_cells *c) {
 uint64_t pmi_cells_nbytes(const pmi_cells *c) {
     uint64_t n = (uint64_t)c->size * (sizeof(pm_pos) + sizeof(int32_t) + sizeof(pmi_ext) +
                                       PMI_SEQ_WORDS * sizeof(uint64_t));
-    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 16;
+    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 16 + (uint64_t)c->size * 8;
     if (c->jmark) {
         n += (uint64_t)c->size * (sizeof(uint32_t) + sizeof(pmi_jrec));
     }
@@ -465,38 +526,6 @@ void pmi_cells_rm(pmi_cells *c, uint32_t i) {
     make_empty(c, i);
 }
 
-bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s) {
-    jtouch(c, i);
-    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] &= ~(1ULL << ((uint32_t)s & 63));
-    idx_rm(c, s, c->pos[i], i);
-    if (pmi_cells_seq_count(c, i) == 0) {
-        make_empty(c, i);
-        return true;
-    }
-    return false;
-}
-
-bool pmi_cells_seq_keep(pmi_cells *c, uint32_t i, pm_seq_id s) {
-    if (pmi_cells_seq_has(c, i, s)) {
-        if (pmi_cells_seq_count(c, i) > 1) {
-            jtouch(c, i);
-            idx_all(c, i, false);
-            seq_clear(c, i);
-            c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
-            idx_add(c, s, c->pos[i], i);
-        }
-        return false;
-    }
-    if (pmi_cells_seq_count(c, i) > 0) {
-        jtouch(c, i);
-        idx_all(c, i, false);
-        seq_clear(c, i);
-        make_empty(c, i);
-        return true;
-    }
-    return false;
-}
-
 void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s) {
     if (pmi_cells_seq_has(c, i, s)) {
         return;
@@ -532,16 +561,6 @@ bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
     }
     idx_all(c, i, true);
     return false;
-}
-
-void pmi_cells_pos_div(pmi_cells *c, uint32_t i, int32_t d) {
-    jtouch(c, i);
-    pm_pos p_old = c->pos[i];
-    idx_all(c, i, false);
-    c->pos[i] = p_old / d;
-    c->shift[i] += p_old - c->pos[i];
-    idx_all(c, i, true);
-    c->has_shift = true;
 }
 
 void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_cellsnap *out) {
@@ -628,19 +647,189 @@ void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
         }
         uint32_t sp = 0;
         for (uint32_t j = 0; j < n; ++j) {
-            uint32_t nd = node_new(c, ks[j]);
-            uint64_t pr = prio_of(ks[j]);
-            uint32_t last = PMI_NONE;
-            while (sp > 0 && prio_of(c->nkey[stack[sp - 1]]) < pr) {
-                last = stack[--sp];
-            }
-            c->nl[nd] = last;
-            if (sp > 0) {
-                c->nr[stack[sp - 1]] = nd;
-            }
-            stack[sp++] = nd;
+            cart_push(c, node_new(c, ks[j]), stack, &sp);
         }
         c->root[s] = stack[0];
         c->cnt[s] = n;
     }
+}
+
+/* ---- whole-range sequence operations ---------------------------------------------------------
+ * Each detaches the affected key range of one sequence's index with two splits, works on its
+ * nodes in key order, and joins the result back (merge or union): the cost follows the cells
+ * the operation touches, not the size of the cache.  Cells are journaled as by the per-cell
+ * operations, so these compose with transactions. */
+
+static void detach(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, uint32_t *lo, uint32_t *mid,
+                   uint32_t *hi) {
+    tr_split(c, c->root[s], key_of(p0, 0), lo, mid);
+    tr_split(c, *mid, key_of(p1, 0), mid, hi);
+}
+
+/* every sequence of cell i other than s in or out of its index (the cell's pos as it is now) */
+static void idx_others(pmi_cells *c, uint32_t i, pm_seq_id s, bool add) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+        for (uint64_t bits = w[k]; bits; bits &= bits - 1) {
+            pm_seq_id o = (pm_seq_id)(k * 64 + (uint32_t)__builtin_ctzll(bits));
+            if (o == s) {
+                continue;
+            }
+            if (add) {
+                idx_add(c, o, c->pos[i], i);
+            } else {
+                idx_rm(c, o, c->pos[i], i);
+            }
+        }
+    }
+}
+
+uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1) {
+    uint32_t head = PMI_NONE, lo, mid, hi;
+    if (p0 >= p1 || c->root[s] == PMI_NONE) {
+        return head;
+    }
+    detach(c, s, p0, p1, &lo, &mid, &hi);
+    uint32_t n = tr_collect(c, mid, c->tmp, 0);
+    const uint32_t wq = (uint32_t)s >> 6;
+    const uint64_t bit = 1ULL << ((uint32_t)s & 63);
+    for (uint32_t k = 0; k < n; ++k) {
+        uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
+        jtouch(c, i);
+        c->seq[(size_t)i * PMI_SEQ_WORDS + wq] &= ~bit;
+        if (pmi_cells_seq_count(c, i) == 0) {
+            make_empty(c, i);
+            if (i < head) {
+                head = i;
+            }
+        }
+        node_free(c, t);
+    }
+    c->cnt[s] -= n;
+    c->root[s] = tr_merge(c, lo, hi);
+    return head;
+}
+
+void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1) {
+    uint32_t n = pmi_cells_seq_range(c, a, p0, p1, c->tmp), m = 0;
+    const uint32_t wq = (uint32_t)b >> 6;
+    const uint64_t bit = 1ULL << ((uint32_t)b & 63);
+    for (uint32_t k = 0; k < n; ++k) {
+        uint32_t i = c->tmp[k];
+        uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS + wq;
+        if (*w & bit) {
+            continue;
+        }
+        jtouch(c, i);
+        *w |= bit;
+        c->tmp[m++] = node_new(c, key_of(c->pos[i], i)); /* m <= k: in place */
+    }
+    c->cnt[b] += m;
+    c->root[b] = tr_union(c, c->root[b], tr_build(c, c->tmp, m));
+}
+
+uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d,
+                                   int32_t div) {
+    uint32_t head = PMI_NONE, lo, mid, hi;
+    if (p0 >= p1 || c->root[s] == PMI_NONE) {
+        return head;
+    }
+    detach(c, s, p0, p1, &lo, &mid, &hi);
+    uint32_t n = tr_collect(c, mid, c->tmp, 0), m = 0;
+    for (uint32_t k = 0; k < n; ++k) {
+        uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
+        jtouch(c, i);
+        bool shared = pmi_cells_seq_count(c, i) > 1;
+        if (shared) {
+            idx_others(c, i, s, false);
+        }
+        pm_pos p_old = c->pos[i];
+        c->pos[i] = div ? p_old / div : p_old + d;
+        c->shift[i] += div ? p_old - c->pos[i] : d;
+        c->has_shift = true;
+        if (c->pos[i] < 0 && !div) { /* shifted out: the cell leaves every sequence */
+            seq_clear(c, i);
+            c->pos[i] = -1;
+            c->shift[i] = 0;
+            used_set(c, i, false); /* ext deliberately kept (llama.cpp) */
+            if (i < head) {
+                head = i;
+            }
+            node_free(c, t);
+            continue;
+        }
+        c->nkey[t] = key_of(c->pos[i], i);
+        if (shared) {
+            idx_others(c, i, s, true);
+        }
+        c->tmp[m++] = t;
+    }
+    if (div) {
+        /* p / div is monotonic: keys only fall out of order among equal new positions */
+        for (uint32_t k = 1; k < m; ++k) {
+            uint32_t t = c->tmp[k], j = k;
+            while (j > 0 && c->nkey[c->tmp[j - 1]] > c->nkey[t]) {
+                c->tmp[j] = c->tmp[j - 1];
+                --j;
+            }
+            c->tmp[j] = t;
+        }
+    }
+    c->cnt[s] -= n - m;
+    c->root[s] = tr_union(c, tr_merge(c, lo, hi), tr_build(c, c->tmp, m));
+    return head;
+}
+
+uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
+    uint32_t head = PMI_NONE;
+    const uint32_t wq = (uint32_t)s >> 6;
+    const uint64_t bit = 1ULL << ((uint32_t)s & 63);
+    for (uint32_t w = 0; w < c->nwords; ++w) {
+        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
+            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
+            uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
+            if (sw[wq] & bit) {
+                if (pmi_cells_seq_count(c, i) > 1) {
+                    jtouch(c, i);
+                    seq_clear(c, i);
+                    sw[wq] = bit;
+                }
+            } else if (pmi_cells_seq_count(c, i) > 0) {
+                jtouch(c, i);
+                seq_clear(c, i);
+                make_empty(c, i);
+                if (head == PMI_NONE) {
+                    head = i;
+                }
+            }
+        }
+    }
+    /* only s keeps an index: rebuild it in a fresh node pool */
+    uint32_t n = tr_collect(c, c->root[s], c->tmp, 0);
+    for (uint32_t k = 0; k < n; ++k) {
+        c->tmp[k] = (uint32_t)c->nkey[c->tmp[k]]; /* the cell */
+    }
+    for (uint32_t q = 0; q < PM_MAX_SEQ; ++q) {
+        c->root[q] = PMI_NONE;
+        c->cnt[q] = 0;
+    }
+    for (uint32_t nd = 0; nd < c->ncap; ++nd) {
+        c->nl[nd] = nd + 1 < c->ncap ? nd + 1 : PMI_NONE;
+    }
+    c->nfree = 0;
+    c->nlive = 0;
+    for (uint32_t k = 0; k < n; ++k) {
+        c->tmp[k] = node_new(c, key_of(c->pos[c->tmp[k]], c->tmp[k]));
+    }
+    c->cnt[s] = n;
+    c->root[s] = tr_build(c, c->tmp, n);
+    return head;
+}
+
+uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out) {
+    uint32_t n = tr_collect(c, c->root[s], out, 0);
+    for (uint32_t k = 0; k < n; ++k) {
+        out[k] = (uint32_t)c->nkey[out[k]];
+    }
+    return n;
 }

@@ -44,6 +44,7 @@ typedef struct pmi_cells {
     uint64_t *nkey;
     uint32_t *nl, *nr;
     uint32_t ncap, nfree, nlive;
+    uint32_t *tmp;       /* 2 * size scratch entries for the range operations */
     /* undo journal */
     bool jon;
     bool j_has_shift;
@@ -78,18 +79,25 @@ pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p);
 void pmi_cells_reset(pmi_cells *c);
 void pmi_cells_reset_shift(pmi_cells *c);
 void pmi_cells_rm(pmi_cells *c, uint32_t i);
-bool pmi_cells_seq_rm(pmi_cells *c, uint32_t i, pm_seq_id s);
-bool pmi_cells_seq_keep(pmi_cells *c, uint32_t i, pm_seq_id s);
 void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s); /* needs a reserved node */
 /* Bulk restores: set sequence bits without indexing, then build every sequence's index from
  * the cells at once.  keys/stack hold at least as many entries as memberships (nodes must be
  * reserved).  Not journaled: use outside transactions only. */
 void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s);
 void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack);
+/* Whole-range operations on one sequence (cost: the cells in the range, see kv_cells.c).
+ * rm / shift / keep return the lowest cell they emptied (PMI_NONE if none).  shift adds d to
+ * the positions in [p0, p1) or, with div > 0, divides them by div.  cp needs reserved nodes. */
+uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1);
+void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, pm_pos p1);
+uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d,
+                                   int32_t div);
+uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s);
+/* every cell of s in (pos, cell) order; returns the count (cnt[s]) */
+uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out);
 void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p);
 void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e);
 bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d);
-void pmi_cells_pos_div(pmi_cells *c, uint32_t i, int32_t d);
 void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_cellsnap *out);
 void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cellsnap *snap);
 
