@@ -19,7 +19,7 @@ llama.cpp is called through the cffi bindings of llama-cpp-py-sync (the same kin
 Python -> C call as pymem's cffi layer), so both columns include one Python call overhead;
 the "cffi floor" rows show its size.
 
-Usage: python bench/bench_kv.py [--quick] [--configs a,b,c] [--reps N] [--no-llama]
+Usage: python bench/bench_kv.py [--quick] [--configs a,b,c] [--reps N] [--no-llama] [--no-scaling]
 """
 from __future__ import annotations
 
@@ -556,6 +556,73 @@ def run_config(cfg: Config, args: argparse.Namespace, model: Any, model_path: Op
 
 
 # ----------------------------------------------------------------------------------------------
+def run_scaling(args: argparse.Namespace, model: Any, model_path: Optional[str]) -> None:
+    """Single-sequence operations as the cache grows: unified caches of 4k..256k cells, every
+    sequence 1,024 cells (so 4..256 sequences); the sequence under test is the same size
+    everywhere, so pymem's times should stay flat while llama.cpp's grow with the cache."""
+    sizes = (4096, 16384) if args.quick else (4096, 16384, 65536, 262144)
+    ops = ("seq_rm whole seq", "seq_cp whole seq", "seq_add whole seq", "seq_div whole seq",
+           "state_seq size", "seq_pos_max")
+    res: dict[str, list[tuple[Optional[float], Optional[float]]]] = {op: [] for op in ops}
+    RD = args.reps_destructive
+    for n_ctx in sizes:
+        cfg = Config("s", f"unified {n_ctx}", True, n_ctx, n_ctx // 1024)
+        pm = make_pymem(cfg, model_path)
+        sec = kv_section(cfg, np.random.default_rng(7))
+        pm.state_read(sec)
+        whole = pm.state_write(envelope="llama")
+        wc_p = pffi.from_buffer("uint8_t[]", whole)
+        ptr = pm._handle.ptr
+        out64 = pffi.new("uint64_t *")
+
+        def pm_restore() -> None:
+            plib.pm_mem_state_read(ptr, -1, 0, 1, wc_p, len(whole), False, out64)
+
+        ll = Llama(model, cfg) if model is not None else None
+        if ll is not None:
+            wc = ll.ffi.from_buffer("uint8_t[]", whole)
+            ll.set_whole(wc, len(whole))
+            L, lmem = ll.lib, ll.mem
+
+            def ll_restore() -> None:
+                ll.set_whole(wc, len(whole))
+        s, last = 1, cfg.n_seq - 1
+        pairs = [
+            ("seq_rm whole seq", lambda: L.llama_memory_seq_rm(lmem, s, -1, -1), lambda: pm.seq_rm(s, -1, -1), True),
+            ("seq_cp whole seq", lambda: L.llama_memory_seq_cp(lmem, s, last, -1, -1),
+             lambda: pm.seq_cp(s, last, -1, -1), True),
+            ("seq_add whole seq", lambda: L.llama_memory_seq_add(lmem, s, 0, -1, 1), lambda: pm.seq_add(s, 0, -1, 1),
+             True),
+            ("seq_div whole seq", lambda: L.llama_memory_seq_div(lmem, s, 0, -1, 2), lambda: pm.seq_div(s, 0, -1, 2),
+             True),
+            ("state_seq size", lambda: L.llama_state_seq_get_size_ext(ll.ptr, s, 0),
+             lambda: pm.state_size(s, envelope="llama"), False),
+            ("seq_pos_max", lambda: L.llama_memory_seq_pos_max(lmem, s), lambda: pm.seq_pos_max(s), False),
+        ]
+        for op, fl, fp, destructive in pairs:
+            if destructive:
+                a, b = median_pair(fl if ll else None, fp, RD, setup_a=ll_restore if ll else None, setup_b=pm_restore)
+                pm_restore()
+                if ll:
+                    ll_restore()
+            else:
+                a, b = median_pair(fl if ll else None, fp, args.reps)
+            res[op].append((a, b))
+        if ll is not None:
+            ll.close()
+        pm.close()
+        gc.collect()
+    print("\n## scaling: one sequence of 1,024 cells in unified caches of growing size (µs: llama.cpp / pymem, ratio)")
+    print(f"{'operation':20s} " + " ".join(f"{f'{n // 1024}k cells':>26s}" for n in sizes))
+    for op in ops:
+        cells = []
+        for a, b in res[op]:
+            r = f"{a / b:.1f}x" if a and b else "-"
+            cells.append(f"{fmt_us(a)}/{fmt_us(b)} {r}")
+        print(f"{op:20s} " + " ".join(f"{c:>26s}" for c in cells))
+    sys.stdout.flush()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small caches and few repetitions (smoke run)")
@@ -564,6 +631,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--reps-destructive", type=int, default=None,
                     help="repetitions of ops that need a restore (default 21; quick 3)")
     ap.add_argument("--no-llama", action="store_true", help="pymem / numpy / memcpy columns only")
+    ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
+                    help="single-sequence operations in caches of 4k..256k cells (default on)")
     args = ap.parse_args(argv)
     if args.reps is None:
         args.reps = 5 if args.quick else 31
@@ -616,6 +685,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             cells.append("-" if r is None or r.ratio is None else f"{r.ratio:.2f}")
         base = next((x.base for rows in results.values() for x in rows if x.op == op), "")
         print(f"{op + ' [' + base + ']':{w}s} " + " ".join(f"{c:>8s}" for c in cells))
+    if args.scaling:
+        run_scaling(args, model, model_path)
     if model is not None:
         model.close()
     print("\n# done")

@@ -512,11 +512,17 @@ pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
         return PM_OK;
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
+    /* the extremes of the sequence and the stream's shift bound settle the common case */
+    int64_t ad = d < 0 ? -(int64_t)d : d;
+    if ((int64_t)pmi_cells_seq_pos_max(c, s) + d <= INT32_MAX &&
+        (int64_t)pmi_cells_seq_pos_min(c, s) + d >= INT32_MIN && c->shift_bound + ad <= INT32_MAX) {
+        return PM_OK;
+    }
     uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t i = kv->work[k];
         int64_t np = (int64_t)c->pos[i] + d, ns = (int64_t)c->shift[i] + d;
-        if (np > INT32_MAX || ns > INT32_MAX || ns < INT32_MIN) {
+        if (np > INT32_MAX || np < INT32_MIN || ns > INT32_MAX || ns < INT32_MIN) {
             return pmi_fail(PM_E_INVALID_ARG, "seq_add: position %d + %d overflows int32", c->pos[i], d);
         }
     }
@@ -551,11 +557,16 @@ pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
         return PM_OK;
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
+    int64_t lo = pmi_cells_seq_pos_min(c, s), hi = pmi_cells_seq_pos_max(c, s);
+    int64_t amax = (lo < 0 ? -lo : lo) > (hi < 0 ? -hi : hi) ? (lo < 0 ? -lo : lo) : (hi < 0 ? -hi : hi);
+    if (c->shift_bound + amax <= INT32_MAX) { /* |pos - pos / d| <= |pos| */
+        return PM_OK;
+    }
     uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t i = kv->work[k];
         int64_t ns = (int64_t)c->shift[i] + (c->pos[i] - c->pos[i] / d);
-        if (ns > INT32_MAX) {
+        if (ns > INT32_MAX || ns < INT32_MIN) {
             return pmi_fail(PM_E_INVALID_ARG, "seq_div: accumulated shift overflows int32");
         }
     }

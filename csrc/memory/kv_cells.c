@@ -18,22 +18,25 @@ static inline uint64_t key_of(pm_pos pos, uint32_t cell) {
     return ((uint64_t)((uint32_t)pos ^ 0x80000000u) << 32) | cell;
 }
 
-/* The heap priority of a node is a hash of its cell (the low half of the key) alone: every
- * cell is at most once in a sequence's index, so priorities are distinct, the shape is a pure
- * function of the set of cells, and a node keeps its place in the heap order when its
- * position changes (seq_add / seq_div rewrite keys in place). */
-static inline uint64_t prio_of(uint64_t key) {
-    uint64_t k = (uint32_t)key;
-    k += 0x9e3779b97f4a7c15ULL;
-    k = (k ^ (k >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    k = (k ^ (k >> 27)) * 0x94d049bb133111ebULL;
-    return k ^ (k >> 31);
+/* The heap priority of a node is a hash of its cell (the low half of the key) alone, kept
+ * in nprio: every cell is at most once in a sequence's index, so priorities are distinct
+ * (fmix32 is a bijection), the shape is a pure function of the set of cells, and a node keeps
+ * its place in the heap order when its position changes (seq_add / seq_div rewrite keys in
+ * place). */
+static inline uint32_t prio_of(uint64_t key) {
+    uint32_t k = (uint32_t)key;
+    k ^= k >> 16;
+    k *= 0x85ebca6bu;
+    k ^= k >> 13;
+    k *= 0xc2b2ae35u;
+    return k ^ (k >> 16);
 }
 
 static uint32_t node_new(pmi_cells *c, uint64_t key) {
     uint32_t n = c->nfree;
     c->nfree = c->nl[n];
     c->nkey[n] = key;
+    c->nprio[n] = prio_of(key);
     c->nl[n] = PMI_NONE;
     c->nr[n] = PMI_NONE;
     c->nlive++;
@@ -66,7 +69,7 @@ static uint32_t tr_merge(pmi_cells *c, uint32_t a, uint32_t b) {
     if (b == PMI_NONE) {
         return a;
     }
-    if (prio_of(c->nkey[a]) > prio_of(c->nkey[b])) {
+    if (c->nprio[a] > c->nprio[b]) {
         c->nr[a] = tr_merge(c, c->nr[a], b);
         return a;
     }
@@ -79,7 +82,7 @@ static uint32_t tr_insert(pmi_cells *c, uint32_t t, uint32_t n) {
         return n;
     }
     uint64_t k = c->nkey[n];
-    if (prio_of(k) > prio_of(c->nkey[t])) {
+    if (c->nprio[n] > c->nprio[t]) {
         tr_split(c, t, k, &c->nl[n], &c->nr[n]);
         return n;
     }
@@ -116,7 +119,7 @@ static uint32_t tr_union(pmi_cells *c, uint32_t a, uint32_t b) {
     if (b == PMI_NONE) {
         return a;
     }
-    if (prio_of(c->nkey[a]) < prio_of(c->nkey[b])) {
+    if (c->nprio[a] < c->nprio[b]) {
         uint32_t t = a;
         a = b;
         b = t;
@@ -140,9 +143,9 @@ static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32
 
 /* one node onto the right spine of a Cartesian tree under construction (keys ascending) */
 static inline void cart_push(pmi_cells *c, uint32_t nd, uint32_t *stack, uint32_t *sp) {
-    uint64_t pr = prio_of(c->nkey[nd]);
+    uint32_t pr = c->nprio[nd];
     uint32_t last = PMI_NONE;
-    while (*sp > 0 && prio_of(c->nkey[stack[*sp - 1]]) < pr) {
+    while (*sp > 0 && c->nprio[stack[*sp - 1]] < pr) {
         last = stack[--*sp];
     }
     c->nl[nd] = last;
@@ -160,6 +163,13 @@ static uint32_t tr_build(pmi_cells *c, const uint32_t *nodes, uint32_t n) {
         cart_push(c, nodes[j], stack, &sp);
     }
     return sp > 0 ? stack[0] : PMI_NONE;
+}
+
+static inline void bound_shift(pmi_cells *c, int32_t v) {
+    uint32_t a = v < 0 ? (uint32_t)(-(int64_t)v) : (uint32_t)v;
+    if (a > c->shift_bound) {
+        c->shift_bound = a;
+    }
 }
 
 static void idx_add(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
@@ -204,9 +214,10 @@ pm_status pmi_cells_init(pmi_cells *c, uint32_t size) {
     c->nkey = malloc(sizeof(uint64_t) * c->ncap);
     c->nl = malloc(sizeof(uint32_t) * c->ncap);
     c->nr = malloc(sizeof(uint32_t) * c->ncap);
+    c->nprio = malloc(sizeof(uint32_t) * c->ncap);
     c->tmp = malloc(sizeof(uint32_t) * 2 * (size_t)(size ? size : 1));
     if (!c->pos || !c->shift || !c->ext || !c->seq || !c->used_bits || !c->nkey || !c->nl ||
-        !c->nr || !c->tmp) {
+        !c->nr || !c->nprio || !c->tmp) {
         pmi_cells_free(c);
         return pmi_fail(PM_E_NOMEM, "out of memory for %u cells", size);
     }
@@ -233,6 +244,7 @@ void pmi_cells_free(pmi_cells *c) {
     free(c->nkey);
     free(c->nl);
     free(c->nr);
+    free(c->nprio);
     free(c->tmp);
     free(c->jmark);
     free(c->jrec);
@@ -242,7 +254,7 @@ void pmi_cells_free(pmi_cells *c) {
 uint64_t pmi_cells_nbytes(const pmi_cells *c) {
     uint64_t n = (uint64_t)c->size * (sizeof(pm_pos) + sizeof(int32_t) + sizeof(pmi_ext) +
                                       PMI_SEQ_WORDS * sizeof(uint64_t));
-    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 16 + (uint64_t)c->size * 8;
+    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 20 + (uint64_t)c->size * 8;
     if (c->jmark) {
         n += (uint64_t)c->size * (sizeof(uint32_t) + sizeof(pmi_jrec));
     }
@@ -279,6 +291,11 @@ pm_status pmi_cells_reserve(pmi_cells *c, uint64_t extra) {
         return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
     }
     c->nr = r;
+    uint32_t *pr = realloc(c->nprio, sizeof(uint32_t) * want);
+    if (pr == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
+    }
+    c->nprio = pr;
     /* chain the new nodes in front of the free list */
     uint32_t old = c->ncap;
     for (uint32_t n = old; n < (uint32_t)want; ++n) {
@@ -290,12 +307,6 @@ pm_status pmi_cells_reserve(pmi_cells *c, uint64_t extra) {
 }
 
 /* ---- queries -------------------------------------------------------------------------- */
-
-uint32_t pmi_cells_seq_count(const pmi_cells *c, uint32_t i) {
-    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
-    return (uint32_t)(__builtin_popcountll(w[0]) + __builtin_popcountll(w[1]) +
-                      __builtin_popcountll(w[2]) + __builtin_popcountll(w[3]));
-}
 
 pm_seq_id pmi_cells_seq_get(const pmi_cells *c, uint32_t i) {
     const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
@@ -412,6 +423,7 @@ pm_status pmi_cells_tx_begin(pmi_cells *c) {
     c->jon = true;
     c->jn = 0;
     c->j_has_shift = c->has_shift;
+    c->j_shift_bound = c->shift_bound;
     return PM_OK;
 }
 
@@ -455,6 +467,9 @@ void pmi_cells_tx_rollback(pmi_cells *c) {
         }
     }
     c->has_shift = c->j_has_shift;
+    if (c->j_shift_bound > c->shift_bound) {
+        c->shift_bound = c->j_shift_bound;
+    }
     c->jn = 0;
 }
 
@@ -488,6 +503,7 @@ void pmi_cells_reset(pmi_cells *c) {
     memset(c->used_bits, 0, sizeof(uint64_t) * c->nwords);
     c->used = 0;
     c->has_shift = false;
+    c->shift_bound = 0;
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
         c->root[s] = PMI_NONE;
         c->cnt[s] = 0;
@@ -509,6 +525,7 @@ void pmi_cells_reset_shift(pmi_cells *c) {
     }
     memset(c->shift, 0, sizeof(int32_t) * c->size);
     c->has_shift = false;
+    c->shift_bound = 0;
 }
 
 /* the cell (already out of every index, no sequence left) becomes empty */
@@ -552,6 +569,7 @@ bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
     c->pos[i] += d;
     c->shift[i] += d;
     c->has_shift = true;
+    bound_shift(c, c->shift[i]);
     if (c->pos[i] < 0) {
         seq_clear(c, i);
         c->pos[i] = -1;
@@ -747,6 +765,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
         c->pos[i] = div ? p_old / div : p_old + d;
         c->shift[i] += div ? p_old - c->pos[i] : d;
         c->has_shift = true;
+        bound_shift(c, c->shift[i]);
         if (c->pos[i] < 0 && !div) { /* shifted out: the cell leaves every sequence */
             seq_clear(c, i);
             c->pos[i] = -1;

@@ -38,16 +38,19 @@ typedef struct pmi_cells {
     uint64_t *used_bits; /* bit i = pos[i] != -1 */
     uint32_t used;
     bool has_shift;
+    uint32_t shift_bound; /* >= |shift[i]| of every cell (0 after a reset) */
     /* per-sequence index: treap of keys (pos, cell) */
     uint32_t root[PM_MAX_SEQ];
     uint32_t cnt[PM_MAX_SEQ];
     uint64_t *nkey;
     uint32_t *nl, *nr;
+    uint32_t *nprio;     /* heap priority of each node (a hash of its cell) */
     uint32_t ncap, nfree, nlive;
     uint32_t *tmp;       /* 2 * size scratch entries for the range operations */
     /* undo journal */
     bool jon;
     bool j_has_shift;
+    uint32_t j_shift_bound;
     uint32_t jepoch;
     uint32_t jn;
     uint32_t *jmark;
@@ -64,7 +67,11 @@ static inline bool pmi_cells_is_empty(const pmi_cells *c, uint32_t i) { return c
 static inline bool pmi_cells_seq_has(const pmi_cells *c, uint32_t i, pm_seq_id s) {
     return (c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] >> ((uint32_t)s & 63)) & 1u;
 }
-uint32_t pmi_cells_seq_count(const pmi_cells *c, uint32_t i);
+static inline uint32_t pmi_cells_seq_count(const pmi_cells *c, uint32_t i) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    return (uint32_t)(__builtin_popcountll(w[0]) + __builtin_popcountll(w[1]) +
+                      __builtin_popcountll(w[2]) + __builtin_popcountll(w[3]));
+}
 pm_seq_id pmi_cells_seq_get(const pmi_cells *c, uint32_t i); /* lowest id, -1 if none */
 pm_pos pmi_cells_seq_pos_min(const pmi_cells *c, pm_seq_id s);
 pm_pos pmi_cells_seq_pos_max(const pmi_cells *c, pm_seq_id s);
