@@ -789,6 +789,9 @@ pm_status pmi_kv_apply_ubatch(pmi_kv *kv, const pmi_slot *si, const pmi_ubatch *
     bool set_ext = is_2d || ub->has_token;
     for (uint32_t g = 0; g < si->n_stream; ++g) {
         pmi_cells *c = &kv->cells[si->strm[g]];
+        /* tokens of one sequence in a row join its index in bulk (kv->work holds their cells) */
+        pm_seq_id run_s = -1;
+        uint32_t run_n = 0;
         for (uint32_t ii = 0; ii < si->n_per; ++ii) {
             uint32_t t = g * si->n_per + ii;
             uint32_t idx = si->idxs[(size_t)g * si->n_per + ii];
@@ -812,9 +815,27 @@ pm_status pmi_kv_apply_ubatch(pmi_kv *kv, const pmi_slot *si, const pmi_ubatch *
                 }
                 pmi_cells_ext_set(c, idx, e);
             }
-            for (uint32_t k = ub->seq_off[t]; k < ub->seq_off[t + 1]; ++k) {
+            uint32_t k0 = ub->seq_off[t], k1 = ub->seq_off[t + 1];
+            if (k1 - k0 == 1 && (ub->seq_id[k0] == run_s || run_n == 0)) {
+                run_s = ub->seq_id[k0];
+                kv->work[run_n++] = idx;
+                continue;
+            }
+            if (run_n > 0) {
+                pmi_cells_seq_add_many(c, run_s, kv->work, run_n);
+                run_n = 0;
+            }
+            if (k1 - k0 == 1) {
+                run_s = ub->seq_id[k0];
+                kv->work[run_n++] = idx;
+                continue;
+            }
+            for (uint32_t k = k0; k < k1; ++k) {
                 pmi_cells_seq_add(c, idx, ub->seq_id[k]);
             }
+        }
+        if (run_n > 0) {
+            pmi_cells_seq_add_many(c, run_s, kv->work, run_n);
         }
     }
     if (any_rm) {
@@ -1077,6 +1098,13 @@ static uint32_t select_cells(const pmi_kv *kv, uint32_t st, pm_seq_id seq, uint3
     } else {
         n = m;
     }
+    uint32_t k = 1;
+    while (k < n && out[k] > out[k - 1]) {
+        ++k;
+    }
+    if (k >= n) {
+        return n; /* positions follow the cells: already ascending */
+    }
     /* ascending cell order through a bitmap (cheaper than sorting) */
     uint64_t *bm = kv->bits;
     memset(bm, 0, sizeof(uint64_t) * c->nwords);
@@ -1129,38 +1157,47 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
     if (n == 0) {
         return;
     }
-    for (uint32_t k = 0; k < n; ++k) {
+    /* cell metadata: one reservation, then plain stores (ids >= n_seq_max are not written) */
+    uint64_t nids = 0;
+    uint64_t wmask[PMI_SEQ_WORDS] = {0};
+    for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
+        wmask[q >> 6] |= 1ULL << (q & 63);
+    }
+    if (seq == -1) {
+        for (uint32_t k = 0; k < n; ++k) {
+            const uint64_t *bw = c->seq + (size_t)cells[k] * PMI_SEQ_WORDS;
+            for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
+                nids += (uint64_t)__builtin_popcountll(bw[wq] & wmask[wq]);
+            }
+        }
+    } else if ((uint32_t)seq < kv->n_seq_max) {
+        nids = n;
+    }
+    const uint32_t ext = kv->cell_ext ? 12 : 0;
+    uint8_t *p = pmi_w_reserve(w, (uint64_t)n * (8 + ext) + 4 * nids);
+    for (uint32_t k = 0; k < n && p != NULL; ++k) {
         uint32_t i = cells[k];
-        pmi_w_i32(w, c->pos[i]);
-        uint32_t nid = 0;
-        pm_seq_id ids[PM_MAX_SEQ];
+        pmi_wr_u32(p, (uint32_t)c->pos[i]);
+        uint8_t *ids = p + 8 + ext;
         if (seq == -1) {
             const uint64_t *bw = c->seq + (size_t)i * PMI_SEQ_WORDS;
             for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
-                uint64_t b = bw[wq];
-                while (b) {
-                    uint32_t q = wq * 64 + (uint32_t)__builtin_ctzll(b);
-                    b &= b - 1;
-                    if (q < kv->n_seq_max) {
-                        ids[nid++] = (pm_seq_id)q;
-                    }
+                for (uint64_t b = bw[wq] & wmask[wq]; b; b &= b - 1) {
+                    pmi_wr_u32(ids, wq * 64 + (uint32_t)__builtin_ctzll(b));
+                    ids += 4;
                 }
             }
         } else if ((uint32_t)seq < kv->n_seq_max) {
-            ids[nid++] = seq;
+            pmi_wr_u32(ids, (uint32_t)seq);
+            ids += 4;
         }
-        pmi_w_u32(w, nid);
-        if (kv->cell_ext) {
-            pmi_w_i32(w, c->ext[i].x);
-            pmi_w_i32(w, c->ext[i].y);
-            pmi_w_i32(w, c->ext[i].tok);
+        pmi_wr_u32(p + 4, (uint32_t)((ids - (p + 8 + ext)) / 4));
+        if (ext) {
+            pmi_wr_u32(p + 8, (uint32_t)c->ext[i].x);
+            pmi_wr_u32(p + 12, (uint32_t)c->ext[i].y);
+            pmi_wr_u32(p + 16, (uint32_t)c->ext[i].tok);
         }
-        uint8_t *p = pmi_w_reserve(w, 4ull * nid);
-        if (p != NULL) {
-            for (uint32_t q = 0; q < nid; ++q) {
-                pmi_wr_u32(p + 4 * q, (uint32_t)ids[q]);
-            }
-        }
+        p = ids;
     }
     uint32_t *runs = kv->runs;
     uint32_t nr = make_runs(cells, n, runs);

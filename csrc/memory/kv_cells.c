@@ -14,6 +14,11 @@ static const pmi_ext EXT_RESET = {0, 0, -1};
 
 /* ---- per-sequence treap ------------------------------------------------------------- */
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
 static inline uint64_t key_of(pm_pos pos, uint32_t cell) {
     return ((uint64_t)((uint32_t)pos ^ 0x80000000u) << 32) | cell;
 }
@@ -215,7 +220,7 @@ pm_status pmi_cells_init(pmi_cells *c, uint32_t size) {
     c->nl = malloc(sizeof(uint32_t) * c->ncap);
     c->nr = malloc(sizeof(uint32_t) * c->ncap);
     c->nprio = malloc(sizeof(uint32_t) * c->ncap);
-    c->tmp = malloc(sizeof(uint32_t) * 2 * (size_t)(size ? size : 1));
+    c->tmp = malloc(sizeof(uint32_t) * 4 * (size_t)(size ? size : 1));
     if (!c->pos || !c->shift || !c->ext || !c->seq || !c->used_bits || !c->nkey || !c->nl ||
         !c->nr || !c->nprio || !c->tmp) {
         pmi_cells_free(c);
@@ -254,7 +259,7 @@ void pmi_cells_free(pmi_cells *c) {
 uint64_t pmi_cells_nbytes(const pmi_cells *c) {
     uint64_t n = (uint64_t)c->size * (sizeof(pm_pos) + sizeof(int32_t) + sizeof(pmi_ext) +
                                       PMI_SEQ_WORDS * sizeof(uint64_t));
-    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 20 + (uint64_t)c->size * 8;
+    n += (uint64_t)c->nwords * 8 + (uint64_t)c->ncap * 20 + (uint64_t)c->size * 16;
     if (c->jmark) {
         n += (uint64_t)c->size * (sizeof(uint32_t) + sizeof(pmi_jrec));
     }
@@ -613,11 +618,6 @@ void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
     c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
 }
 
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* Build the index of every sequence from the cells' bits (the trees must be empty): gather
  * each sequence's keys, sort them (already sorted for packed restores), and build the treap
  * as the Cartesian tree of the priorities with a stack, in linear time. */
@@ -851,4 +851,32 @@ uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out) {
         out[k] = (uint32_t)c->nkey[out[k]];
     }
     return n;
+}
+
+void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, uint32_t n) {
+    uint64_t *keys = (uint64_t *)(c->tmp + 2 * (size_t)c->size);
+    const uint32_t wq = (uint32_t)s >> 6;
+    const uint64_t bit = 1ULL << ((uint32_t)s & 63);
+    uint32_t m = 0;
+    bool sorted = true;
+    for (uint32_t k = 0; k < n; ++k) {
+        uint32_t i = cells[k];
+        uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS + wq;
+        if (*w & bit) {
+            continue;
+        }
+        jtouch(c, i);
+        *w |= bit;
+        keys[m] = key_of(c->pos[i], i);
+        sorted = sorted && (m == 0 || keys[m] > keys[m - 1]);
+        m++;
+    }
+    if (!sorted) {
+        qsort(keys, m, sizeof(uint64_t), cmp_u64);
+    }
+    for (uint32_t j = 0; j < m; ++j) {
+        c->tmp[j] = node_new(c, keys[j]);
+    }
+    c->cnt[s] += m;
+    c->root[s] = tr_union(c, c->root[s], tr_build(c, c->tmp, m));
 }

@@ -46,7 +46,7 @@ typedef struct pmi_cells {
     uint32_t *nl, *nr;
     uint32_t *nprio;     /* heap priority of each node (a hash of its cell) */
     uint32_t ncap, nfree, nlive;
-    uint32_t *tmp;       /* 2 * size scratch entries for the range operations */
+    uint32_t *tmp;       /* 4 * size scratch entries for the range operations */
     /* undo journal */
     bool jon;
     bool j_has_shift;
@@ -100,6 +100,8 @@ void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, p
 uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d,
                                    int32_t div);
 uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s);
+/* s joins each of cells[0..n) (positions already set; nodes reserved), indexed in bulk */
+void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, uint32_t n);
 /* every cell of s in (pos, cell) order; returns the count (cnt[s]) */
 uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out);
 void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p);
