@@ -136,6 +136,52 @@ static uint32_t tr_union(pmi_cells *c, uint32_t a, uint32_t b) {
     return a;
 }
 
+static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32_t n);
+static uint32_t tr_build(pmi_cells *c, const uint32_t *nodes, uint32_t n);
+
+static uint64_t tr_min_key(const pmi_cells *c, uint32_t t) {
+    while (c->nl[t] != PMI_NONE) {
+        t = c->nl[t];
+    }
+    return c->nkey[t];
+}
+
+static uint64_t tr_max_key(const pmi_cells *c, uint32_t t) {
+    while (c->nr[t] != PMI_NONE) {
+        t = c->nr[t];
+    }
+    return c->nkey[t];
+}
+
+/* The index of one sequence joined with the sorted new nodes nodes[0..m) (which may be
+ * c->tmp): a merge when the key ranges do not overlap, the recursive union when one side is
+ * much smaller, else a linear merge of both node lists and a rebuild. */
+static uint32_t tr_join(pmi_cells *c, uint32_t a, const uint32_t *nodes, uint32_t m) {
+    if (m == 0) {
+        return a;
+    }
+    if (a == PMI_NONE) {
+        return tr_build(c, nodes, m);
+    }
+    if (tr_max_key(c, a) < c->nkey[nodes[0]]) {
+        return tr_merge(c, a, tr_build(c, nodes, m));
+    }
+    if (c->nkey[nodes[m - 1]] < tr_min_key(c, a)) {
+        return tr_merge(c, tr_build(c, nodes, m), a);
+    }
+    uint32_t *xa = c->tmp + 2 * (size_t)c->size, *xb = c->tmp + 3 * (size_t)c->size;
+    uint32_t na = tr_collect(c, a, xa, 0);
+    if (na > 16 * (uint64_t)m || m > 16 * (uint64_t)na) {
+        return tr_union(c, a, tr_build(c, nodes, m));
+    }
+    memmove(xb, nodes, sizeof(uint32_t) * m);
+    uint32_t i = 0, j = 0, k = 0;
+    while (i < na || j < m) { /* na + m <= size: both are cells of this stream */
+        c->tmp[k++] = (j >= m || (i < na && c->nkey[xa[i]] < c->nkey[xb[j]])) ? xa[i++] : xb[j++];
+    }
+    return tr_build(c, c->tmp, k);
+}
+
 /* the nodes of subtree t in key order, appended to out[n..]; returns the new count */
 static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32_t n) {
     while (t != PMI_NONE) {
@@ -743,7 +789,7 @@ void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, p
         c->tmp[m++] = node_new(c, key_of(c->pos[i], i)); /* m <= k: in place */
     }
     c->cnt[b] += m;
-    c->root[b] = tr_union(c, c->root[b], tr_build(c, c->tmp, m));
+    c->root[b] = tr_join(c, c->root[b], c->tmp, m);
 }
 
 uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d,
@@ -795,7 +841,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
         }
     }
     c->cnt[s] -= n - m;
-    c->root[s] = tr_union(c, tr_merge(c, lo, hi), tr_build(c, c->tmp, m));
+    c->root[s] = tr_join(c, tr_merge(c, lo, hi), c->tmp, m);
     return head;
 }
 
@@ -878,5 +924,5 @@ void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, ui
         c->tmp[j] = node_new(c, keys[j]);
     }
     c->cnt[s] += m;
-    c->root[s] = tr_union(c, c->root[s], tr_build(c, c->tmp, m));
+    c->root[s] = tr_join(c, c->root[s], c->tmp, m);
 }
