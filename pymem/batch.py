@@ -169,14 +169,15 @@ class UBatch:
         ns = max(self.n_stream, 1)
         streams = np.empty(ns, np.uint32)
         cells = np.empty(self.n_tokens, np.uint32)
-        check(
-            lib.pm_mctx_cells(
-                self._ctx._ptr, self.index, part,
-                ffi.from_buffer("uint32_t[]", streams, require_writable=True),
-                ffi.from_buffer("uint32_t[]", cells, require_writable=True),
-            ),
-            "cells",
-        )
+        with self._ctx._mem._lock:
+            check(
+                lib.pm_mctx_cells(
+                    self._ctx._ptr, self.index, part,
+                    ffi.from_buffer("uint32_t[]", streams, require_writable=True),
+                    ffi.from_buffer("uint32_t[]", cells, require_writable=True),
+                ),
+                "cells",
+            )
         return streams, cells.astype(np.int32).reshape(ns, self.n_tokens // ns)
 
     @property
@@ -193,14 +194,16 @@ class UBatch:
     @property
     def applied(self) -> bool:
         info = ffi.new("pm_ubatch_info *")
-        check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
+        with self._ctx._mem._lock:    # apply() changes the context under this lock
+            check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
         return bool(info.applied)
 
     @property
     def n_kv(self) -> int:
         """Cells the attention looks at (llama.cpp's padded n_kv), after apply."""
         info = ffi.new("pm_ubatch_info *")
-        check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
+        with self._ctx._mem._lock:
+            check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
         return int(info.n_kv)
 
     @property
@@ -209,7 +212,8 @@ class UBatch:
         cell head + s."""
         head = ffi.new("uint32_t *")
         n = ffi.new("uint32_t *")
-        check(lib.pm_mctx_rec_range(self._ctx._ptr, self.index, head, n), "rec_range")
+        with self._ctx._mem._lock:
+            check(lib.pm_mctx_rec_range(self._ctx._ptr, self.index, head, n), "rec_range")
         return int(head[0]), int(n[0])
 
     def store_state(self, layer: int, r: np.ndarray | bytes | None = None, s: np.ndarray | bytes | None = None) -> None:
@@ -220,9 +224,10 @@ class UBatch:
         rb = None if rb is None else np.ascontiguousarray(rb).view(np.uint8)
         sb = None if sb is None else np.ascontiguousarray(sb).view(np.uint8)
         mem = self._ctx._mem
+        layer = _layer_id(layer)
         with mem._lock:
             mem._live()
-            check(lib.pm_mctx_store_rs(self._ctx._ptr, self.index, int(layer),
+            check(lib.pm_mctx_store_rs(self._ctx._ptr, self.index, layer,
                                        ffi.from_buffer(rb) if rb is not None else ffi.NULL, 0 if rb is None else rb.nbytes,
                                        ffi.from_buffer(sb) if sb is not None else ffi.NULL, 0 if sb is None else sb.nbytes),
                   "store_state")
@@ -246,11 +251,12 @@ class UBatch:
             raise E.InvalidArgumentError("k and v must both be float32 or both raw rows")
         is_f32 = kf if k is not None else vf
         mem = self._ctx._mem
+        layer = _layer_id(layer)
         with mem._lock:
             mem._live()
             check(
                 lib.pm_mctx_store(
-                    self._ctx._ptr, self.index, int(layer),
+                    self._ctx._ptr, self.index, layer,
                     ffi.from_buffer(kb) if kb is not None else ffi.NULL, 0 if kb is None else kb.nbytes,
                     ffi.from_buffer(vb) if vb is not None else ffi.NULL, 0 if vb is None else vb.nbytes,
                     bool(is_f32),
@@ -261,6 +267,13 @@ class UBatch:
     def __repr__(self) -> str:
         return (f"UBatch({self.index}, n_tokens={self.n_tokens}, n_seqs={self.n_seqs}, "
                 f"n_stream={self.n_stream}, applied={self.applied})")
+
+
+def _layer_id(layer: object) -> int:
+    v = int(layer)  # type: ignore[call-overload]
+    if not 0 <= v < 2**32:
+        raise E.InvalidArgumentError(f"model layer {v} is not held by this memory")
+    return v
 
 
 def _rows(x: object) -> tuple[np.ndarray | None, bool]:

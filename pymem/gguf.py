@@ -627,8 +627,11 @@ def _cparams(hp: Hparams, n_ctx: int, n_seq_max: int, unified: bool, n_ubatch: i
     """The parts of llama_context's constructor that shape the memory (llama-context.cpp)."""
     if n_seq_max > MAX_SEQ:
         raise E.InvalidArgumentError(f"n_seq_max must be <= {MAX_SEQ}")
-    if n_ctx < 0 or n_ubatch < 0 or n_batch < 0 or n_rs_seq < 0:
-        raise E.InvalidArgumentError("n_ctx, n_ubatch, n_batch and n_rs_seq must be >= 0")
+    if n_ctx < 0 or n_ubatch < 0 or n_batch < 0 or n_rs_seq < 0 or n_seq_max < 0:
+        raise E.InvalidArgumentError("n_ctx, n_seq_max, n_ubatch, n_batch and n_rs_seq must be >= 0")
+    if max(n_ctx, n_ubatch, n_batch, n_rs_seq) > 0xFFFFFFFF:
+        raise E.InvalidArgumentError("n_ctx, n_ubatch, n_batch and n_rs_seq must fit in uint32 "
+                                     "(llama_context_params)")
     n_seq_max = max(1, int(n_seq_max))
     n_rs = int(n_rs_seq) if hp.supports_rs_rollback else 0
     n_ctx_req = int(n_ctx) if n_ctx else hp.n_ctx_train
@@ -758,6 +761,8 @@ def memory_spec(
     flash attention, a quantized block size that does not divide a head size)."""
     if not isinstance(hp, Hparams):
         hp = read_hparams(hp)
+    if int(format) not in (10, 11):
+        raise E.InvalidArgumentError(f"state format {format} is not 10 or 11")
     type_k = type_name(type_id(type_k))
     type_v = type_name(type_id(type_v))
     fa, fa_auto = _flash(flash_attn)

@@ -64,11 +64,38 @@ def row_size(t: str | int, n: int) -> int:
 
 def _enum(table: dict, value: Any, what: str) -> int:
     if isinstance(value, (int, np.integer)):
+        if int(value) not in table.values():
+            raise E.InvalidArgumentError(f"unknown {what} {int(value)} (one of {sorted(set(table.values()))})")
         return int(value)
     try:
         return table[str(value).lower()]
     except KeyError:
         raise E.InvalidArgumentError(f"unknown {what} {value!r} (one of {', '.join(k for k in table if k)})") from None
+
+
+_U32_MAX = 0xFFFFFFFF
+
+
+def _u32(value: Any, what: str) -> int:
+    """An int for a uint32 field of the C parameters, or InvalidArgumentError (cffi would
+    raise OverflowError, which is not a ValueError)."""
+    v = int(value)
+    if not 0 <= v <= _U32_MAX:
+        raise E.InvalidArgumentError(f"{what} must be in [0, 2^32), got {v}")
+    return v
+
+
+def _release(view: Any) -> None:
+    """Release a ffi.from_buffer() view of a caller's buffer now.  Left to the garbage
+    collector, a view of a memoryview that ends up in a reference cycle (e.g. through the
+    traceback of an exception the caller keeps) can be cleared after the memoryview, and
+    CPython then crashes releasing the memoryview."""
+    ffi.release(view)
+
+
+def _range_error(what: str, exc: OverflowError) -> E.InvalidArgumentError:
+    """An integer argument that does not fit its C type (seq ids and positions are int32)."""
+    return E.InvalidArgumentError(f"{what}: argument out of range: {exc}")
 
 
 @dataclass
@@ -91,14 +118,14 @@ class Rope:
 
     def _fill(self, c: Any, keep: list) -> None:
         c.mode = _enum(_ROPE, self.mode, "rope mode")
-        c.n_rot = int(self.n_rot)
+        c.n_rot = _u32(self.n_rot, "rope n_rot")
         c.freq_base = float(self.freq_base)
         c.freq_scale = float(self.freq_scale)
         c.ext_factor = float(self.ext_factor)
         c.attn_factor = float(self.attn_factor)
         c.beta_fast = float(self.beta_fast)
         c.beta_slow = float(self.beta_slow)
-        c.n_ctx_orig = int(self.n_ctx_orig)
+        c.n_ctx_orig = _u32(self.n_ctx_orig, "rope n_ctx_orig")
         if self.freq_factors is not None:
             ff = np.ascontiguousarray(self.freq_factors, dtype=np.float32)
             keep.append(ff)
@@ -181,7 +208,10 @@ class Memory:
         llama.cpp's answer (recurrent memories refuse partial removals)."""
         with self._lock:
             out = self._o_bool
-            st = lib.pm_mem_seq_rm(self._live(), seq_id, p0, p1, out)
+            try:
+                st = lib.pm_mem_seq_rm(self._live(), seq_id, p0, p1, out)
+            except OverflowError as exc:
+                raise _range_error("seq_rm", exc) from None
             if st:
                 check(st, "seq_rm")
             return bool(out[0])
@@ -189,14 +219,20 @@ class Memory:
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make dst see the cells of src in [p0, p1)."""
         with self._lock:
-            st = lib.pm_mem_seq_cp(self._live(), src, dst, p0, p1)
+            try:
+                st = lib.pm_mem_seq_cp(self._live(), src, dst, p0, p1)
+            except OverflowError as exc:
+                raise _range_error("seq_cp", exc) from None
             if st:
                 check(st, "seq_cp")
 
     def seq_keep(self, seq_id: int) -> None:
         """Drop every sequence but seq_id."""
         with self._lock:
-            st = lib.pm_mem_seq_keep(self._live(), seq_id)
+            try:
+                st = lib.pm_mem_seq_keep(self._live(), seq_id)
+            except OverflowError as exc:
+                raise _range_error("seq_keep", exc) from None
             if st:
                 check(st, "seq_keep")
 
@@ -204,14 +240,20 @@ class Memory:
         """Move positions [p0, p1) of seq_id by shift; cells pushed below 0 are dropped.  The K
         rotation is pending until :meth:`update`."""
         with self._lock:
-            st = lib.pm_mem_seq_add(self._live(), seq_id, p0, p1, shift)
+            try:
+                st = lib.pm_mem_seq_add(self._live(), seq_id, p0, p1, shift)
+            except OverflowError as exc:
+                raise _range_error("seq_add", exc) from None
             if st:
                 check(st, "seq_add")
 
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide positions [p0, p1) of seq_id by d (integer division)."""
         with self._lock:
-            st = lib.pm_mem_seq_div(self._live(), seq_id, p0, p1, d)
+            try:
+                st = lib.pm_mem_seq_div(self._live(), seq_id, p0, p1, d)
+            except OverflowError as exc:
+                raise _range_error("seq_div", exc) from None
             if st:
                 check(st, "seq_div")
 
@@ -221,7 +263,10 @@ class Memory:
             if h is None:
                 self._live()
             out = self._o_pos
-            st = lib.pm_mem_seq_pos_min(h.ptr, seq_id, out)
+            try:
+                st = lib.pm_mem_seq_pos_min(h.ptr, seq_id, out)
+            except OverflowError as exc:
+                raise _range_error("seq_pos_min", exc) from None
             if st:
                 check(st, "seq_pos_min")
             return out[0]
@@ -232,7 +277,10 @@ class Memory:
             if h is None:
                 self._live()
             out = self._o_pos
-            st = lib.pm_mem_seq_pos_max(h.ptr, seq_id, out)
+            try:
+                st = lib.pm_mem_seq_pos_max(h.ptr, seq_id, out)
+            except OverflowError as exc:
+                raise _range_error("seq_pos_max", exc) from None
             if st:
                 check(st, "seq_pos_max")
             return out[0]
@@ -265,8 +313,11 @@ class Memory:
         """The exact length :meth:`state_write` returns."""
         out = ffi.new("uint64_t *")
         with self._lock:
-            check(lib.pm_mem_state_size(self._live(), seq_id, flags, _enum(_ENVELOPE, envelope, "envelope"), out),
-                  "state_size")
+            try:
+                st = lib.pm_mem_state_size(self._live(), seq_id, flags, _enum(_ENVELOPE, envelope, "envelope"), out)
+            except OverflowError as exc:
+                raise _range_error("state_size", exc) from None
+            check(st, "state_size")
         return int(out[0])
 
     def state_write(self, seq_id: int = -1, flags: int = 0, envelope: str | None = None) -> bytes:
@@ -277,7 +328,11 @@ class Memory:
         with self._lock:
             ptr = self._live()
             n = ffi.new("uint64_t *")
-            check(lib.pm_mem_state_size(ptr, seq_id, flags, env, n), "state_write")
+            try:
+                st = lib.pm_mem_state_size(ptr, seq_id, flags, env, n)
+            except OverflowError as exc:
+                raise _range_error("state_write", exc) from None
+            check(st, "state_write")
             buf = bytearray(n[0])
             written = ffi.new("uint64_t *")
             check(lib.pm_mem_state_write(ptr, seq_id, flags, env, ffi.from_buffer(buf) if buf else ffi.NULL,
@@ -290,13 +345,20 @@ class Memory:
         env = _enum(_ENVELOPE, envelope, "envelope")
         view = ffi.from_buffer(buffer, require_writable=True)
         written = ffi.new("uint64_t *")
-        with self._lock:
-            try:
-                check(lib.pm_mem_state_write(self._live(), seq_id, flags, env, view, len(view), written),
-                      "state_write_into")
-            except E.BufferTooSmallError as exc:
-                exc.needed = int(written[0])
-                raise
+        try:
+            with self._lock:
+                try:
+                    st = lib.pm_mem_state_write(self._live(), seq_id, flags, env, view, len(view), written)
+                except OverflowError as exc:
+                    raise _range_error("state_write_into", exc) from None
+                try:
+                    check(st, "state_write_into")
+                except E.BufferTooSmallError as exc:
+                    exc.needed = int(written[0])
+                    del exc                   # no reference cycle through this frame (see _release)
+                    raise
+        finally:
+            _release(view)
         return int(written[0])
 
     def state_read(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: str | None = None,
@@ -306,9 +368,16 @@ class Memory:
         env = _enum(_ENVELOPE, envelope, "envelope")
         view = ffi.from_buffer(data)
         consumed = ffi.new("uint64_t *")
-        with self._lock:
-            check(lib.pm_mem_state_read(self._live(), seq_id, flags, env, view, len(view), bool(allow_trailing),
-                                        consumed), "state_read")
+        try:
+            with self._lock:
+                try:
+                    st = lib.pm_mem_state_read(self._live(), seq_id, flags, env, view, len(view),
+                                               bool(allow_trailing), consumed)
+                except OverflowError as exc:
+                    raise _range_error("state_read", exc) from None
+                check(st, "state_read")
+        finally:
+            _release(view)
         return int(consumed[0])
 
     def state_check(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: str | None = None) -> int:
@@ -317,9 +386,15 @@ class Memory:
         env = _enum(_ENVELOPE, envelope, "envelope")
         view = ffi.from_buffer(data)
         consumed = ffi.new("uint64_t *")
-        with self._lock:
-            check(lib.pm_mem_state_check(self._live(), seq_id, flags, env, view, len(view), consumed),
-                  "state_check")
+        try:
+            with self._lock:
+                try:
+                    st = lib.pm_mem_state_check(self._live(), seq_id, flags, env, view, len(view), consumed)
+                except OverflowError as exc:
+                    raise _range_error("state_check", exc) from None
+                check(st, "state_check")
+        finally:
+            _release(view)
         return int(consumed[0])
 
     # -- batches -------------------------------------------------------------------------------
@@ -327,15 +402,17 @@ class Memory:
         """Validate, split and dry-run a batch as llama_decode does.  Raises BatchError where
         llama.cpp returns -1 and NoSlotError where it returns 1; the memory is then unchanged."""
         out = ffi.new("pm_mctx **")
+        n_ubatch, n_vocab = _u32(n_ubatch, "n_ubatch"), _u32(n_vocab, "n_vocab")
         with self._lock:
-            check(lib.pm_mem_init_batch(self._live(), batch._ptr, int(n_ubatch), int(n_vocab), bool(embd_all), out),
+            check(lib.pm_mem_init_batch(self._live(), batch._ptr, n_ubatch, n_vocab, bool(embd_all), out),
                   "init_batch")
             return BatchContext(self, out[0])
 
     def check_batch(self, batch: Batch, n_vocab: int = 0, embd_all: bool = False) -> None:
         """Raise BatchError if llama.cpp would reject the batch (llama_decode returns -1)."""
+        n_vocab = _u32(n_vocab, "n_vocab")
         with self._lock:
-            check(lib.pm_mem_check_batch(self._live(), batch._ptr, int(n_vocab), bool(embd_all)), "batch")
+            check(lib.pm_mem_check_batch(self._live(), batch._ptr, n_vocab, bool(embd_all)), "batch")
 
     def decode(self, batch: Batch, n_ubatch: int = 512, n_vocab: int = 0) -> BatchContext:
         """llama_decode's memory steps, in its order: validate the batch (BatchError, nothing
@@ -386,8 +463,8 @@ class Memory:
 
 def _per_layer(value: Any, n_layer: int, what: str) -> list[int]:
     if isinstance(value, (int, np.integer)):
-        return [int(value)] * n_layer
-    vals = [int(v) for v in value]
+        return [_u32(value, what)] * n_layer
+    vals = [_u32(v, what) for v in value]
     if len(vals) != n_layer:
         raise E.InvalidArgumentError(f"{what} needs one value per model layer ({n_layer}), got {len(vals)}")
     return vals
@@ -454,22 +531,22 @@ def _kv_params(kw: dict, keep: list) -> Any:
     p.n_layer_model = n_layer
     p.n_layer = len(held)
     p.layers = arr
-    p.size = int(a["size"])
-    p.n_seq_max = int(a["n_seq_max"])
+    p.size = _u32(a["size"], "size")
+    p.n_seq_max = _u32(a["n_seq_max"], "n_seq_max")
     p.type_k = type_id(a["type_k"])
     p.type_v = type_id(a["type_v"])
     p.v_trans = bool(a["v_trans"])
     p.unified = bool(a["unified"])
-    p.n_swa = int(a["n_swa"])
+    p.n_swa = _u32(a["n_swa"], "n_swa")
     p.swa_type = _enum(_SWA, a["swa_type"], "swa_type")
-    p.n_pos_per_embd = int(a["n_pos_per_embd"])
+    p.n_pos_per_embd = _u32(a["n_pos_per_embd"], "n_pos_per_embd")
     p.cell_ext = bool(a["cell_ext"]) if a["cell_ext"] is not None else p.n_pos_per_embd > 1
-    p.n_embd_v_gqa_max = int(a["n_embd_v_gqa_max"])
+    p.n_embd_v_gqa_max = _u32(a["n_embd_v_gqa_max"], "n_embd_v_gqa_max")
     p.k_rot = -1 if a["k_rot"] is None else int(a["k_rot"])
     p.v_rot = -1 if a["v_rot"] is None else int(a["v_rot"])
     # without RoPE parameters a pending shift cannot be applied: the cache cannot shift
     p.can_shift = bool(a["can_shift"]) and (any_rope or not held)
-    p.format = int(a["format"])
+    p.format = _u32(a["format"], "format")
     if a["arch"] is not None:
         ab = ffi.new("char[]", str(a["arch"]).encode())
         keep.append(ab)
@@ -490,6 +567,8 @@ def _rec_params(kw: dict, keep: list) -> Any:
         raise TypeError("a recurrent memory needs n_layer (the model's layer count)")
     a = {**_REC_DEFAULTS, **kw}
     n_layer = int(a["n_layer"])
+    if n_layer < 0:
+        raise E.InvalidArgumentError("n_layer must be >= 0")
     held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
     rr = _per_layer(a["n_embd_r"], n_layer, "n_embd_r") if n_layer else []
     ss = _per_layer(a["n_embd_s"], n_layer, "n_embd_s") if n_layer else []
@@ -509,12 +588,12 @@ def _rec_params(kw: dict, keep: list) -> Any:
     p.n_layer_model = n_layer
     p.n_layer = len(held)
     p.layers = arr
-    n_seq_max = int(a["n_seq_max"])
+    n_seq_max = _u32(a["n_seq_max"], "n_seq_max")
     p.n_seq_max = n_seq_max
-    p.size = int(a["size"]) if a["size"] is not None else max(1, n_seq_max)
+    p.size = _u32(a["size"], "size") if a["size"] is not None else max(1, n_seq_max)
     p.type_r = type_id(a["type_r"])
     p.type_s = type_id(a["type_s"])
-    p.n_rs_seq = int(a["n_rs_seq"])
+    p.n_rs_seq = _u32(a["n_rs_seq"], "n_rs_seq")
     if a["arch"] is not None:
         ab = ffi.new("char[]", str(a["arch"]).encode())
         keep.append(ab)
@@ -634,8 +713,6 @@ class KVPart:
     def kq_mask(self, ub: UBatch, causal: bool = True, non_causal: str = "all", alibi: bool = False) -> np.ndarray:
         """The KQ mask llama.cpp builds for this cache and an applied ubatch: float32
         ``[n_stream, n_tokens_per_stream, n_kv]`` of 0 (visible) or -inf."""
-        info = ffi.new("pm_ubatch_info *")
-        check(lib.pm_mctx_ubatch_info(ub._ctx._ptr, ub.index, info))
         ns = max(ub.n_stream, 1)
         nk = ffi.new("uint32_t *")
         mem = self._mem
@@ -803,6 +880,11 @@ def _iswa_kwargs(base: dict | None, swa: dict | None, kw: dict) -> tuple[dict, d
     n_swa = int(kw.pop("n_swa"))
     swa_type = kw.pop("swa_type", "standard")
     n_layer = int(kw["n_layer"])
+    if n_ubatch < 1 or n_swa < 0:
+        raise E.InvalidArgumentError(f"n_ubatch must be >= 1 and n_swa >= 0 (got {n_ubatch}, {n_swa})")
+    bad = sorted(il for il in swa_layers if not 0 <= il < n_layer)
+    if bad:
+        raise E.InvalidArgumentError(f"swa_layers {bad} are not model layers (n_layer {n_layer})")
     layers = kw.pop("layers", None)
     held = list(range(n_layer)) if layers is None else [int(x) for x in layers]
     size = int(kw.get("size", _KV_DEFAULTS["size"]))

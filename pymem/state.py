@@ -880,7 +880,7 @@ def _read_file(path: PathLike, progress: Progress = None) -> bytearray:
     try:
         size = p.stat().st_size
         if p.is_dir():
-            raise StateError(f"{p}: is a directory")
+            raise E.StateFileError(f"{p}: is a directory")
         buf = bytearray(size)
         mv = memoryview(buf)
         done = 0

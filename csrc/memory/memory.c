@@ -541,8 +541,9 @@ static pm_status read_envelope(const pm_memory *m, pmi_reader *r, pm_seq_id s, u
             return PM_E_FORMAT;
         }
         if (m->arch != NULL && (strlen(m->arch) != n || memcmp(m->arch, name, n) != 0)) {
-            return pmi_fail(PM_E_FORMAT, "wrong model arch: '%.*s' instead of '%s'", (int)(n > 64 ? 64 : n),
-                            (const char *)name, m->arch);
+            return pmi_fail(PM_E_FORMAT, "wrong model arch: '%.*s' instead of '%s' (offset %llu)",
+                            (int)(n > 64 ? 64 : n), (const char *)name, m->arch,
+                            (unsigned long long)(r->off - n));
         }
         return PM_OK;
     }
@@ -552,7 +553,8 @@ static pm_status read_envelope(const pm_memory *m, pmi_reader *r, pm_seq_id s, u
         return PM_E_FORMAT;
     }
     if (magic != IO_MAGIC) {
-        return pmi_fail(PM_E_FORMAT, "wrong sequence state magic 0x%08x (expected 0x%08x)", magic, IO_MAGIC);
+        return pmi_fail(PM_E_FORMAT, "wrong sequence state magic 0x%08x (expected 0x%08x) (offset %llu)", magic,
+                        IO_MAGIC, (unsigned long long)(r->off - 4));
     }
     if (!pmi_r_i32(r, &src_seq, "source seq id")) {
         return PM_E_FORMAT;
