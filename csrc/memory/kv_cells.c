@@ -223,6 +223,19 @@ static inline void bound_shift(pmi_cells *c, int32_t v) {
     }
 }
 
+/* every index empty, every node free */
+static void idx_clear(pmi_cells *c) {
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        c->root[s] = PMI_NONE;
+        c->cnt[s] = 0;
+    }
+    for (uint32_t n = 0; n < c->ncap; ++n) {
+        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
+    }
+    c->nfree = 0;
+    c->nlive = 0;
+}
+
 static void idx_add(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
     uint32_t n = node_new(c, key_of(pos, i));
     c->root[s] = tr_insert(c, c->root[s], n);
@@ -555,15 +568,7 @@ void pmi_cells_reset(pmi_cells *c) {
     c->used = 0;
     c->has_shift = false;
     c->shift_bound = 0;
-    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        c->root[s] = PMI_NONE;
-        c->cnt[s] = 0;
-    }
-    for (uint32_t n = 0; n < c->ncap; ++n) {
-        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
-    }
-    c->nfree = 0;
-    c->nlive = 0;
+    idx_clear(c);
 }
 
 void pmi_cells_reset_shift(pmi_cells *c) {
@@ -874,15 +879,7 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
     for (uint32_t k = 0; k < n; ++k) {
         c->tmp[k] = (uint32_t)c->nkey[c->tmp[k]]; /* the cell */
     }
-    for (uint32_t q = 0; q < PM_MAX_SEQ; ++q) {
-        c->root[q] = PMI_NONE;
-        c->cnt[q] = 0;
-    }
-    for (uint32_t nd = 0; nd < c->ncap; ++nd) {
-        c->nl[nd] = nd + 1 < c->ncap ? nd + 1 : PMI_NONE;
-    }
-    c->nfree = 0;
-    c->nlive = 0;
+    idx_clear(c);
     for (uint32_t k = 0; k < n; ++k) {
         c->tmp[k] = node_new(c, key_of(c->pos[c->tmp[k]], c->tmp[k]));
     }
