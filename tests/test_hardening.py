@@ -852,7 +852,7 @@ def test_buffer_views_are_released():
     short.extend(data[10:])
     assert m.state_check(short) == m.state_read(data) == len(data) and ei2.value and ei3.value
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _GC_CHILD, str(TESTS)], capture_output=True,
-                       text=True, cwd=str(REPO), timeout=120)
+                       text=True, cwd=str(TESTS), timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
 
 
@@ -1037,7 +1037,7 @@ def test_atomic_save_survives_sigkill(tmp_path):
     seen_mid_write = seen_complete = 0
     for k in range(8):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+                                stderr=subprocess.PIPE, text=True, cwd=str(TESTS))
         try:
             line = proc.stdout.readline()
             assert line, proc.stderr.read()
