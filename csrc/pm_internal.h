@@ -151,6 +151,15 @@ bool pmi_r_u64(pmi_reader *r, uint64_t *v, const char *what);
 /* Point at the next n bytes and skip them. */
 bool pmi_r_span(pmi_reader *r, uint64_t n, const uint8_t **p, const char *what);
 
+/* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
+ * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */
+static inline uint32_t pmi_popcount64(uint64_t x) {
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (uint32_t)((x * 0x0101010101010101ULL) >> 56);
+}
+
 static inline uint32_t pmi_rd_u32(const uint8_t *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
            ((uint32_t)p[3] << 24);

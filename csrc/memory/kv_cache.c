@@ -1167,7 +1167,7 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
         for (uint32_t k = 0; k < n; ++k) {
             const uint64_t *bw = c->seq + (size_t)cells[k] * PMI_SEQ_WORDS;
             for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
-                nids += (uint64_t)__builtin_popcountll(bw[wq] & wmask[wq]);
+                nids += pmi_popcount64(bw[wq] & wmask[wq]);
             }
         }
     } else if ((uint32_t)seq < kv->n_seq_max) {

@@ -766,7 +766,7 @@ uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1)
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
         jtouch(c, i);
         c->seq[(size_t)i * PMI_SEQ_WORDS + wq] &= ~bit;
-        if (pmi_cells_seq_count(c, i) == 0) {
+        if (pmi_cells_seq_none(c, i)) {
             make_empty(c, i);
             if (i < head) {
                 head = i;
@@ -808,7 +808,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
         jtouch(c, i);
-        bool shared = pmi_cells_seq_count(c, i) > 1;
+        bool shared = pmi_cells_seq_multi(c, i);
         if (shared) {
             idx_others(c, i, s, false);
         }
@@ -859,12 +859,12 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
             uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
             uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
             if (sw[wq] & bit) {
-                if (pmi_cells_seq_count(c, i) > 1) {
+                if (pmi_cells_seq_multi(c, i)) {
                     jtouch(c, i);
                     seq_clear(c, i);
                     sw[wq] = bit;
                 }
-            } else if (pmi_cells_seq_count(c, i) > 0) {
+            } else if (!pmi_cells_seq_none(c, i)) {
                 jtouch(c, i);
                 seq_clear(c, i);
                 make_empty(c, i);

@@ -69,8 +69,17 @@ static inline bool pmi_cells_seq_has(const pmi_cells *c, uint32_t i, pm_seq_id s
 }
 static inline uint32_t pmi_cells_seq_count(const pmi_cells *c, uint32_t i) {
     const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
-    return (uint32_t)(__builtin_popcountll(w[0]) + __builtin_popcountll(w[1]) +
-                      __builtin_popcountll(w[2]) + __builtin_popcountll(w[3]));
+    return pmi_popcount64(w[0]) + pmi_popcount64(w[1]) + pmi_popcount64(w[2]) + pmi_popcount64(w[3]);
+}
+/* no sequence / more than one sequence (cheaper than counting) */
+static inline bool pmi_cells_seq_none(const pmi_cells *c, uint32_t i) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    return (w[0] | w[1] | w[2] | w[3]) == 0;
+}
+static inline bool pmi_cells_seq_multi(const pmi_cells *c, uint32_t i) {
+    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    uint64_t x = w[0] | w[1] | w[2] | w[3];
+    return (w[0] != 0) + (w[1] != 0) + (w[2] != 0) + (w[3] != 0) > 1 || (x & (x - 1)) != 0;
 }
 pm_seq_id pmi_cells_seq_get(const pmi_cells *c, uint32_t i); /* lowest id, -1 if none */
 pm_pos pmi_cells_seq_pos_min(const pmi_cells *c, pm_seq_id s);

@@ -23,8 +23,8 @@ static inline void rc_set(pmi_rcell *c, pm_seq_id s) { c->seq[(uint32_t)s >> 6] 
 static inline void rc_clr(pmi_rcell *c, pm_seq_id s) { c->seq[(uint32_t)s >> 6] &= ~(1ULL << ((uint32_t)s & 63)); }
 static inline bool rc_empty(const pmi_rcell *c) { return !(c->seq[0] | c->seq[1] | c->seq[2] | c->seq[3]); }
 static inline uint32_t rc_count(const pmi_rcell *c) {
-    return (uint32_t)(__builtin_popcountll(c->seq[0]) + __builtin_popcountll(c->seq[1]) +
-                      __builtin_popcountll(c->seq[2]) + __builtin_popcountll(c->seq[3]));
+    return pmi_popcount64(c->seq[0]) + pmi_popcount64(c->seq[1]) + pmi_popcount64(c->seq[2]) +
+           pmi_popcount64(c->seq[3]);
 }
 static inline pm_seq_id rc_first(const pmi_rcell *c) {
     for (uint32_t k = 0; k < 4; ++k) {
