@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import pymem
 from pymem import gguf as pg
 from pymem.llama import _loader, tinymodels
 from pymem.llama.tinymodels import TinySpec
+
+from blobreader import Reader, parse_kv, parse_rec
 
 HAVE_ORACLE = _loader.is_available()
 needs_oracle = pytest.mark.skipif(not HAVE_ORACLE, reason=f"llama-cpp-py-sync is not installed ({_loader.PIP_HINT})")
@@ -191,81 +192,11 @@ def models(worker) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# a self-contained parser of llama.cpp b11739 state blobs (ORACLE.md section 4)
+# whole-context blobs of llama.cpp b11739 (ORACLE.md section 4; sections: tests/blobreader.py)
 # ---------------------------------------------------------------------------------------------
-class _R:
-    def __init__(self, b: bytes, off: int = 0) -> None:
-        self.b, self.o = b, off
-
-    def take(self, fmt: str) -> Any:
-        v = struct.unpack_from("<" + fmt, self.b, self.o)
-        self.o += struct.calcsize("<" + fmt)
-        return v[0] if len(v) == 1 else v
-
-    def skip(self, n: int) -> None:
-        assert self.o + n <= len(self.b), "truncated blob"
-        self.o += n
-
-
-def parse_kv(r: _R) -> Dict[str, Any]:
-    """A KV section: everything but the K/V payload bytes, plus the raw cell metadata."""
-    start = r.o
-    sec: Dict[str, Any] = {"n_stream": r.take("I"), "streams": []}
-    for _ in range(sec["n_stream"]):
-        m0 = r.o
-        cc = r.take("I")
-        st: Dict[str, Any] = {"cell_count": cc, "cells": []}
-        sec["streams"].append(st)
-        for _ in range(cc):
-            pos, n = r.take("iI")
-            st["cells"].append((pos, tuple(r.take("i") for _ in range(n))))
-        st["meta"] = r.b[m0:r.o]
-        if cc == 0:
-            continue  # empty streams write nothing more
-        st["v_trans"], st["n_layer"], st["k_rot"], st["v_rot"] = r.take("IIII")
-        st["k"], st["v"], st["k_off"] = [], [], []
-        for _ in range(st["n_layer"]):
-            t, row = r.take("iQ")
-            st["k"].append((t, row))
-            st["k_off"].append(r.o)
-            r.skip(cc * row)
-        for _ in range(st["n_layer"]):
-            t = r.take("i")
-            if st["v_trans"]:
-                el, ne = r.take("II")
-                st["v"].append((t, el, ne))
-                r.skip(ne * cc * el)
-            else:
-                row = r.take("Q")
-                st["v"].append((t, row))
-                r.skip(cc * row)
-    sec["span"] = (start, r.o)
-    return sec
-
-
-def parse_rec(r: _R, n_recr: int) -> Dict[str, Any]:
-    """A REC section (n_recr = layers that hold recurrent state; not derivable from the bytes)."""
-    start = r.o
-    cc = r.take("I")
-    sec: Dict[str, Any] = {"cell_count": cc, "cells": []}
-    for _ in range(cc):
-        pos, n = r.take("iI")
-        sec["cells"].append((pos, tuple(r.take("i") for _ in range(n))))
-    sec["meta"] = r.b[start:r.o]
-    sec["s_trans"], sec["n_layer"] = r.take("II")
-    for key in ("r", "s"):
-        sec[key] = []
-        for _ in range(n_recr):
-            t, row = r.take("iQ")
-            sec[key].append((t, row))
-            r.skip(cc * row)
-    sec["span"] = (start, r.o)
-    return sec
-
-
 def parse_state(blob: bytes, spec: pg.MemorySpec, envelope: bool = True) -> Tuple[Optional[str], List[Dict]]:
     """A whole-context blob (``llama_state_get_data``), or bare sections (envelope False)."""
-    r = _R(blob)
+    r = Reader(blob)
     arch = None
     if envelope:
         n = r.take("I")

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
+from blobreader import Reader, parse_kv, parse_rec
 from pymem.llama import _loader
 
 if not _loader.is_available():
@@ -54,79 +55,19 @@ def built(worker, tmp_path_factory) -> Dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------
-# a minimal state-blob reader, to check the layout facts recorded in the specs
+# whole-state sections (tests/blobreader.py), to check the layout facts recorded in the specs
 # ----------------------------------------------------------------------------------------
-class _R:
-    def __init__(self, b: bytes) -> None:
-        self.b, self.o = b, 0
-
-    def take(self, fmt: str) -> Any:
-        v = struct.unpack_from("<" + fmt, self.b, self.o)
-        self.o += struct.calcsize("<" + fmt)
-        return v[0] if len(v) == 1 else v
-
-    def skip(self, n: int) -> None:
-        assert self.o + n <= len(self.b), "truncated blob"
-        self.o += n
-
-
-def _kv_section(r: _R) -> List[Dict[str, Any]]:
-    streams = []
-    for _ in range(r.take("I")):
-        cc = r.take("I")
-        st: Dict[str, Any] = {"cells": [], "k_rows": [], "v_rows": []}
-        streams.append(st)
-        if cc == 0:
-            continue
-        for _ in range(cc):
-            pos, n = r.take("iI")
-            st["cells"].append((pos, [r.take("i") for _ in range(n)]))
-        v_trans, n_layer, st["k_rot"], st["v_rot"] = r.take("IIII")
-        st["v_trans"] = v_trans
-        for _ in range(n_layer):
-            t, row = r.take("iQ")
-            st["k_rows"].append((t, row))
-            r.skip(cc * row)
-        for _ in range(n_layer):
-            t = r.take("i")
-            if not v_trans:
-                row = r.take("Q")
-                st["v_rows"].append((t, row))
-                r.skip(cc * row)
-            else:
-                el, ne = r.take("II")
-                st["v_rows"].append((t, el * ne))
-                r.skip(ne * cc * el)
-    return streams
-
-
-def _rec_section(r: _R, n_recr: int) -> Dict[str, Any]:
-    cc = r.take("I")
-    cells = []
-    for _ in range(cc):
-        pos, n = r.take("iI")
-        cells.append((pos, [r.take("i") for _ in range(n)]))
-    s_trans, n_layer = r.take("II")
-    out: Dict[str, Any] = {"cells": cells, "s_trans": s_trans, "n_layer": n_layer, "r": [], "s": []}
-    for key in ("r", "s"):
-        for _ in range(n_recr):
-            t, row = r.take("iQ")
-            out[key].append((t, row))
-            r.skip(cc * row)
-    return out
-
-
 _KINDS = {"kv": ["kv"], "iswa": ["kv", "kv"], "recurrent": ["rec"], "hybrid": ["kv", "rec"],
           "hybrid_iswa": ["kv", "kv", "rec"]}
 
 
 def parse_whole(blob: bytes, lay: Dict[str, Any]) -> List[Any]:
-    r = _R(blob)
+    r = Reader(blob)
     n = r.take("I")
     r.skip(n)  # arch name
     secs = []
     for kind in _KINDS[lay["memory"]]:
-        secs.append(_kv_section(r) if kind == "kv" else _rec_section(r, len(lay["recurrent_layers"])))
+        secs.append(parse_kv(r) if kind == "kv" else parse_rec(r, len(lay["recurrent_layers"])))
     assert r.o == len(blob), f"{len(blob) - r.o} trailing bytes"
     return secs
 
@@ -180,17 +121,17 @@ def test_tiny_model_loads_and_decodes(worker, built, name):
 
         # the recorded layout facts match what llama.cpp serializes
         secs = parse_whole(whole, lay)
-        kv_secs = [s for s in secs if isinstance(s, list)]
+        kv_secs = [s["streams"] for s in secs if "streams" in s]
         for streams, layers in zip(kv_secs, _expected_kv_layers(lay)):
             assert len(streams) == 1  # unified
             st = streams[0]
             assert [p for p, _ in st["cells"]] == [0, 1, 2, 3]
             assert st["v_trans"] == 1  # no flash attention
             assert st["k_rot"] == 0 and st["v_rot"] == 0  # F16
-            assert [row for _, row in st["k_rows"]] == [2 * lay["n_embd_k_gqa"][il] for il in layers]
-            assert [row for _, row in st["v_rows"]] == [2 * lay["n_embd_v_gqa"][il] for il in layers]
+            assert [row for _, row in st["k"]] == [2 * lay["n_embd_k_gqa"][il] for il in layers]
+            assert [el * ne for _, el, ne in st["v"]] == [2 * lay["n_embd_v_gqa"][il] for il in layers]
         assert len(kv_secs) == len(_expected_kv_layers(lay))
-        recs = [s for s in secs if isinstance(s, dict)]
+        recs = [s for s in secs if "streams" not in s]
         if lay["recurrent_layers"]:
             (rec,) = recs
             assert rec["n_layer"] == lay["n_layer"]
