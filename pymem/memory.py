@@ -480,18 +480,28 @@ _KV_DEFAULTS = dict(
 )
 
 
-def _kv_params(kw: dict, keep: list) -> Any:
-    """pm_kv_params for KVCache keyword arguments (see KVCache)."""
-    unknown = set(kw) - set(_KV_DEFAULTS) - {"n_layer"}
+def _layer_args(kw: dict, defaults: dict, what: str) -> tuple:
+    """Keyword arguments of a part with the defaults filled in, the model's layer count and
+    the model layers the part holds (checked)."""
+    unknown = set(kw) - set(defaults) - {"n_layer"}
     if unknown:
-        raise TypeError(f"unknown KV cache argument(s): {', '.join(sorted(unknown))}")
+        raise TypeError(f"unknown {what} argument(s): {', '.join(sorted(unknown))}")
     if "n_layer" not in kw:
-        raise TypeError("a KV cache needs n_layer (the model's layer count)")
-    a = {**_KV_DEFAULTS, **kw}
+        raise TypeError(f"a {what} needs n_layer (the model's layer count)")
+    a = {**defaults, **kw}
     n_layer = int(a["n_layer"])
     if n_layer < 0:
         raise E.InvalidArgumentError("n_layer must be >= 0")
     held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
+    for il in held:
+        if not 0 <= il < n_layer:
+            raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
+    return a, n_layer, held
+
+
+def _kv_params(kw: dict, keep: list) -> Any:
+    """pm_kv_params for KVCache keyword arguments (see KVCache)."""
+    a, n_layer, held = _layer_args(kw, _KV_DEFAULTS, "KV cache")
     heads = _per_layer(a["n_head_kv"], n_layer, "n_head_kv") if n_layer else []
     hk = _per_layer(a["n_embd_head_k"], n_layer, "n_embd_head_k") if n_layer else []
     hv_in = a["n_embd_head_v"] if a["n_embd_head_v"] is not None else a["n_embd_head_k"]
@@ -504,9 +514,6 @@ def _kv_params(kw: dict, keep: list) -> Any:
         ropes = list(rope)
         if len(ropes) != n_layer:
             raise E.InvalidArgumentError(f"rope needs one entry per model layer ({n_layer})")
-    for il in held:
-        if not 0 <= il < n_layer:
-            raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
     arr = ffi.new("pm_kv_layer[]", max(1, len(held)))
     keep.append(arr)
     any_rope = False
@@ -560,22 +567,10 @@ _REC_DEFAULTS = dict(layers=None, n_embd_r=0, n_embd_s=0, n_embd_p=0, size=None,
 
 def _rec_params(kw: dict, keep: list) -> Any:
     """pm_rec_params for RecurrentMemory keyword arguments."""
-    unknown = set(kw) - set(_REC_DEFAULTS) - {"n_layer"}
-    if unknown:
-        raise TypeError(f"unknown recurrent memory argument(s): {', '.join(sorted(unknown))}")
-    if "n_layer" not in kw:
-        raise TypeError("a recurrent memory needs n_layer (the model's layer count)")
-    a = {**_REC_DEFAULTS, **kw}
-    n_layer = int(a["n_layer"])
-    if n_layer < 0:
-        raise E.InvalidArgumentError("n_layer must be >= 0")
-    held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
+    a, n_layer, held = _layer_args(kw, _REC_DEFAULTS, "recurrent memory")
     rr = _per_layer(a["n_embd_r"], n_layer, "n_embd_r") if n_layer else []
     ss = _per_layer(a["n_embd_s"], n_layer, "n_embd_s") if n_layer else []
     pp = _per_layer(a["n_embd_p"], n_layer, "n_embd_p") if n_layer else []
-    for il in held:
-        if not 0 <= il < n_layer:
-            raise E.InvalidArgumentError(f"layer {il} is not a model layer (n_layer {n_layer})")
     arr = ffi.new("pm_rec_layer[]", max(1, len(held)))
     keep.append(arr)
     for k, il in enumerate(held):

@@ -952,6 +952,13 @@ class _Saved:
     what: str = "state"
     trailing: bytes = b""
 
+    def __init__(self, state: MemoryState, arch: Optional[str], trailing: bytes) -> None:
+        self.state = state
+        self.arch = arch
+        self.trailing = trailing
+        self.edit_path: Optional[str] = None   # set by edit(): which way it edited, and notes
+        self.edit_notes: List[str] = []
+
     # implemented by subclasses
     def chunks(self) -> Iterator[bytes]:  # pragma: no cover
         raise NotImplementedError
@@ -1132,14 +1139,10 @@ class Session(_Saved):
 
     def __init__(self, version: int, tokens: List[int], arch: str, state: MemoryState,
                  trailing: bytes = b"") -> None:
+        super().__init__(state, arch, trailing)
         self.magic = MAGIC_SESSION
         self.version = version
         self.tokens = tokens
-        self.arch = arch
-        self.state = state
-        self.trailing = trailing
-        self.edit_path: Optional[str] = None
-        self.edit_notes: List[str] = []
 
     @classmethod
     def load(cls, path: PathLike, model: Any = None, layout: Any = None, strict: bool = True,
@@ -1240,14 +1243,10 @@ class SeqState(_Saved):
     what = "sequence state file"
 
     def __init__(self, version: int, tokens: List[int], state: MemoryState, trailing: bytes = b"") -> None:
+        super().__init__(state, None, trailing)
         self.magic = MAGIC_SEQ_FILE
         self.version = version
         self.tokens = tokens
-        self.arch = None
-        self.state = state
-        self.trailing = trailing
-        self.edit_path: Optional[str] = None
-        self.edit_notes: List[str] = []
 
     @property
     def seq_id(self) -> Optional[int]:
@@ -1332,13 +1331,9 @@ class Blob(_Saved):
 
     def __init__(self, envelope: Optional[str], state: MemoryState, arch: Optional[str] = None,
                  seq_id: Optional[int] = None, trailing: bytes = b"") -> None:
+        super().__init__(state, arch, trailing)
         self.envelope = envelope
-        self.state = state
-        self.arch = arch
         self.seq_id = seq_id
-        self.trailing = trailing
-        self.edit_path: Optional[str] = None
-        self.edit_notes: List[str] = []
 
     @property
     def what(self) -> str:  # type: ignore[override]

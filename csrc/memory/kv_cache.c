@@ -513,9 +513,8 @@ pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
     /* the extremes of the sequence and the stream's shift bound settle the common case */
-    int64_t ad = d < 0 ? -(int64_t)d : d;
     if ((int64_t)pmi_cells_seq_pos_max(c, s) + d <= INT32_MAX &&
-        (int64_t)pmi_cells_seq_pos_min(c, s) + d >= INT32_MIN && c->shift_bound + ad <= INT32_MAX) {
+        (int64_t)pmi_cells_seq_pos_min(c, s) + d >= INT32_MIN && c->shift_bound + llabs(d) <= INT32_MAX) {
         return PM_OK;
     }
     uint32_t n = pmi_cells_seq_range(c, s, p0, p1, kv->work);
@@ -557,8 +556,8 @@ pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
         return PM_OK;
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
-    int64_t lo = pmi_cells_seq_pos_min(c, s), hi = pmi_cells_seq_pos_max(c, s);
-    int64_t amax = (lo < 0 ? -lo : lo) > (hi < 0 ? -hi : hi) ? (lo < 0 ? -lo : lo) : (hi < 0 ? -hi : hi);
+    int64_t lo = llabs(pmi_cells_seq_pos_min(c, s)), hi = llabs(pmi_cells_seq_pos_max(c, s));
+    int64_t amax = PMI_MAX(lo, hi);
     if (c->shift_bound + amax <= INT32_MAX) { /* |pos - pos / d| <= |pos| */
         return PM_OK;
     }
