@@ -165,3 +165,19 @@ def test_plan_row_detects_differences():
     assert not PlanRow("kv", "kv", 131072, (half, half + (8 << 10)), kv).ok   # 8 KiB more: 4352.01
     assert not PlanRow("kv", "kv", 65536, (half, half), kv).ok
     assert not PlanRow("kv", "kv", 131072, (half, half), None).ok
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_estimate_is_what_from_gguf_allocates(shape_paths, name):
+    """The plan and the memory from_gguf builds agree part by part (K, V / R, S bytes and
+    cells; these shapes have uniform V widths, so V padding plays no part)."""
+    for kw in (dict(n_seq_max=2, flash_attn=True, unified=True, swa_full=False),
+               dict(n_seq_max=3, flash_attn=False, unified=False, swa_full=True, n_rs_seq=2)):
+        e = pymem.estimate(shape_paths[name], 1024, **kw)
+        mem = pymem.from_gguf(shape_paths[name], 1024, **kw)
+        try:
+            got = [(d["part"], d["cells"], d.get("k_bytes", d.get("r_bytes")), d.get("v_bytes", d.get("s_bytes")))
+                   for d in mem.breakdown()]
+        finally:
+            mem.close()
+        assert got == [tuple(p) for p in e.parts], (name, kw)
