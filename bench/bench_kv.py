@@ -246,7 +246,7 @@ class Llama:
     """Raw cffi calls on one in-process llama.cpp context (no wrapper overhead beyond cffi)."""
 
     def __init__(self, model: Any, cfg: Config) -> None:
-        from pymem.llama import capi
+        from pymem._oracle import capi
         self.capi = capi
         self.ctx = capi.Context(model, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq, kv_unified=cfg.unified,
                                 flash_attn=False, n_threads=1, n_batch=512, n_ubatch=512)
@@ -647,7 +647,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     use_llama = not args.no_llama and llama_available()
     model = model_path = None
     if use_llama:
-        from pymem.llama import capi, tinymodels
+        from pymem._oracle import capi, tinymodels
         model_path = tinymodels.ensure_models(["llama"])["llama"]
         model = capi.Model(model_path)
     print(f"# pymem {pymem.__version__}, kernels available {kernels.available()}, active {kernels.active()}; "

@@ -382,7 +382,7 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
     import tempfile
 
     from . import state
-    from .llama.verify import check_session_edit
+    from ._oracle.verify import check_session_edit
 
     failures = 0
     n_seq_max = 4
@@ -430,10 +430,10 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     try:
-        from .llama import OracleUnavailable, OracleWorker, tinymodels
-        from .llama.mirror import Mirror
+        from ._oracle import OracleUnavailable, OracleWorker, tinymodels
+        from ._oracle.mirror import Mirror
     except ImportError as exc:  # pragma: no cover
-        raise CLIError(f"the demo needs pymem.llama: {exc}", 2)
+        raise CLIError(f"the demo needs llama.cpp: {exc}", 2)
     import pymem
 
     configs = [

@@ -23,8 +23,9 @@ import pytest
 
 import pymem
 from pymem import gguf as pg
-from pymem.llama import _loader, tinymodels
-from pymem.llama.tinymodels import TinySpec
+from pymem._oracle import tinymodels
+from pymem.llama import _loader
+from pymem._oracle.tinymodels import TinySpec
 
 from blobreader import Reader, parse_kv, parse_rec
 
@@ -32,7 +33,7 @@ HAVE_ORACLE = _loader.is_available()
 needs_oracle = pytest.mark.skipif(not HAVE_ORACLE, reason=f"llama-cpp-py-sync is not installed ({_loader.PIP_HINT})")
 
 # ---------------------------------------------------------------------------------------------
-# extra tiny models (not in pymem.llama.tinymodels): more architectures and RoPE variants
+# extra tiny models (not in pymem._oracle.tinymodels): more architectures and RoPE variants
 # ---------------------------------------------------------------------------------------------
 _SSM2 = [("ssm.conv_kernel", "u32", 4), ("ssm.inner_size", "u32", 128), ("ssm.state_size", "u32", 16),
          ("ssm.time_step_rank", "u32", 4), ("ssm.group_count", "u32", 1)]
@@ -116,7 +117,7 @@ def meta_models(tmp_path_factory) -> Dict[str, str]:
 
 _BUILD_EXTRA = r"""
 import json, sys
-from pymem.llama import tinymodels as tm
+from pymem._oracle import tinymodels as tm
 cfg = json.loads(sys.argv[1])
 for item in cfg["specs"]:
     s = tm.TinySpec(item["name"], item["arch"], tuple(tuple(x) for x in item["kv"]), {})
@@ -152,7 +153,7 @@ def _ensure_extra_models() -> Dict[str, str]:
 def worker():
     if not HAVE_ORACLE:
         pytest.skip("llama-cpp-py-sync is not installed")
-    from pymem.llama.worker import OracleWorker
+    from pymem._oracle.worker import OracleWorker
 
     with OracleWorker(timeout=300) as w:
         yield w

@@ -3,7 +3,7 @@
 fuzz seed corpus (tests/fuzz/corpus/fuzz_kv_state/llama_*) from REAL llama.cpp b11739.
 
 Every case runs in llama.cpp (the llama-cpp-py-sync==0.11739 wheel, in the crash-isolated
-pymem.llama.OracleWorker, tiny random-weight models from pymem.llama.tinymodels, n_ctx 256).
+pymem._oracle.OracleWorker, tiny random-weight models from pymem._oracle.tinymodels, n_ctx 256).
 What the vectors expect is what llama.cpp returned and wrote: decode return codes, seq_rm
 results, positions, state blobs, accepted or rejected restores.  pymem contributes only the
 memory parameters (pymem.memory_spec, i.e. the configuration llama.cpp builds for the model)
@@ -346,7 +346,7 @@ class Rec:
             self.comment(f"llama.cpp aborts on {name}{args}; pymem returns {expect} and changes nothing")
             self.out(f"step = {name} " + " ".join(map(str, args)) + (" -> 1" if name == "seq_rm" else ""))
             self.out(f"expect_error = {expect}")
-            from pymem.llama import OracleCrashed
+            from pymem._oracle import OracleCrashed
 
             try:
                 getattr(self.ctx, name)(*args)
@@ -935,7 +935,7 @@ FUZZ_CONFIGS = {
 # ---------------------------------------------------------------------------------------------
 class Gen:
     def __init__(self, args: argparse.Namespace) -> None:
-        from pymem.llama import OracleWorker, tinymodels
+        from pymem._oracle import OracleWorker, tinymodels
 
         self.args = args
         self.worker = OracleWorker()
