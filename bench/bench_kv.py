@@ -92,7 +92,7 @@ QUICK = {
 def kv_section(cfg: Config, rng: np.random.Generator) -> bytes:
     """A bare KV memory section (format 11, v_trans=1) in which every stream is full:
     unified: seq k holds cells [k*per, (k+1)*per) at positions 0..per-1; non-unified: stream s
-    holds seq s at positions 0..per-1.  Random F16 K/V rows.  Layout: pymem/_sections.py."""
+    holds seq s at positions 0..per-1.  Random F16 K/V rows.  Layout: pymem/state/sections.py."""
     out = [struct.pack("<I", cfg.n_stream)]
     cc = cfg.per_stream
     for s in range(cfg.n_stream):

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .. import _errors as E
-from .._sections import KVSection, RecSection, parse_kv, parse_rec
+from ..state.sections import KVSection, RecSection, parse_kv, parse_rec
 from ..batch import Batch
 from ..memory import KVPart, Memory, RecurrentPart
 
