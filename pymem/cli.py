@@ -85,6 +85,8 @@ def _file_size(path: str) -> int:
 def _load(path: str, args: argparse.Namespace, strict: bool = False) -> Any:
     from . import state
 
+    if path == "-":  # standard input (read until EOF like any stream)
+        path = "/dev/stdin"
     bar = _progress_for(f"reading {os.path.basename(path)}", _file_size(path), getattr(args, "progress", None))
     try:
         return state.load(path, model=args.model, layout=args.layout, kind=args.kind, strict=strict,
@@ -192,6 +194,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise CLIError("nothing to do: give at least one edit (--seq-rm, --seq-cp, --seq-keep, --seq-mv, "
                        "--truncate, --seq-add, --seq-div) or --set-version", 2)
     _check_model(args)
+    if not args.output:
+        raise CLIError("output file name is empty", 2)
     if os.path.isdir(args.output):
         raise CLIError(f"output {args.output} is a directory")
     t0 = time.perf_counter()
