@@ -79,10 +79,16 @@ class TestOddFiles:
             Session.load(session_file).save(fifo)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
-    def test_device_output_refused(self, session_file):
+    def test_device_output_refused(self, tmp_path, session_file):
+        # a node of our own (never /dev/null itself: a regression as root would replace it)
+        dev = tmp_path / "null"
+        try:
+            os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("mknod needs root")
         with pytest.raises(pymem.StateFileError, match="character device"):
-            Session.load(session_file).save("/dev/null")
-        assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+            Session.load(session_file).save(dev)
+        assert stat.S_ISCHR(os.lstat(dev).st_mode)
 
     def test_empty_output_name(self, session_file, capsys):
         assert cli.main(["edit", str(session_file), "--seq-keep", "1", "-o", "", "-q"]) == 2
