@@ -269,7 +269,7 @@ def _layer_ranges(layers: List[int]) -> str:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import gguf, shapes
+    from . import gguf, plan, shapes
 
     if args.list_shapes:
         for name in shapes.names():
@@ -295,8 +295,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             raise
         raise CLIError(f"cannot read {args.model}: {exc}") from None
     if args.budget is not None:
-        n = gguf.max_context(hp, args.budget, **kw)
-        e = gguf.estimate(hp, n, **kw) if n else None
+        n = plan.max_context(hp, args.budget, **kw)
+        e = plan.estimate(hp, n, **kw) if n else None
         if args.json:
             json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
                        "bytes": e.total if e else None}, sys.stdout)
@@ -307,7 +307,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"{label} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
                   f"({_human(e.total)} of memory)")
         return 0
-    e = gguf.estimate(hp, args.n_ctx, **kw)
+    e = plan.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
         json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
