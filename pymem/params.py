@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _errors as E
+from ._guard import i32
 from ._native import check, ffi, lib
 
 __all__ = ["Rope", "type_id", "type_name", "row_size", "STATE_PARTIAL_ONLY", "STATE_SWA_ONLY"]
@@ -118,6 +119,10 @@ _KV_DEFAULTS = dict(
 )
 
 
+#: model layers a memory may describe (llama.cpp's LLAMA_MAX_LAYERS is 512)
+_MAX_LAYERS = 1 << 16
+
+
 def _layer_args(kw: dict, defaults: dict, what: str) -> tuple:
     """Keyword arguments of a part with the defaults filled in, the model's layer count and
     the model layers the part holds (checked)."""
@@ -130,6 +135,8 @@ def _layer_args(kw: dict, defaults: dict, what: str) -> tuple:
     n_layer = int(a["n_layer"])
     if n_layer < 0:
         raise E.InvalidArgumentError("n_layer must be >= 0")
+    if n_layer > _MAX_LAYERS:   # per-layer lists are built from it: bound it before allocating
+        raise E.InvalidArgumentError(f"n_layer must be <= {_MAX_LAYERS}, got {n_layer}")
     held = list(range(n_layer)) if a["layers"] is None else [int(x) for x in a["layers"]]
     for il in held:
         if not 0 <= il < n_layer:
@@ -187,8 +194,8 @@ def _kv_params(kw: dict, keep: list) -> Any:
     p.n_pos_per_embd = _u32(a["n_pos_per_embd"], "n_pos_per_embd")
     p.cell_ext = bool(a["cell_ext"]) if a["cell_ext"] is not None else p.n_pos_per_embd > 1
     p.n_embd_v_gqa_max = _u32(a["n_embd_v_gqa_max"], "n_embd_v_gqa_max")
-    p.k_rot = -1 if a["k_rot"] is None else int(a["k_rot"])
-    p.v_rot = -1 if a["v_rot"] is None else int(a["v_rot"])
+    p.k_rot = -1 if a["k_rot"] is None else i32(a["k_rot"], "k_rot", "KV cache")
+    p.v_rot = -1 if a["v_rot"] is None else i32(a["v_rot"], "v_rot", "KV cache")
     # without RoPE parameters a pending shift cannot be applied: the cache cannot shift
     p.can_shift = bool(a["can_shift"]) and (any_rope or not held)
     p.format = _u32(a["format"], "format")
@@ -247,6 +254,8 @@ def _iswa_kwargs(base: dict | None, swa: dict | None, kw: dict) -> tuple[dict, d
     n_swa = int(kw.pop("n_swa"))
     swa_type = kw.pop("swa_type", "standard")
     n_layer = int(kw["n_layer"])
+    if not 0 <= n_layer <= _MAX_LAYERS:
+        raise E.InvalidArgumentError(f"n_layer must be in [0, {_MAX_LAYERS}], got {n_layer}")
     if n_ubatch < 1 or n_swa < 0:
         raise E.InvalidArgumentError(f"n_ubatch must be >= 1 and n_swa >= 0 (got {n_ubatch}, {n_swa})")
     bad = sorted(il for il in swa_layers if not 0 <= il < n_layer)
