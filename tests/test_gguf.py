@@ -215,7 +215,8 @@ def _skeleton(sec: Dict[str, Any]) -> Dict[str, Any]:
     """A parsed section without offsets (comparable across producers)."""
     out = {k: v for k, v in sec.items() if k not in ("span",)}
     if "streams" in out:
-        out["streams"] = [{k: v for k, v in st.items() if k != "k_off"} for st in out["streams"]]
+        out["streams"] = [{k: v for k, v in st.items() if k not in ("k_off", "v_off", "off")}
+                          for st in out["streams"]]
     return out
 
 
