@@ -248,7 +248,19 @@ def _bytes_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
     if unit not in _UNITS or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
     return int(value * _UNITS[unit])
+
+
+def _width_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= v <= 100000:
+        raise argparse.ArgumentTypeError(f"{text!r}: the width must be in [1, 100000] characters")
+    return v
 
 
 def _human(n: int) -> str:
@@ -556,7 +568,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
                    help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
-    p.add_argument("--width", type=int, default=64, help="width of the occupancy pictures (default 64)")
+    p.add_argument("--width", type=_width_arg, default=64, help="width of the occupancy pictures (default 64)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -324,8 +324,19 @@ def _f32(x: Any) -> float:
 def read_hparams(path: PathLike) -> Hparams:
     """Read the memory-relevant hyper-parameters of a GGUF model, as llama.cpp b11739's loader
     derives them.  Raises ``pymem.UnsupportedError`` (naming the architecture) for an
-    architecture not in :data:`SUPPORTED_ARCHS`, and ``pymem.InvalidArgumentError`` where
-    llama.cpp would refuse to load the file (missing required key, bad array length, ...)."""
+    architecture not in :data:`SUPPORTED_ARCHS`, and ``pymem.InvalidArgumentError`` naming the
+    file where llama.cpp would refuse to load it (missing required key, bad array length, ...)
+    or the file is truncated or corrupt."""
+    try:
+        return _read_hparams(path)
+    except E.Error:
+        raise
+    except Exception as exc:  # whatever a truncated or corrupted file makes the GGUF reader raise
+        raise E.InvalidArgumentError(f"{os.fspath(path)}: not a valid GGUF file "
+                                     f"({type(exc).__name__}: {exc})") from None
+
+
+def _read_hparams(path: PathLike) -> Hparams:
     m = _Meta(path)
     arch = m.arch
     spec = _ARCHS.get(arch)

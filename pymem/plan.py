@@ -38,6 +38,10 @@ __all__ = [
 MAX_SEQ = 256
 #: llama_context_default_params().n_batch
 DEFAULT_N_BATCH = 2048
+#: the largest n_ctx whose rounding to a multiple of 256 fits llama.cpp's uint32 n_ctx
+N_CTX_MAX = 0xFFFFFF00
+#: cells per stream a pymem KV cache can hold (the C core's limit: size < 2^30)
+MAX_STREAM_CELLS = (1 << 30) - 1
 #: largest cells per stream max_context searches (llama.cpp keeps sizes in uint32)
 _MAX_CELLS = 1 << 26
 
@@ -166,6 +170,11 @@ def _cparams(hp: Hparams, n_ctx: int, n_seq_max: int, unified: bool, n_ubatch: i
         if n_ctx_seq == 0:
             raise E.InvalidArgumentError("n_ctx_seq == 0")
         n_ctx_pad = n_ctx_seq * n_seq_max
+    if n_ctx_pad > N_CTX_MAX:
+        raise E.InvalidArgumentError(
+            f"n_ctx {n_ctx_req} is too large: llama.cpp rounds it up to {n_ctx_pad} cells (a multiple of 256"
+            f"{'' if unified else ' per sequence'}), which does not fit its uint32 n_ctx; the largest n_ctx is "
+            f"{N_CTX_MAX}")
     return {
         "n_ctx": n_ctx_pad, "n_ctx_seq": n_ctx_seq, "n_seq_max": n_seq_max, "n_rs_seq": n_rs,
         "n_batch": n_batch_eff, "n_ubatch": n_ubatch_eff,
@@ -367,6 +376,11 @@ def build_memory(spec: MemorySpec) -> Any:
     """Instantiate the pymem memory a :class:`MemorySpec` describes: the kind's class
     (:mod:`pymem._kinds`) from its parts' ``kwargs`` (which carry ``arch``; ``format`` only
     concerns KV parts), through the class's ``_from_parts``."""
+    for p in spec.parts:
+        if p.kind == "kv" and p.size > MAX_STREAM_CELLS:
+            raise E.InvalidArgumentError(
+                f"{p.name}: {p.size} cells per stream; pymem's KV caches hold at most 2^30 - 1 cells per stream "
+                f"(the largest n_ctx is {(MAX_STREAM_CELLS // 256) * 256} per stream)")
     return _kinds.by_name(spec.kind).cls._from_parts({p.name: dict(p.kwargs) for p in spec.parts})
 
 

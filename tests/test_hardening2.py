@@ -330,3 +330,73 @@ class TestArguments:
         assert "1 ubatch" in repr(ctx) and "not applied" in repr(ctx[0])
         m.close()
         assert "closed" in repr(m) and "closed" in repr(ctx[0])
+
+
+# =============================================================================================
+# GGUF files and CLI numbers (issue 15 items 12, 13, 14, 16)
+# =============================================================================================
+class TestPlannerInputs:
+    def test_corrupt_gguf_is_a_pymem_error_naming_the_file(self, tmp_path):
+        """Truncations at every offset and random byte changes of a model file: from_gguf /
+        estimate / max_context either work or raise a pymem error naming the file."""
+        import random
+
+        from pymem import shapes
+
+        good = Path(shapes.path("llama3-8b")).read_bytes()
+        rng = random.Random(12)
+        cuts = sorted({int(len(good) * k / 97) for k in range(97)} | set(range(0, 64)))
+        mutants = [good[:n] for n in cuts]
+        for _ in range(150):
+            b = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            mutants.append(bytes(b))
+        bad = 0
+        p = tmp_path / "m.gguf"
+        for i, data in enumerate(mutants):
+            p.write_bytes(data)
+            for call in (lambda: pymem.estimate(str(p), 4096), lambda: pymem.max_context(str(p), 1 << 30),
+                         lambda: pymem.memory_spec(str(p), 4096)):
+                try:
+                    call()
+                except pymem.Error as exc:
+                    assert str(p) in str(exc) or "architecture" in str(exc) or "n_ctx" in str(exc), (i, exc)
+                    bad += 1
+        assert bad > 100          # most mutants are refused, each with a pymem error
+
+    def test_n_ctx_limits(self):
+        from pymem import plan, shapes
+
+        path = shapes.path("llama3-8b")
+        with pytest.raises(pymem.InvalidArgumentError, match="largest n_ctx is 4294967040"):
+            pymem.estimate(path, 2 ** 32 - 1)
+        e = pymem.estimate(path, plan.N_CTX_MAX)
+        assert e.parts[0][1] == plan.N_CTX_MAX          # the cells llama.cpp would ask for
+        with pytest.raises(pymem.InvalidArgumentError, match=r"2\^30 - 1 cells per stream"):
+            pymem.from_gguf(path, 2 ** 31)
+        assert plan.MAX_STREAM_CELLS == (1 << 30) - 1
+
+    def test_cli_numbers(self, tmp_path, capsys):
+        from pymem import shapes
+
+        for argv, msg in [
+            (["estimate", "--shape", "llama3-8b", "--budget", "1e400"], "below 2^64"),
+            (["estimate", "--shape", "llama3-8b", "--budget", "1e30GiB"], "below 2^64"),
+        ]:
+            with pytest.raises(SystemExit) as ei:
+                cli.main(argv)
+            assert ei.value.code == 2 and msg in capsys.readouterr().err
+        assert cli.main(["estimate", "--shape", "llama3-8b", "--ctx", "4294967295"]) == 1
+        assert "largest n_ctx" in capsys.readouterr().err
+        m = filled("kv", seed=8)
+        f = tmp_path / "s.session"
+        Session.from_memory(m, [1]).save(f)
+        for w in ("0", "-5", "x"):
+            with pytest.raises(SystemExit) as ei:
+                cli.main(["inspect", str(f), "--width", w])
+            assert ei.value.code == 2 and "width" in capsys.readouterr().err
+        assert cli.main(["inspect", str(f), "--width", "1"]) == 0
+        with pytest.raises(pymem.InvalidArgumentError, match="width"):
+            Session.load(f).describe(width=0)
+        assert shapes
