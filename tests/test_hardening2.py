@@ -400,3 +400,92 @@ class TestPlannerInputs:
         with pytest.raises(pymem.InvalidArgumentError, match="width"):
             Session.load(f).describe(width=0)
         assert shapes
+
+
+# =============================================================================================
+# resource bounds of the parsers (issue 15 items 6, 7)
+# =============================================================================================
+_LIMITED = """
+import resource, signal, struct, sys, time
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+import pymem, pymem.state, pymem.cli            # everything imported before the limit
+lim = vm_bytes() + {extra_mb} * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+signal.alarm({seconds})                           # SIGALRM kills a run that takes too long
+"""
+
+
+def run_limited(code: str, extra_mb: int, seconds: int) -> subprocess.CompletedProcess:
+    """``code`` in a child whose address space may grow by ``extra_mb`` only and that is killed
+    after ``seconds``."""
+    return run_child(_LIMITED.format(extra_mb=extra_mb, seconds=seconds) + textwrap.dedent(code),
+                     timeout=seconds + 60)
+
+
+def empty_rec_section(n_layer: int, row: int = 0) -> bytes:
+    """A REC section with no cells and ``n_layer`` recurrent layers whose rows claim ``row``
+    bytes each (no row follows: there are no cells)."""
+    return struct_pack("<III", 0, 0, n_layer) + struct_pack("<iQ", 0, row) * (2 * n_layer)
+
+
+def struct_pack(fmt: str, *v: int) -> bytes:
+    import struct
+
+    return struct.pack(fmt, *v)
+
+
+class TestResourceBounds:
+    def test_layout_inference_is_linear(self, tmp_path):
+        """Old main: 24 KB took 22 s and 318 MB, 98 KB over 4.5 GB (every layer count re-parsed)."""
+        small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+        small.write_bytes(empty_rec_section(1000))      # 24 KB
+        big.write_bytes(empty_rec_section(4000))        # 96 KB
+        r = run_limited(f"""
+            def infer(p):
+                t = time.perf_counter()
+                try:
+                    pymem.state.load(p)
+                except pymem.Error:
+                    pass
+                return time.perf_counter() - t
+            infer({str(small)!r})
+            a, b = infer({str(small)!r}), infer({str(big)!r})
+            print(a, b)
+            assert b < 10.0 and b < 20 * a + 1.0, (a, b)     # 4x the input: about 4x the time (not 16x)
+        """, extra_mb=150, seconds=60)
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+        for p in (small, big):
+            assert cli.main(["inspect", str(p), "--json"]) in (0, 1)
+
+    def test_inferred_layout_of_empty_rec_sections(self, tmp_path):
+        lay = state.infer_layout(empty_rec_section(7))
+        assert lay.pattern == ("rec",) and lay.sections[0].n_recurrent == 7
+        blob = empty_rec_section(7)[:-5]                # truncated: the error names where
+        with pytest.raises(pymem.StateError, match="offset"):
+            state.infer_layout(blob)
+
+    def test_no_allocation_from_unbacked_row_claims(self, tmp_path):
+        """Old main: a 36-byte file made ``pymem edit`` allocate 2 x 2^28 bytes (rows of a section
+        without cells), a 108-byte one asked for 64 GiB."""
+        f = tmp_path / "claim.bin"
+        f.write_bytes(empty_rec_section(1, row=1 << 28))
+        assert len(f.read_bytes()) == 36
+        g = tmp_path / "claim4.bin"
+        g.write_bytes(empty_rec_section(4, row=1 << 33))
+        r = run_limited(f"""
+            rc = [pymem.cli.main(["edit", p, "--seq-rm", "0", "-o", p + ".out", "-q"])
+                  for p in ({str(f)!r}, {str(g)!r})]
+            print(rc)
+            assert rc == [1, 1], rc
+        """, extra_mb=150, seconds=60)
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+        assert "not backed" in r.stderr
+        assert not (tmp_path / "claim.bin.out").exists()
+        # a modest claim without cells still edits (the structure path, nothing allocated beyond it)
+        h = tmp_path / "small.bin"
+        h.write_bytes(empty_rec_section(2, row=64))
+        assert cli.main(["edit", str(h), "--seq-rm", "0", "-o", str(tmp_path / "small.out"), "-q"]) == 0
+        assert (tmp_path / "small.out").read_bytes() == h.read_bytes()

@@ -130,11 +130,31 @@ def _build_memory(state: MemoryState, model: Any, arch: Optional[str], extra_ids
     return build_memory(spec)
 
 
+#: bytes a memory built from claims that no data backs may take (see _check_backed)
+_UNBACKED_MAX = 64 << 20
+
+
+def _check_backed(state: MemoryState, n_seq_max: int) -> None:
+    """A recurrent section without cells still lists each layer's row sizes, but no row
+    follows them: nothing in the input backs those numbers.  Refuse to allocate more than
+    :data:`_UNBACKED_MAX` bytes on their word (a 36-byte file must not cost gigabytes)."""
+    for sp, sec in zip(state.specs, state.sections):
+        if sp.kind != "rec" or sec.cells:
+            continue
+        per_cell = sum(L.r_row + L.s_row + (L.p_row or 0) for L in sec.layers)
+        need = per_cell * max(1, n_seq_max)
+        if need > _UNBACKED_MAX:
+            raise EditError(f"the recurrent section holds no cells, so its row sizes ({per_cell} bytes per cell) "
+                            f"are not backed by any data; a memory of that shape would take {need} bytes "
+                            f"(over {_UNBACKED_MAX >> 20} MiB): give the model (--model) to edit this state")
+
+
 def _geometry_memory(state: MemoryState, p: Dict[str, Any], arch: Optional[str]) -> Any:
     """A memory shaped like the state (no model): layer widths and types from the rows, no
     RoPE (it cannot shift), no sliding window.  KV layers get model ids 0, 1, ... in section
     order; the recurrent layers the last ids of the model layer count the REC section
     records."""
+    _check_backed(state, p["n_seq_max"])
     g = state.geometry()
     rec = g["rec"]
     kvs = g["kv"]

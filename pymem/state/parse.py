@@ -3,6 +3,7 @@ the layout, and inferring the layout from the bytes alone (:func:`infer_layout`)
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -152,22 +153,45 @@ def infer_layout(data: Any, format: Optional[int] = None, start: int = 0, end: O
         return kv_memo[key]
 
     def rec_options(off: int) -> List[Tuple[int, RecSection, int]]:
+        """The recurrent sections at ``off`` worth keeping: the recurrent layer count is not in
+        the bytes, but a section with n layers is its header plus 2n (type, row, rows) records,
+        so one scan of the records gives where every n ends; only the n that ends at ``end``
+        (or, with allow_prefix, the largest) is parsed and checked in full.  Linear in the
+        input."""
         try:
-            head, _ = parse_rec(view, off, 0, None, copy=False)
+            head, h = parse_rec(view, off, 0, None, copy=False)
         except StateError as exc:
             fail(off, f"recurrent section at offset {off}: {exc}")
             return []
+        cc = len(head.cells)
+        n_max = min(head.n_layer, 4096)
+        ends = [h]                              # ends[k]: offset after k records
+        o = h
+        while len(ends) <= 2 * n_max and o + 12 <= end:
+            row = struct.unpack_from("<Q", view, o + 4)[0]
+            if row * cc > end - o - 12:
+                break
+            o += 12 + row * cc
+            ends.append(o)
+        ok = [n for n in range(1, n_max + 1) if 2 * n < len(ends)]
+        if len(ok) < n_max:                     # the first count whose records run out: its error
+            try:
+                _parse_one(view, off, SectionSpec("rec", n_recurrent=len(ok) + 1), 11,
+                           f"recurrent section at offset {off}")
+            except StateError as exc:
+                fail(off, str(exc))
+        if ok and ends[2 * ok[-1]] != end:
+            fail(ends[2 * ok[-1]], f"{end - ends[2 * ok[-1]]} bytes left after a recurrent section with {ok[-1]} "
+                                   f"recurrent layers (offset {ends[2 * ok[-1]]})")
+        want = [n for n in ok if ends[2 * n] == end] or (ok[-1:] if allow_prefix else [])
         out = []
-        for n in range(1, min(head.n_layer, 4096) + 1):
+        for n in want:
             try:
                 sec, nxt = _parse_one(view, off, SectionSpec("rec", n_recurrent=n), 11,
                                       f"recurrent section at offset {off}")
             except StateError as exc:
                 fail(off, str(exc))
-                break  # more layers need more bytes: they fail too
-            if nxt != end:
-                fail(nxt, f"{end - nxt} bytes left after a recurrent section with {n} recurrent layers "
-                          f"(offset {nxt})")
+                continue
             out.append((n, sec, nxt))
         return out
 
