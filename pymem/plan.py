@@ -14,7 +14,7 @@ Target: llama.cpp b11739 (the ``llama-cpp-py-sync==0.11739`` wheel).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from . import _errors as E
 from . import _kinds
 from .gguf import _F32, Hparams, PathLike, pad, read_hparams
 from .params import Rope, row_size, type_id, type_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .memory import Memory
 
 __all__ = [
     "PartSpec",
@@ -372,7 +375,7 @@ def _block_size(t: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------
-def build_memory(spec: MemorySpec) -> Any:
+def build_memory(spec: MemorySpec) -> "Memory":
     """Instantiate the pymem memory a :class:`MemorySpec` describes: the kind's class
     (:mod:`pymem._kinds`) from its parts' ``kwargs`` (which carry ``arch``; ``format`` only
     concerns KV parts), through the class's ``_from_parts``."""
@@ -396,15 +399,14 @@ def from_gguf(
     n_ubatch: int = 512,
     n_rs_seq: int = 0,
     format: int = 11,
-) -> Any:
+) -> "Memory":
     """The pymem memory llama.cpp creates for the GGUF model at ``path`` with
     ``llama_context_default_params()`` changed by these arguments (see :func:`memory_spec`).
 
     Note: pymem's defaults ``unified=True`` and ``flash_attn=False`` differ from
     ``llama_context_default_params()`` in b11739 (``kv_unified = false``; ``flash_attn_type =
     auto``, which is on for the CPU backend, so V is not transposed); pass them explicitly to
-    match a llama.cpp context built with the C defaults.  Kinds other than "kv" need the
-    corresponding pymem class (``pymem.UnsupportedError`` otherwise)."""
+    match a llama.cpp context built with the C defaults."""
     spec = memory_spec(read_hparams(path), n_ctx, n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
                        flash_attn=flash_attn, unified=unified, swa_full=swa_full, n_ubatch=n_ubatch,
                        n_rs_seq=n_rs_seq, format=format)
