@@ -94,16 +94,14 @@ the imported positions, or ``Llama._eval_tokens(tokens, n_past)``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import sys
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _loader
+from ._ctxparams import ContextParams, _hparams, _Probe, _probe_blob
+from ._wheel import _bindings_for_pointer, _captured_log, _is_cdata, _llama_default_flash, _reason, llama_cpp
 
 __all__ = [
     "ContextParams",
@@ -128,104 +126,6 @@ def _E() -> Any:
     from .. import _errors
 
     return _errors
-
-
-# ---------------------------------------------------------------------------------------------
-# llama_cpp_py_sync, loadable on this system
-# ---------------------------------------------------------------------------------------------
-def llama_cpp() -> Any:
-    """The ``llama_cpp_py_sync`` module, with libraries that load on this system.
-
-    On glibc >= 2.38 this is the installed package. On older glibc it is pymem's patched copy
-    (see the module docstring). A ``llama_cpp_py_sync`` imported before this call, whose
-    libraries never loaded, is redirected to the same copy. Raises
-    :class:`pymem.llama.OracleUnavailable` when the wheel is missing."""
-    stale = {n: m for n, m in sys.modules.items() if n == _PKG or n.startswith(_PKG + ".")}
-    _loader.load()
-    mod = sys.modules.get(_PKG)
-    bindings = sys.modules.get(_PKG + "._cffi_bindings")
-    if mod is None or bindings is None:  # pragma: no cover - load() imports both
-        import importlib
-
-        mod = importlib.import_module(_PKG)
-        bindings = importlib.import_module(_PKG + "._cffi_bindings")
-    old = stale.get(_PKG + "._cffi_bindings")
-    if old is not None and old is not bindings and getattr(old, "_lib", None) is None \
-            and not getattr(old, "_ggml_libraries", None):
-        _redirect(old, Path(bindings.__file__).resolve().parent)
-    return mod
-
-
-def _redirect(bindings: Any, lib_dir: Path) -> None:
-    """Make an unloaded llama_cpp_py_sync._cffi_bindings load its libraries from ``lib_dir``
-    (its ``_load_library`` / ``_get_ggml_library`` look ``_find_library`` up at call time)."""
-    llama = lib_dir / "libllama.so"
-    mtmd = lib_dir / "libmtmd.so"
-    bindings._find_library = lambda: str(llama) if llama.exists() else None
-    bindings._find_mtmd_library = lambda: str(mtmd) if mtmd.exists() else None
-
-
-# ---------------------------------------------------------------------------------------------
-# llama.cpp log capture around one call
-# ---------------------------------------------------------------------------------------------
-_LOG_LOCK = threading.RLock()
-_LOG_CB: Dict[int, Any] = {}       # id(ffi) -> (ffi, callback): one cffi callback per FFI
-_LOG_SINK: List[Any] = []          # [list of (level, text), prev callback, prev user data]
-
-
-def _log_callback(ffi: Any) -> Any:
-    got = _LOG_CB.get(id(ffi))
-    if got is not None and got[0] is ffi:
-        return got[1]
-
-    def on_log(level: int, text: Any, _ud: Any) -> None:
-        try:
-            if _LOG_SINK:
-                lines, prev, prev_ud = _LOG_SINK[-1]
-                lines.append((int(level), ffi.string(text).decode("utf-8", "replace")))
-                if prev != ffi.NULL:
-                    prev(level, text, prev_ud)  # keep the previous logger's output
-        except Exception:  # never let an exception escape into C
-            pass
-
-    cb = ffi.callback("void(enum ggml_log_level, const char *, void *)", on_log)
-    _LOG_CB[id(ffi)] = (ffi, cb)
-    return cb
-
-
-@contextlib.contextmanager
-def _captured_log(ffi: Any, lib: Any) -> Iterator[List[Tuple[int, str]]]:
-    """Capture llama.cpp's log lines during the block (forwarding them to the logger that was
-    installed), then restore that logger."""
-    with _LOG_LOCK:
-        prev_cb = ffi.new("ggml_log_callback *")
-        prev_ud = ffi.new("void **")
-        lib.llama_log_get(prev_cb, prev_ud)
-        lines: List[Tuple[int, str]] = []
-        cb = _log_callback(ffi)
-        prev = prev_cb[0]
-        # never forward to ourselves (a capture nested in another one)
-        fwd = ffi.NULL if int(ffi.cast("uintptr_t", prev)) == int(ffi.cast("uintptr_t", cb)) else prev
-        _LOG_SINK.append((lines, fwd, prev_ud[0]))
-        lib.llama_log_set(cb, ffi.NULL)
-        try:
-            yield lines
-        finally:
-            lib.llama_log_set(prev_cb[0], prev_ud[0])
-            _LOG_SINK.pop()
-
-
-def _reason(lines: List[Tuple[int, str]]) -> str:
-    errs: List[str] = []
-    keep = False
-    for level, text in lines:
-        if level != 5:  # 5 = continuation of the previous line
-            keep = level >= 4
-        if keep:
-            errs.append(text)
-    if not errs:
-        errs = [t for _, t in lines[-3:]]
-    return "".join(errs).strip() or "(llama.cpp logged no reason)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,30 +338,6 @@ class _Remote(_Live):
         return n, ("" if n else self.h.last_log(6, 4).strip())
 
 
-def _llama_default_flash() -> bool:
-    """The flash-attention choice of ``llama_cpp_py_sync.Llama(flash_attn_type=None)``."""
-    v = os.environ.get("LLAMA_FLASH_ATTENTION", "0").strip().lower()
-    return v not in _ENV_FA_OFF  # "auto"/"-1" is on for the CPU backend, as any other value
-
-
-def _bindings_for_pointer() -> Tuple[Any, Any]:
-    """(ffi, lib) to drive a raw context pointer: the llama_cpp_py_sync already loaded in this
-    process, else pymem's loader."""
-    b = sys.modules.get(_PKG + "._cffi_bindings")
-    if b is not None and getattr(b, "_lib", None) is not None:
-        return b.get_ffi(), b._lib
-    ffi, lib, _ = _loader.load()
-    return ffi, lib
-
-
-def _is_cdata(x: Any) -> bool:
-    try:
-        import _cffi_backend
-    except ImportError:  # pragma: no cover - cffi is a dependency
-        return False
-    return isinstance(x, _cffi_backend._CDataBase)
-
-
 def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> _Live:
     if isinstance(ctx, _Live):
         return ctx
@@ -585,89 +461,6 @@ def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool) -> Dict[st
     except (struct.error, ValueError, KeyError):
         pass
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# context parameters
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class ContextParams:
-    """The parameters of a llama.cpp context that shape its memory, and where each came from.
-
-    ``sources`` maps every parameter to one of: ``"getter"`` (a llama.cpp C getter),
-    ``"state"`` (read from a state blob), ``"can_shift"`` (deduced from
-    ``llama_memory_can_shift``), ``"n_ctx_seq"`` (deduced from ``llama_n_ctx_seq``),
-    ``"argument"`` (given by the caller), ``"created"`` (recorded by the object that created the
-    context), ``"default"`` (assumed), ``"n/a"`` (no influence on this model's memory)."""
-
-    model_path: str
-    arch: str
-    kind: str                  # memory kind: kv | iswa | recurrent | hybrid | hybrid_iswa
-    n_ctx: int
-    n_ctx_seq: int
-    n_seq_max: int
-    n_batch: int
-    n_ubatch: int
-    n_rs_seq: int
-    kv_unified: bool
-    flash_attn: bool
-    swa_full: bool
-    type_k: str
-    type_v: str
-    sources: Dict[str, str] = field(default_factory=dict)
-    hparams: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def assumed(self) -> List[str]:
-        """Parameters that matter for this memory but could not be recovered (defaults)."""
-        return [k for k, v in self.sources.items() if v == "default"]
-
-    def spec(self, format: int = WHEEL_FORMAT) -> Any:
-        """The :class:`pymem.plan.MemorySpec` of this context's memory."""
-        from ..plan import memory_spec
-
-        hp = self.hparams if self.hparams is not None else _hparams(self.model_path)
-        return memory_spec(hp, self.n_ctx, n_seq_max=self.n_seq_max, type_k=self.type_k,
-                           type_v=self.type_v, flash_attn=self.flash_attn, unified=self.kv_unified,
-                           swa_full=self.swa_full, n_ubatch=self.n_ubatch, n_rs_seq=self.n_rs_seq,
-                           format=format, n_batch=self.n_batch)
-
-    def describe(self) -> str:
-        return ", ".join(f"{k}={getattr(self, k)!r} ({v})" for k, v in self.sources.items())
-
-
-_Probe = Tuple[Any, int, int]  # (blob, seq id or -1, flags)
-_HP_CACHE: Dict[Tuple[str, int, int], Any] = {}
-
-
-def _hparams(path: str) -> Any:
-    """read_hparams, cached per file version (a large vocabulary makes reading a GGUF slow)."""
-    from ..gguf import read_hparams
-
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    hp = _HP_CACHE.get(key)
-    if hp is None:
-        hp = read_hparams(path)
-        if len(_HP_CACHE) >= 16:
-            _HP_CACHE.clear()
-        _HP_CACHE[key] = hp
-    return hp
-
-
-def _probe_blob(live: _Live, n_seq_max: int) -> _Probe:
-    """The cheapest blob that shows the cache types: the shortest non-empty sequence, else the
-    (small) whole state of an empty memory."""
-    best = None
-    for s in range(n_seq_max):
-        lo, hi = live.pos_range(s)
-        if hi >= 0:
-            n = hi - max(lo, 0)
-            if best is None or n < best[0]:
-                best = (n, s)
-    if best is None:
-        return live.state_get(), -1, 0
-    return live.seq_get(best[1], 0), best[1], 0
 
 
 def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tuple[ContextParams, List[_Probe]]:
