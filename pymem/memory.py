@@ -73,6 +73,8 @@ class Memory:
         self._o_pos = ffi.new("pm_pos *")
         self._o_bool = ffi.new("bool *")
         self.arch = arch
+        #: the GGUF file the memory was built for (set by from_gguf; copies and pickles keep it)
+        self.model_path: Optional[str] = None
 
     @classmethod
     def _from_parts(cls, parts: PartArgs) -> "Memory":  # pragma: no cover - every kind overrides
@@ -109,13 +111,13 @@ class Memory:
 
     def __copy__(self) -> "Memory":
         blob = self._snapshot("copy")
-        return _restore(type(self), self._parts, blob)
+        return _restore(type(self), self._parts, blob, self.model_path)
 
     def __deepcopy__(self, memo: dict) -> "Memory":
         return self.__copy__()
 
     def __reduce__(self) -> tuple:
-        return _restore, (type(self), self._parts, self._snapshot("pickle"))
+        return _restore, (type(self), self._parts, self._snapshot("pickle"), self.model_path)
 
     # -- sequence operations -------------------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
@@ -328,11 +330,12 @@ def _batch_ptr(batch: Any) -> Any:
     return batch._ptr
 
 
-def _restore(cls: type, parts: PartArgs, blob: bytes) -> Memory:
+def _restore(cls: type, parts: PartArgs, blob: bytes, model_path: Optional[str] = None) -> Memory:
     """A new ``cls`` memory from its parts' arguments, holding the state ``blob`` (copy, pickle)."""
     m = cls._from_parts(parts)
     if blob:
         m.state_read(blob)
+    m.model_path = model_path
     return m
 
 

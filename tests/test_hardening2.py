@@ -170,6 +170,18 @@ class TestLifetimes:
         back.close()
         assert m.state_write()
 
+    def test_copy_keeps_the_model_path(self):
+        import copy
+        import pickle
+
+        from pymem import shapes
+
+        path = shapes.path("llama3-8b")
+        m = pymem.from_gguf(path, 256)
+        assert m.model_path == os.path.abspath(path)
+        for c in (copy.copy(m), pickle.loads(pickle.dumps(m))):
+            assert c.model_path == m.model_path and c.state_write() == m.state_write()
+
     def test_copy_refused_with_pending_update_or_closed(self):
         import copy
         import pickle
