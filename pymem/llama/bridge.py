@@ -22,8 +22,8 @@ A *context* is any of:
 
 * a ``llama_cpp_py_sync.Llama`` object: the high-level class. The bridge uses its ``_ctx``
   pointer and its own loaded library;
-* a :class:`pymem.llama.capi.Context` (in-process), or a
-  :class:`pymem.llama.worker.ContextHandle` (a context in pymem's oracle worker process);
+* a :class:`pymem._oracle.capi.Context` (in-process), or a
+  :class:`pymem._oracle.worker.ContextHandle` (a context in pymem's oracle worker process);
 * a raw cffi ``struct llama_context *`` pointer, with ``model_path=`` (llama.cpp does not keep the
   file name of a model).
 
@@ -283,7 +283,7 @@ class _InProcess(_Live):
 
 
 class _Remote(_Live):
-    """A pymem.llama.worker.ContextHandle (the context lives in the oracle worker)."""
+    """A pymem._oracle.worker.ContextHandle (the context lives in the oracle worker)."""
 
     kind = "ContextHandle"
 
