@@ -501,3 +501,44 @@ class TestResourceBounds:
         h.write_bytes(empty_rec_section(2, row=64))
         assert cli.main(["edit", str(h), "--seq-rm", "0", "-o", str(tmp_path / "small.out"), "-q"]) == 0
         assert (tmp_path / "small.out").read_bytes() == h.read_bytes()
+
+    def test_every_parser_bounded_on_mutants(self, tmp_path):
+        """Mutants of small saved states of every kind (random u32 / u64 words set to huge or
+        small values, the counts and row sizes a parser trusts), through load, describe and a
+        structure-path edit: each finishes under the address-space and time limits with a
+        result or a pymem error."""
+        import random
+
+        rng = random.Random(15)
+        srcs = []
+        for kind in KINDS:
+            m = filled(kind, seed=30)
+            srcs.append(Session.from_memory(m, [1, 2, 3]).dump())
+            srcs.append(state.SeqState.from_memory(m, 1, [4]).dump())
+            srcs.append(m.state_write(envelope="llama"))
+            m.close()
+        files = []
+        for i in range(400):
+            b = bytearray(rng.choice(srcs))
+            for _ in range(rng.randint(1, 3)):
+                o = rng.randrange(0, min(len(b) - 8, 600)) & ~3      # headers, counts, cells, row sizes
+                v = rng.choice([0, 1, 2, 255, 256, 4096, 2 ** 31 - 1, 2 ** 32 - 1])
+                b[o:o + 4] = v.to_bytes(4, "little")
+            f = tmp_path / f"m{i}.bin"
+            f.write_bytes(bytes(b))
+            files.append(str(f))
+        r = run_limited(f"""
+            worst = 0.0
+            for p in {files!r}:
+                t = time.perf_counter()
+                try:
+                    obj = pymem.state.load(p, strict=False)
+                    obj.describe()
+                    obj.edit([("seq_keep", 1)])
+                except pymem.Error:
+                    pass
+                worst = max(worst, time.perf_counter() - t)
+            print("worst", worst)
+            assert worst < 10, worst
+        """, extra_mb=400, seconds=240)
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
