@@ -340,6 +340,9 @@ class TestArguments:
         assert r.startswith("<HybridISWAMemory test:") and "base" in r and "swa" in r and "recurrent" in r, r
         ctx = m.init_batch(pymem.Batch(tokens=[1], pos=[12]))
         assert "1 ubatch" in repr(ctx) and "not applied" in repr(ctx[0])
+        sess = Session.from_memory(m, [7, 8, 9])
+        assert repr(sess).startswith("<Session (session file) test, 3 tokens:") and "[0, 1]" in repr(sess), repr(sess)
+        assert repr(sess.state).startswith("<MemoryState whole:") and "hybrid_iswa" in repr(sess.state)
         m.close()
         assert "closed" in repr(m) and "closed" in repr(ctx[0])
 

@@ -83,6 +83,11 @@ class MemoryState:
                 return s
         return None
 
+    def __repr__(self) -> str:
+        seq = f" seq {self.seq_id}" if self.scope == "seq" and self.seq_id is not None else ""
+        return (f"<MemoryState {self.scope}{seq}: {self.layout.describe()}, sequences {self.seq_ids()}, "
+                f"{self.nbytes} bytes>")
+
     def seq_ids(self) -> List[int]:
         ids = set()
         for sp, s in zip(self.specs, self.sections):

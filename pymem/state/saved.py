@@ -93,6 +93,13 @@ class _Saved:
     def _extra_summary(self) -> Dict[str, Any]:
         return {}
 
+    def __repr__(self) -> str:
+        toks = getattr(self, "tokens", None)
+        extra = f", {len(toks)} tokens" if toks is not None else ""
+        arch = f" {self.arch}" if self.arch else ""
+        return (f"<{type(self).__name__} ({self.what}){arch}{extra}: {self.state.layout.describe()}, "
+                f"sequences {self.state.seq_ids()}, {self.nbytes} bytes>")
+
     def describe(self, width: int = 64, cells: bool = True) -> str:
         """A readable multi-line summary with a picture of cell occupancy per stream (``width``
         characters wide, at least 1)."""
