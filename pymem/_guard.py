@@ -48,11 +48,15 @@ def integer(value: Any, name: str, lo: int, hi: int, what: str = "") -> int:
 
 def i32(value: Any, name: str, what: str = "") -> int:
     """An int32 argument (sequence ids, positions)."""
+    if type(value) is int and -2147483648 <= value <= 2147483647:  # the common case, fast
+        return value
     return integer(value, name, I32[0], I32[1], what)
 
 
 def u32(value: Any, name: str, what: str = "") -> int:
     """A uint32 argument (sizes, counts, layer ids, flags)."""
+    if type(value) is int and 0 <= value <= 4294967295:
+        return value
     return integer(value, name, U32[0], U32[1], what)
 
 
@@ -128,7 +132,16 @@ class Guard:
         """``fn(memory pointer, *args)`` under the lock, on a live memory; with ``status`` the
         result is a pm_status, checked (raises) and returned."""
         with self.lock:
-            return self._run(what, fn, self.live(), args, status)
+            h = self.handle
+            if h is None:
+                self.live()
+            try:
+                r = fn(h.ptr, *args)  # type: ignore[union-attr]
+            except OverflowError as exc:
+                raise E.InvalidArgumentError(f"{what}: argument out of range: {exc}") from None
+            if status and r:
+                check(r, what)
+            return r
 
     def call_on(self, ptr: Any, what: str, fn: Callable[..., Any], *args: Any, status: bool = True) -> Any:
         """``fn(ptr, *args)`` for an object owned by the memory (a batch context): the

@@ -124,9 +124,15 @@ class Memory:
         """Remove positions [p0, p1) of a sequence (seq_id -1: of all sequences).  Returns
         llama.cpp's answer (recurrent memories refuse partial removals)."""
         w = "seq_rm"
-        a = i32(seq_id, "seq_id", w), i32(p0, "p0", w), i32(p1, "p1", w)
-        with self._lock:
-            self._guard.call(w, lib.pm_mem_seq_rm, *a, self._o_bool)
+        s, a, b = i32(seq_id, "seq_id", w), i32(p0, "p0", w), i32(p1, "p1", w)
+        g = self._guard
+        with g.lock:
+            h = g.handle
+            if h is None:
+                g.live()
+            st = lib.pm_mem_seq_rm(h.ptr, s, a, b, self._o_bool)
+            if st:
+                check(st, w)
             return bool(self._o_bool[0])
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
@@ -155,16 +161,28 @@ class Memory:
     def seq_pos_min(self, seq_id: int) -> int:
         """The smallest position of seq_id (-1 if it has none)."""
         s = i32(seq_id, "seq_id", "seq_pos_min")
-        with self._lock:
-            self._guard.call("seq_pos_min", lib.pm_mem_seq_pos_min, s, self._o_pos)
-            return int(self._o_pos[0])
+        g = self._guard
+        with g.lock:
+            h = g.handle
+            if h is None:
+                g.live()
+            st = lib.pm_mem_seq_pos_min(h.ptr, s, self._o_pos)
+            if st:
+                check(st, "seq_pos_min")
+            return self._o_pos[0]
 
     def seq_pos_max(self, seq_id: int) -> int:
         """The largest position of seq_id (-1 if it has none)."""
         s = i32(seq_id, "seq_id", "seq_pos_max")
-        with self._lock:
-            self._guard.call("seq_pos_max", lib.pm_mem_seq_pos_max, s, self._o_pos)
-            return int(self._o_pos[0])
+        g = self._guard
+        with g.lock:
+            h = g.handle
+            if h is None:
+                g.live()
+            st = lib.pm_mem_seq_pos_max(h.ptr, s, self._o_pos)
+            if st:
+                check(st, "seq_pos_max")
+            return self._o_pos[0]
 
     @property
     def can_shift(self) -> bool:
@@ -188,7 +206,8 @@ class Memory:
     # -- state ---------------------------------------------------------------------------------
     @staticmethod
     def _state_args(w: str, seq_id: int, flags: int, envelope: Optional[str]) -> tuple:
-        return i32(seq_id, "seq_id", w), u32(flags, "flags", w), _enum(_ENVELOPE, envelope, "envelope")
+        env = 0 if envelope is None else _enum(_ENVELOPE, envelope, "envelope")
+        return i32(seq_id, "seq_id", w), u32(flags, "flags", w), env
 
     def state_size(self, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None) -> int:
         """The exact length :meth:`state_write` returns."""
