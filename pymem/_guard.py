@@ -111,7 +111,7 @@ class Guard:
         alive.  Call with the lock held."""
         h = self.handle
         if h is None:
-            self.live()
+            raise E.InvalidStateError(f"operation on a closed {self.owner}")
         base = _View(h, ptr, shape, typestr)
         self.views.add(base)
         return np.asarray(base)
@@ -134,9 +134,9 @@ class Guard:
         with self.lock:
             h = self.handle
             if h is None:
-                self.live()
+                raise E.InvalidStateError(f"operation on a closed {self.owner}")
             try:
-                r = fn(h.ptr, *args)  # type: ignore[union-attr]
+                r = fn(h.ptr, *args)
             except OverflowError as exc:
                 raise E.InvalidArgumentError(f"{what}: argument out of range: {exc}") from None
             if status and r:

@@ -129,7 +129,7 @@ class Memory:
         with g.lock:
             h = g.handle
             if h is None:
-                g.live()
+                raise E.InvalidStateError(f"operation on a closed {g.owner}")
             st = lib.pm_mem_seq_rm(h.ptr, s, a, b, self._o_bool)
             if st:
                 check(st, w)
@@ -165,7 +165,7 @@ class Memory:
         with g.lock:
             h = g.handle
             if h is None:
-                g.live()
+                raise E.InvalidStateError(f"operation on a closed {g.owner}")
             st = lib.pm_mem_seq_pos_min(h.ptr, s, self._o_pos)
             if st:
                 check(st, "seq_pos_min")
@@ -178,7 +178,7 @@ class Memory:
         with g.lock:
             h = g.handle
             if h is None:
-                g.live()
+                raise E.InvalidStateError(f"operation on a closed {g.owner}")
             st = lib.pm_mem_seq_pos_max(h.ptr, s, self._o_pos)
             if st:
                 check(st, "seq_pos_max")
@@ -349,7 +349,7 @@ def _batch_ptr(batch: Any) -> Any:
     return batch._ptr
 
 
-def _restore(cls: type, parts: PartArgs, blob: bytes, model_path: Optional[str] = None) -> Memory:
+def _restore(cls: "type[Memory]", parts: PartArgs, blob: bytes, model_path: Optional[str] = None) -> Memory:
     """A new ``cls`` memory from its parts' arguments, holding the state ``blob`` (copy, pickle)."""
     m = cls._from_parts(parts)
     if blob:
