@@ -151,6 +151,20 @@ bool pmi_r_u64(pmi_reader *r, uint64_t *v, const char *what);
 /* Point at the next n bytes and skip them. */
 bool pmi_r_span(pmi_reader *r, uint64_t n, const uint8_t **p, const char *what);
 
+/* An owned, growable copy of the caller bytes an apply step trusts.  Parsers copy each
+ * record first and validate the copy, so a caller that rewrites its buffer while the GIL is
+ * released (state_read runs without it) cannot change a validated value. */
+typedef struct pmi_copy {
+    uint8_t *buf;
+    uint64_t n;
+    uint64_t cap;
+} pmi_copy;
+
+/* Copy the next n bytes of r to the end of c and skip them; *out points at the copy (valid
+ * until the next call).  PM_E_FORMAT (message as pmi_r_span) or PM_E_NOMEM. */
+pm_status pmi_r_copy(pmi_reader *r, pmi_copy *c, uint64_t n, const uint8_t **out, const char *what);
+void pmi_copy_free(pmi_copy *c);
+
 /* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
  * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */
 static inline uint32_t pmi_popcount64(uint64_t x) {

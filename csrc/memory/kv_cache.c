@@ -67,6 +67,8 @@ static uint32_t uniform_head(const pmi_kv *kv, bool v) {
     return h;
 }
 
+static pm_status shift_blocker(const pmi_kv *kv);
+
 /* ---- construction ------------------------------------------------------------------------ */
 
 static pm_status check_layer(const pm_kv_params *p, uint32_t l, uint32_t prev_il) {
@@ -231,18 +233,21 @@ pm_status pmi_kv_create(const pm_kv_params *p, pmi_kv **out) {
                 L->v_stream = L->v_row * kv->size;
             }
         }
-        L->k = pmi_aligned_calloc(L->k_stream * kv->n_stream);
-        if (L->k == NULL && L->k_stream > 0) {
+        /* the message is formatted from copies: kv (and L with it) is freed first */
+        uint32_t il = L->p.il;
+        uint64_t k_bytes = L->k_stream * kv->n_stream, v_bytes = L->v_stream * kv->n_stream;
+        L->k = pmi_aligned_calloc(k_bytes);
+        if (L->k == NULL && k_bytes > 0) {
             pmi_kv_destroy(kv);
-            return pmi_fail(PM_E_NOMEM, "out of memory for K of layer %u (%llu bytes)", L->p.il,
-                            (unsigned long long)(L->k_stream * kv->n_stream));
+            return pmi_fail(PM_E_NOMEM, "out of memory for K of layer %u (%llu bytes)", il,
+                            (unsigned long long)k_bytes);
         }
-        if (L->v_stream > 0) {
-            L->v = pmi_aligned_calloc(L->v_stream * kv->n_stream);
+        if (v_bytes > 0) {
+            L->v = pmi_aligned_calloc(v_bytes);
             if (L->v == NULL) {
                 pmi_kv_destroy(kv);
-                return pmi_fail(PM_E_NOMEM, "out of memory for V of layer %u (%llu bytes)", L->p.il,
-                                (unsigned long long)(L->v_stream * kv->n_stream));
+                return pmi_fail(PM_E_NOMEM, "out of memory for V of layer %u (%llu bytes)", il,
+                                (unsigned long long)v_bytes);
             }
         }
     }
@@ -268,6 +273,7 @@ pm_status pmi_kv_create(const pm_kv_params *p, pmi_kv **out) {
         uint32_t hv = uniform_head(kv, true);
         kv->v_rot = (pmi_type_is_quantized(kv->type_v) && hv > 0 && hv % 64 == 0) ? 64 : 0;
     }
+    kv->kshift_ok = shift_blocker(kv) == PM_OK; /* fixed by the parameters */
     *out = kv;
     return PM_OK;
 }
@@ -493,6 +499,45 @@ pm_status pmi_kv_seq_keep(pmi_kv *kv, pm_seq_id s) {
     return PM_OK;
 }
 
+static bool layer_rotates(const pmi_kv_layer *L) {
+    return L->p.has_rope && L->p.rope.mode != PM_ROPE_NONE;
+}
+
+/* PM_OK if update() can perform a K-shift of this cache, else PM_E_SHIFT with the reason (the
+ * architecture, M-RoPE, or a K type / rotation the re-rotation does not support). */
+static pm_status shift_blocker(const pmi_kv *kv) {
+    if (!kv->can_shift_arch || kv->n_pos_per_embd > 1) {
+        return pmi_fail(PM_E_SHIFT, "this cache cannot shift%s",
+                        kv->n_pos_per_embd > 1 ? " (M-RoPE)" : " (architecture)");
+    }
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        if (!layer_rotates(L)) {
+            continue;
+        }
+        pm_status st = pmi_kshift_check(kv->type_k, L->p.n_embd_head_k, L->p.rope.n_rot,
+                                        L->p.k_rope_offset, kv->k_rot);
+        if (st != PM_OK) {
+            return pmi_fail_ctx(st, "layer %u", L->p.il);
+        }
+    }
+    return PM_OK;
+}
+
+/* A position change of cells of s in [p0, p1) needs a K-shift update() could not perform:
+ * refused here, with nothing changed, instead of wedging every later update(). */
+static pm_status check_shiftable(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, const char *op) {
+    if (kv->kshift_ok) {
+        return PM_OK;
+    }
+    const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
+    if (pmi_cells_seq_range(c, s, p0, p1, kv->work) == 0) {
+        return PM_OK; /* no cell moves */
+    }
+    pm_status st = shift_blocker(kv);
+    return st == PM_OK ? PM_OK : pmi_fail_ctx(st, "%s", op);
+}
+
 static pm_status check_shift_op(const pmi_kv *kv, pm_seq_id s, const char *op) {
     pm_status st = pmi_kv_check_seq(kv, s, op);
     if (st == PM_OK && kv->n_pos_per_embd > 1) {
@@ -510,6 +555,10 @@ pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
     norm_range(&p0, &p1);
     if (p0 == p1) {
         return PM_OK;
+    }
+    st = check_shiftable(kv, s, p0, p1, "seq_add");
+    if (st != PM_OK) {
+        return st;
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
     /* the extremes of the sequence and the stream's shift bound settle the common case */
@@ -554,6 +603,10 @@ pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
     norm_range(&p0, &p1);
     if (p0 == p1) {
         return PM_OK;
+    }
+    st = check_shiftable(kv, s, p0, p1, "seq_div");
+    if (st != PM_OK) {
+        return st;
     }
     const pmi_cells *c = &kv->cells[pmi_kv_stream(kv, s)];
     int64_t lo = llabs(pmi_cells_seq_pos_min(c, s)), hi = llabs(pmi_cells_seq_pos_max(c, s));
@@ -602,7 +655,7 @@ pm_status pmi_kv_seq_pos_max(const pmi_kv *kv, pm_seq_id s, pm_pos *out) {
 }
 
 bool pmi_kv_can_shift(const pmi_kv *kv) {
-    return kv->can_shift_arch && kv->n_pos_per_embd == 1;
+    return kv->can_shift_arch && kv->n_pos_per_embd == 1 && kv->kshift_ok;
 }
 
 static bool any_shift(const pmi_kv *kv) {
@@ -618,30 +671,14 @@ bool pmi_kv_update_pending(const pmi_kv *kv) {
     return kv->n_copies > 0 || any_shift(kv);
 }
 
-static bool layer_rotates(const pmi_kv_layer *L) {
-    return L->p.has_rope && L->p.rope.mode != PM_ROPE_NONE;
-}
-
 pm_status pmi_kv_update_check(const pmi_kv *kv) {
-    if (!any_shift(kv)) {
+    if (!any_shift(kv) || kv->kshift_ok) {
         return PM_OK;
     }
-    if (!pmi_kv_can_shift(kv)) {
-        return pmi_fail(PM_E_SHIFT, "a K-shift is pending but this cache cannot shift%s",
-                        kv->n_pos_per_embd > 1 ? " (M-RoPE)" : " (architecture)");
-    }
-    for (uint32_t l = 0; l < kv->n_layer; ++l) {
-        const pmi_kv_layer *L = &kv->layers[l];
-        if (!layer_rotates(L)) {
-            continue;
-        }
-        pm_status st = pmi_kshift_check(kv->type_k, L->p.n_embd_head_k, L->p.rope.n_rot,
-                                        L->p.k_rope_offset, kv->k_rot);
-        if (st != PM_OK) {
-            return pmi_fail_ctx(st, "layer %u", L->p.il);
-        }
-    }
-    return PM_OK;
+    /* unreachable through seq_add / seq_div (they refuse such shifts); kept for restored
+     * states, which carry no pending shift either */
+    pm_status st = shift_blocker(kv);
+    return st == PM_OK ? PM_OK : pmi_fail_ctx(st, "a K-shift is pending");
 }
 
 void pmi_kv_update(pmi_kv *kv) {
@@ -1313,16 +1350,23 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
         return pmi_fail(PM_E_FORMAT, "KV stream %u: %u cells do not fit in %u (offset %llu)", s,
                         sec->cc, kv->size, (unsigned long long)(r->off - 4));
     }
-    uint64_t m0 = r->off;
-    sec->meta = r->buf + r->off;
+    /* the cell records are copied (sec->copy) and validated from the copy: the apply step
+     * reads only the copy, never the caller's buffer again */
+    pmi_copy *cp = &sec->copy;
+    const uint32_t ext = kv->cell_ext ? 12 : 0;
     for (uint32_t i = 0; i < sec->cc; ++i) {
         int32_t pos;
         uint32_t nid;
         uint64_t at = r->off;
+        const uint8_t *p;
+        pm_status st;
         if (r->len - r->off >= 8) {
-            pos = pmi_rd_i32(r->buf + r->off);
-            nid = pmi_rd_u32(r->buf + r->off + 4);
-            r->off += 8;
+            st = pmi_r_copy(r, cp, 8, &p, "");
+            if (st != PM_OK) {
+                return st;
+            }
+            pos = pmi_rd_i32(p);
+            nid = pmi_rd_u32(p + 4);
         } else {
             snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
             if (!pmi_r_i32(r, &pos, what) || !pmi_r_u32(r, &nid, what)) {
@@ -1338,11 +1382,11 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
                             "KV stream %u cell %u: a sequence blob needs exactly 1 seq id per cell, not %u (offset %llu)",
                             s, i, nid, (unsigned long long)at);
         }
-        if (kv->cell_ext) {
-            const uint8_t *p;
+        if (ext) {
             snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
-            if (!pmi_r_span(r, 12, &p, what)) {
-                return PM_E_FORMAT;
+            st = pmi_r_copy(r, cp, ext, &p, what);
+            if (st != PM_OK) {
+                return st;
             }
         }
         if (nid > r->len - r->off || (uint64_t)nid * 4 > r->len - r->off) {
@@ -1350,17 +1394,22 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
             return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
                             nid, (unsigned long long)r->off);
         }
+        uint64_t ids_at = r->off;
+        st = pmi_r_copy(r, cp, 4ull * nid, &p, "");
+        if (st != PM_OK) {
+            return st;
+        }
         for (uint32_t q = 0; q < nid; ++q) {
-            int32_t id = pmi_rd_i32(r->buf + r->off + 4ull * q);
+            int32_t id = pmi_rd_i32(p + 4ull * q);
             if (seq == -1 && (id < 0 || (uint32_t)id >= kv->n_seq_max)) {
                 snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
                 return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
-                                id, kv->n_seq_max, (unsigned long long)(r->off + 4ull * q));
+                                id, kv->n_seq_max, (unsigned long long)(ids_at + 4ull * q));
             }
         }
-        r->off += 4ull * nid;
     }
-    sec->meta_len = r->off - m0;
+    sec->meta = cp->buf;
+    sec->meta_len = cp->n;
     uint32_t v_trans, n_layer;
     snprintf(what, sizeof what, "KV stream %u data header", s);
     if (!pmi_r_u32(r, &v_trans, what) || !pmi_r_u32(r, &n_layer, what)) {
@@ -1481,8 +1530,11 @@ static pm_status sections_alloc(const pmi_kv *kv, pmi_kv_section **out) {
     return PM_OK;
 }
 
-static void sections_free(pmi_kv_section *secs) {
+static void sections_free(pmi_kv_section *secs, uint32_t n) {
     if (secs) {
+        for (uint32_t s = 0; s < n; ++s) {
+            pmi_copy_free(&secs[s].copy);
+        }
         free((void *)secs[0].k);
         free(secs);
     }
@@ -1549,7 +1601,7 @@ void pmi_kv_plan_free(pmi_kv_plan *plan) {
         }
     }
     free(plan->slots);
-    sections_free(plan->secs);
+    sections_free(plan->secs, plan->n_stream);
     memset(plan, 0, sizeof(*plan));
 }
 

@@ -236,6 +236,7 @@ typedef struct pmi_kv {
     uint32_t n_embd_v_gqa_max;
     int32_t k_rot, v_rot;
     bool can_shift_arch;
+    bool kshift_ok;       /* update() can perform a K-shift (architecture, M-RoPE, K type) */
     uint32_t format;
     uint32_t n_layer_model;
     uint32_t n_layer;
@@ -300,8 +301,9 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uin
 /* One stream section of a KV blob, parsed and validated (pointers into the blob). */
 typedef struct pmi_kv_section {
     uint32_t cc;
-    const uint8_t *meta;  /* cell records */
+    const uint8_t *meta;  /* cell records: copy.buf (validated copy, never the caller's bytes) */
     uint64_t meta_len;
+    pmi_copy copy;
     const uint8_t **k;    /* per layer: rows */
     const uint8_t **v;    /* per layer: rows or transposed elements */
 } pmi_kv_section;
@@ -374,7 +376,8 @@ typedef struct pmi_rec_plan {
     pm_seq_id seq;
     uint32_t cc;
     pm_pos last_pos;
-    const uint8_t *meta;
+    const uint8_t *meta;  /* cell records: copy.buf (validated copy) */
+    pmi_copy copy;
     const uint8_t **rows; /* n_layer * 3 */
     uint32_t head;        /* set by meta */
 } pmi_rec_plan;

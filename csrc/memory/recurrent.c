@@ -121,8 +121,10 @@ pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
             if (nb > 0) {
                 L->data[t] = pmi_aligned_calloc(nb);
                 if (L->data[t] == NULL) {
+                    uint32_t il = L->il; /* r (and L with it) is freed first */
                     pmi_rec_destroy(r);
-                    return pmi_fail(PM_E_NOMEM, "out of memory for recurrent layer %u", L->il);
+                    return pmi_fail(PM_E_NOMEM, "out of memory for recurrent layer %u (%llu bytes)", il,
+                                    (unsigned long long)nb);
                 }
             }
         }
@@ -725,15 +727,25 @@ pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, p
         return pmi_fail(PM_E_FORMAT, "recurrent section: %u cells do not fit in %u (offset %llu)", plan->cc,
                         r->size, (unsigned long long)(rd->off - 4));
     }
+    /* cell records are copied (plan->copy) and validated from the copy, which is all the
+     * apply step reads */
     uint64_t seen[4] = {0, 0, 0, 0};
-    plan->meta = rd->buf + rd->off;
     for (uint32_t i = 0; i < plan->cc; ++i) {
         int32_t pos;
         uint32_t nid;
+        const uint8_t *p;
         snprintf(what, sizeof what, "recurrent cell %u", i);
-        if (!pmi_r_i32(rd, &pos, what) || !pmi_r_u32(rd, &nid, what)) {
-            return PM_E_FORMAT;
+        if (rd->len - rd->off < 8) {
+            if (!pmi_r_i32(rd, &pos, what) || !pmi_r_u32(rd, &nid, what)) {
+                return PM_E_FORMAT;
+            }
         }
+        pm_status st = pmi_r_copy(rd, &plan->copy, 8, &p, what);
+        if (st != PM_OK) {
+            return st;
+        }
+        pos = pmi_rd_i32(p);
+        nid = pmi_rd_u32(p + 4);
         if (seq != -1) {
             if (nid != 0) {
                 return pmi_fail(PM_E_FORMAT, "%s: a sequence blob has n_seq_id 0, not %u (offset %llu)", what, nid,
@@ -746,20 +758,25 @@ pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, p
             return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what, nid,
                             (unsigned long long)rd->off);
         }
+        uint64_t ids_at = rd->off;
+        st = pmi_r_copy(rd, &plan->copy, 4ull * nid, &p, what);
+        if (st != PM_OK) {
+            return st;
+        }
         for (uint32_t q = 0; q < nid; ++q) {
-            int32_t id = pmi_rd_i32(rd->buf + rd->off + 4ull * q);
+            int32_t id = pmi_rd_i32(p + 4ull * q);
             if (id < 0 || (uint32_t)id >= r->n_seq_max || (uint32_t)id >= r->size) {
                 return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what, id,
-                                PMI_MIN(r->n_seq_max, r->size), (unsigned long long)(rd->off + 4ull * q));
+                                PMI_MIN(r->n_seq_max, r->size), (unsigned long long)(ids_at + 4ull * q));
             }
             if ((seen[id >> 6] >> (id & 63)) & 1) {
                 return pmi_fail(PM_E_FORMAT, "%s: duplicate tail for seq id %d (offset %llu)", what, id,
-                                (unsigned long long)(rd->off + 4ull * q));
+                                (unsigned long long)(ids_at + 4ull * q));
             }
             seen[id >> 6] |= 1ULL << (id & 63);
         }
-        rd->off += 4ull * nid;
     }
+    plan->meta = plan->copy.buf;
     uint32_t s_trans, n_layer;
     if (!pmi_r_u32(rd, &s_trans, "recurrent s_trans") || !pmi_r_u32(rd, &n_layer, "recurrent n_layer")) {
         return PM_E_FORMAT;
@@ -894,4 +911,5 @@ void pmi_rec_state_data(pmi_rec *r, const pmi_rec_plan *plan) {
 void pmi_rec_plan_free(pmi_rec_plan *plan) {
     free((void *)plan->rows);
     plan->rows = NULL;
+    pmi_copy_free(&plan->copy);
 }
