@@ -525,8 +525,9 @@ static pm_status shift_blocker(const pmi_kv *kv) {
 }
 
 /* A position change of cells of s in [p0, p1) needs a K-shift update() could not perform:
- * refused here, with nothing changed, instead of wedging every later update(). */
-static pm_status check_shiftable(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1, const char *op) {
+ * refused here (PM_E_UNSUPPORTED, the reason in the message), with nothing changed, instead of
+ * being accepted and wedging every later update(). */
+static pm_status check_shiftable(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos p1) {
     if (kv->kshift_ok) {
         return PM_OK;
     }
@@ -534,8 +535,8 @@ static pm_status check_shiftable(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_po
     if (pmi_cells_seq_range(c, s, p0, p1, kv->work) == 0) {
         return PM_OK; /* no cell moves */
     }
-    pm_status st = shift_blocker(kv);
-    return st == PM_OK ? PM_OK : pmi_fail_ctx(st, "%s", op);
+    /* SPEC A-9: PM_E_UNSUPPORTED (llama.cpp would abort or crash in the shift) */
+    return shift_blocker(kv) == PM_OK ? PM_OK : PM_E_UNSUPPORTED;
 }
 
 static pm_status check_shift_op(const pmi_kv *kv, pm_seq_id s, const char *op) {
@@ -556,7 +557,7 @@ pm_status pmi_kv_seq_add_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
     if (p0 == p1) {
         return PM_OK;
     }
-    st = check_shiftable(kv, s, p0, p1, "seq_add");
+    st = check_shiftable(kv, s, p0, p1);
     if (st != PM_OK) {
         return st;
     }
@@ -604,7 +605,7 @@ pm_status pmi_kv_seq_div_check(const pmi_kv *kv, pm_seq_id s, pm_pos p0, pm_pos 
     if (p0 == p1) {
         return PM_OK;
     }
-    st = check_shiftable(kv, s, p0, p1, "seq_div");
+    st = check_shiftable(kv, s, p0, p1);
     if (st != PM_OK) {
         return st;
     }

@@ -742,13 +742,13 @@ static void test_batch_api(void) {
 
 static void test_update_errors(void) {
     /* quantized K without a Hadamard size cannot shift: can_shift says so, and seq_add /
-     * seq_div that would move cells are refused (SHIFT, nothing changed) instead of being
+     * seq_div that would move cells are refused (UNSUPPORTED, nothing changed) instead of being
      * accepted and wedging every later update; moves of no cell are still accepted */
     pm_memory *m = make(&CFGS[4]);
     CHECK_EQ_INT(fill(m, 0, 6, 0), PM_OK);
     CHECK(!pm_mem_can_shift(m));
-    CHECK_FAILS_UNCHANGED(m, PM_E_SHIFT, pm_mem_seq_add(m, 0, 0, -1, 3));
-    CHECK_FAILS_UNCHANGED(m, PM_E_SHIFT, pm_mem_seq_div(m, 0, 0, -1, 2));
+    CHECK_FAILS_UNCHANGED(m, PM_E_UNSUPPORTED, pm_mem_seq_add(m, 0, 0, -1, 3));
+    CHECK_FAILS_UNCHANGED(m, PM_E_UNSUPPORTED, pm_mem_seq_div(m, 0, 0, -1, 2));
     CHECK_EQ_INT(pm_mem_seq_add(m, 0, 100, 200, 3), PM_OK);
     CHECK_EQ_INT(pm_mem_seq_add(m, 1, 0, -1, 3), PM_OK);
     CHECK(!pm_mem_update_pending(m));
