@@ -164,6 +164,9 @@ typedef struct pmi_copy {
  * until the next call).  PM_E_FORMAT (message as pmi_r_span) or PM_E_NOMEM. */
 pm_status pmi_r_copy(pmi_reader *r, pmi_copy *c, uint64_t n, const uint8_t **out, const char *what);
 void pmi_copy_free(pmi_copy *c);
+/* Bulk variant: make c hold bytes [m0, m0 + end) of r's buffer (c mirrors the buffer from m0;
+ * grows geometrically, never past r->len).  The caller checks m0 + end <= r->len. */
+pm_status pmi_copy_window(const pmi_reader *r, uint64_t m0, pmi_copy *c, uint64_t end);
 
 /* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
  * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */

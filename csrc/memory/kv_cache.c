@@ -1338,6 +1338,20 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uin
 
 /* ---- state: read ----------------------------------------------------------------------------- */
 
+static pm_status check_cell_header(uint32_t s, uint32_t i, int32_t pos, uint32_t nid, pm_seq_id seq,
+                                   uint64_t at) {
+    if (pos < 0) {
+        return pmi_fail(PM_E_FORMAT, "KV stream %u cell %u: negative position %d (offset %llu)", s, i,
+                        pos, (unsigned long long)at);
+    }
+    if (seq != -1 && nid != 1) {
+        return pmi_fail(PM_E_FORMAT,
+                        "KV stream %u cell %u: a sequence blob needs exactly 1 seq id per cell, not %u (offset %llu)",
+                        s, i, nid, (unsigned long long)at);
+    }
+    return PM_OK;
+}
+
 static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
                                pmi_kv_section *sec) {
     char what[96];
@@ -1351,66 +1365,68 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
         return pmi_fail(PM_E_FORMAT, "KV stream %u: %u cells do not fit in %u (offset %llu)", s,
                         sec->cc, kv->size, (unsigned long long)(r->off - 4));
     }
-    /* the cell records are copied (sec->copy) and validated from the copy: the apply step
-     * reads only the copy, never the caller's buffer again */
+    /* the cell records are copied (sec->copy, in bulk: the size they have with one id per
+     * cell, more on demand) and validated from the copy; the apply step reads only the copy,
+     * never the caller's buffer again.  q: offset of the next record from m0. */
     pmi_copy *cp = &sec->copy;
     const uint32_t ext = kv->cell_ext ? 12 : 0;
+    const uint64_t m0 = r->off, avail = r->len - m0;
+    uint64_t q = 0;
+    pm_status st = pmi_copy_window(r, m0, cp, PMI_MIN(avail, (uint64_t)sec->cc * (12 + ext)));
+    if (st != PM_OK) {
+        return st;
+    }
     for (uint32_t i = 0; i < sec->cc; ++i) {
-        int32_t pos;
-        uint32_t nid;
-        uint64_t at = r->off;
-        const uint8_t *p;
-        pm_status st;
-        if (r->len - r->off >= 8) {
-            st = pmi_r_copy(r, cp, 8, &p, "");
-            if (st != PM_OK) {
-                return st;
-            }
-            pos = pmi_rd_i32(p);
-            nid = pmi_rd_u32(p + 4);
-        } else {
+        uint64_t at = m0 + q;
+        if (avail - q < 8 + ext) {
+            /* a truncated record: the reader's messages (only the reads that fail remain) */
+            r->off = at;
             snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+            int32_t pos;
+            uint32_t nid;
+            const uint8_t *p;
             if (!pmi_r_i32(r, &pos, what) || !pmi_r_u32(r, &nid, what)) {
                 return PM_E_FORMAT;
             }
-        }
-        if (pos < 0) {
-            return pmi_fail(PM_E_FORMAT, "KV stream %u cell %u: negative position %d (offset %llu)", s,
-                            i, pos, (unsigned long long)at);
-        }
-        if (seq != -1 && nid != 1) {
-            return pmi_fail(PM_E_FORMAT,
-                            "KV stream %u cell %u: a sequence blob needs exactly 1 seq id per cell, not %u (offset %llu)",
-                            s, i, nid, (unsigned long long)at);
-        }
-        if (ext) {
-            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
-            st = pmi_r_copy(r, cp, ext, &p, what);
-            if (st != PM_OK) {
+            if ((st = check_cell_header(s, i, pos, nid, seq, at)) != PM_OK) {
                 return st;
             }
+            (void)pmi_r_span(r, ext, &p, what); /* fails: fewer than 8 + ext bytes were left */
+            return PM_E_FORMAT;
         }
-        if (nid > r->len - r->off || (uint64_t)nid * 4 > r->len - r->off) {
-            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
-            return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
-                            nid, (unsigned long long)r->off);
-        }
-        uint64_t ids_at = r->off;
-        st = pmi_r_copy(r, cp, 4ull * nid, &p, "");
-        if (st != PM_OK) {
+        if ((st = pmi_copy_window(r, m0, cp, q + 8 + ext)) != PM_OK) {
             return st;
         }
-        for (uint32_t q = 0; q < nid; ++q) {
-            int32_t id = pmi_rd_i32(p + 4ull * q);
-            if (seq == -1 && (id < 0 || (uint32_t)id >= kv->n_seq_max)) {
-                snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
-                return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
-                                id, kv->n_seq_max, (unsigned long long)(ids_at + 4ull * q));
+        const uint8_t *p = cp->buf + q;
+        uint32_t nid = pmi_rd_u32(p + 4);
+        if ((st = check_cell_header(s, i, pmi_rd_i32(p), nid, seq, at)) != PM_OK) {
+            return st;
+        }
+        q += 8 + ext;
+        if (nid > avail - q || (uint64_t)nid * 4 > avail - q) {
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+            return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
+                            nid, (unsigned long long)(m0 + q));
+        }
+        if ((st = pmi_copy_window(r, m0, cp, q + 4ull * nid)) != PM_OK) {
+            return st;
+        }
+        if (seq == -1) {
+            const uint8_t *ids = cp->buf + q;
+            for (uint32_t k = 0; k < nid; ++k) {
+                int32_t id = pmi_rd_i32(ids + 4ull * k);
+                if (id < 0 || (uint32_t)id >= kv->n_seq_max) {
+                    snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+                    return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
+                                    id, kv->n_seq_max, (unsigned long long)(m0 + q + 4ull * k));
+                }
             }
         }
+        q += 4ull * nid;
     }
+    r->off = m0 + q;
     sec->meta = cp->buf;
-    sec->meta_len = cp->n;
+    sec->meta_len = q;
     uint32_t v_trans, n_layer;
     snprintf(what, sizeof what, "KV stream %u data header", s);
     if (!pmi_r_u32(r, &v_trans, what) || !pmi_r_u32(r, &n_layer, what)) {
@@ -1759,17 +1775,32 @@ void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
         return;
     }
     if (plan->seq == -1) {
-        for (uint32_t l = 0; l < kv->n_layer; ++l) {
-            memset(kv->layers[l].k, 0, (size_t)(kv->layers[l].k_stream * kv->n_stream));
-            if (kv->layers[l].v) {
-                memset(kv->layers[l].v, 0, (size_t)(kv->layers[l].v_stream * kv->n_stream));
-            }
-        }
+        /* cells 0..cc-1 of each stream get the rows, the rest zeros: every byte written once
+         * (no memset of the whole tensors first) */
         for (uint32_t s = 0; s < kv->n_stream; ++s) {
-            for (uint32_t i = 0; i < plan->secs[s].cc; ++i) {
-                kv->work[i] = i;
+            const pmi_kv_section *sec = &plan->secs[s];
+            const uint64_t cc = sec->cc, rest = kv->size - cc;
+            for (uint32_t l = 0; l < kv->n_layer; ++l) {
+                pmi_kv_layer *L = &kv->layers[l];
+                uint8_t *kb = L->k + s * L->k_stream;
+                if (cc) {
+                    memcpy(kb, sec->k[l], (size_t)(L->k_row * cc));
+                }
+                memset(kb + L->k_row * cc, 0, (size_t)(L->k_row * rest));
+                if (L->v == NULL) {
+                    continue;
+                }
+                uint8_t *vb = L->v + s * L->v_stream;
+                uint32_t n_rows = kv->v_trans ? L->n_embd_v_gqa : 1;
+                const uint64_t el = L->v_row; /* transposed: element size; else row size */
+                for (uint32_t j = 0; j < n_rows; ++j) {
+                    uint8_t *dst = vb + (uint64_t)j * kv->size * el;
+                    if (cc) {
+                        memcpy(dst, sec->v[l] + (uint64_t)j * cc * el, (size_t)(el * cc));
+                    }
+                    memset(dst + el * cc, 0, (size_t)(el * rest));
+                }
             }
-            apply_data(kv, s, &plan->secs[s], kv->work);
         }
         return;
     }

@@ -117,3 +117,22 @@ void pmi_copy_free(pmi_copy *c) {
     c->buf = NULL;
     c->n = c->cap = 0;
 }
+
+pm_status pmi_copy_window(const pmi_reader *r, uint64_t m0, pmi_copy *c, uint64_t end) {
+    if (end <= c->n) {
+        return PM_OK;
+    }
+    uint64_t want = PMI_MAX(end, 2 * c->n);
+    want = PMI_MIN(want, r->len - m0);
+    if (want > c->cap) {
+        uint8_t *b = realloc(c->buf, (size_t)want);
+        if (b == NULL) {
+            return pmi_fail(PM_E_NOMEM, "out of memory");
+        }
+        c->buf = b;
+        c->cap = want;
+    }
+    memcpy(c->buf + c->n, r->buf + m0 + c->n, (size_t)(want - c->n));
+    c->n = want;
+    return PM_OK;
+}
