@@ -1,6 +1,6 @@
 /* batch.c - decode batches: llama.cpp's sequence-id order, validation
  * (llama_batch_allocr::init) and the ubatch splits (SPEC section 9). */
-#include "memory/mem_internal.h"
+#include "memory/memory.h"
 
 #include <stdlib.h>
 
