@@ -72,16 +72,16 @@ pm_status pm_kv_tensor(pm_memory *m, uint32_t part, uint32_t layer, uint32_t str
     if (st != PM_OK) {
         return st;
     }
-    if (layer >= kv->n_layer || stream >= kv->n_stream || which > 1) {
+    if (layer >= kv->n_layer || stream >= kv->n_stream || which > PMI_KV_V) {
         return pmi_fail(PM_E_INVALID_ARG, "layer %u / stream %u / tensor %u out of range", layer, stream,
                         which);
     }
     const pmi_kv_layer *L = &kv->layers[layer];
-    if (which == 1 && L->v == NULL) {
+    if (which == PMI_KV_V && L->v == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "layer %u has no V tensor", L->p.il);
     }
-    uint64_t sb = which ? L->v_stream : L->k_stream;
-    *ptr = (which ? L->v : L->k) + stream * sb;
+    uint64_t sb = which == PMI_KV_V ? L->v_stream : L->k_stream;
+    *ptr = (which == PMI_KV_V ? L->v : L->k) + stream * sb;
     *nbytes = sb;
     return PM_OK;
 }
@@ -182,7 +182,7 @@ pm_status pm_rec_layer_info_get(const pm_memory *m, uint32_t layer, pm_rec_layer
         return pmi_fail(PM_E_INVALID_ARG, "recurrent layer index %u of %u", layer, r->n_layer);
     }
     out->il = r->layers[layer].il;
-    for (int t = 0; t < 3; ++t) {
+    for (int t = 0; t < PMI_REC_NROW; ++t) {
         out->row_bytes[t] = r->layers[layer].row[t];
     }
     out->n_rows = r->n_rows;
@@ -226,12 +226,12 @@ pm_status pm_rec_tensor(pm_memory *m, uint32_t layer, uint32_t which, uint8_t **
     if (st != PM_OK) {
         return st;
     }
-    if (layer >= r->n_layer || which > 2) {
+    if (layer >= r->n_layer || which >= PMI_REC_NROW) {
         return pmi_fail(PM_E_INVALID_ARG, "recurrent layer %u / tensor %u out of range", layer, which);
     }
     const pmi_rec_layer *L = &r->layers[layer];
     if (L->data[which] == NULL) {
-        return pmi_fail(PM_E_INVALID_ARG, "layer %u has no %s rows", L->il, which == 0 ? "r" : which == 1 ? "s" : "p");
+        return pmi_fail(PM_E_INVALID_ARG, "layer %u has no %c rows", L->il, "rsp"[which]);
     }
     *ptr = L->data[which];
     *nbytes = L->row[which] * r->n_rows;

@@ -9,6 +9,9 @@
 
 #include <limits.h>
 
+/* the tensors of a KV layer (the `which` of pm_kv_tensor) */
+typedef enum pmi_kv_which { PMI_KV_K = 0, PMI_KV_V = 1 } pmi_kv_which;
+
 typedef struct pmi_kv_layer {
     pm_kv_layer p;        /* copy; p.rope.freq_factors points to our copy */
     float *freq_factors;

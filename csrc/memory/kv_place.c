@@ -3,6 +3,7 @@
  * KQ mask.
  */
 #include "memory/kv_cache.h"
+#include "kernels/kernels.h"
 
 #include <limits.h>
 #include <math.h>

@@ -90,12 +90,12 @@ pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
     for (uint32_t l = 0; l < r->n_layer; ++l) {
         pmi_rec_layer *L = &r->layers[l];
         L->il = p->layers[l].il;
-        L->row[0] = pmi_row_size(r->type_r, p->layers[l].n_embd_r);
-        L->row[1] = pmi_row_size(r->type_s, p->layers[l].n_embd_s);
-        L->row[2] = p->layers[l].n_embd_p ? pmi_row_size(r->type_r, p->layers[l].n_embd_p) : 0;
+        L->row[PMI_REC_R] = pmi_row_size(r->type_r, p->layers[l].n_embd_r);
+        L->row[PMI_REC_S] = pmi_row_size(r->type_s, p->layers[l].n_embd_s);
+        L->row[PMI_REC_P] = p->layers[l].n_embd_p ? pmi_row_size(r->type_r, p->layers[l].n_embd_p) : 0;
         L->has_p = p->layers[l].n_embd_p > 0;
-        for (int t = 0; t < 3; ++t) {
-            if (t == 2 && !L->has_p) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
+            if (t == PMI_REC_P && !L->has_p) {
                 continue;
             }
             uint64_t nb = L->row[t] * r->n_rows;
@@ -120,7 +120,7 @@ void pmi_rec_destroy(pmi_rec *r) {
     }
     if (r->layers) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
+            for (int t = 0; t < PMI_REC_NROW; ++t) {
                 pmi_aligned_free(r->layers[l].data[t]);
             }
         }
@@ -136,7 +136,7 @@ void pmi_rec_destroy(pmi_rec *r) {
 uint64_t pmi_rec_nbytes(const pmi_rec *r) {
     uint64_t n = sizeof(*r) + (uint64_t)r->size * 2 * sizeof(pmi_rcell) + (uint64_t)r->n_seq_max * 8;
     for (uint32_t l = 0; l < r->n_layer; ++l) {
-        n += (r->layers[l].row[0] + r->layers[l].row[1] + r->layers[l].row[2]) * r->n_rows;
+        n += (r->layers[l].row[PMI_REC_R] + r->layers[l].row[PMI_REC_S] + r->layers[l].row[PMI_REC_P]) * r->n_rows;
     }
     return n;
 }
@@ -174,7 +174,7 @@ void pmi_rec_clear(pmi_rec *r, bool data) {
     r->used = 0;
     if (data) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
+            for (int t = 0; t < PMI_REC_NROW; ++t) {
                 if (r->layers[l].data[t]) {
                     memset(r->layers[l].data[t], 0, (size_t)(r->layers[l].row[t] * r->n_rows));
                 }
@@ -569,7 +569,7 @@ void pmi_rec_move_states(pmi_rec *r, uint8_t *tmp) {
     }
     for (uint32_t l = 0; l < r->n_layer; ++l) {
         pmi_rec_layer *L = &r->layers[l];
-        for (int t = 0; t < 3; ++t) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
             uint8_t *d = L->data[t];
             uint64_t row = L->row[t];
             if (d == NULL || row == 0) {
@@ -593,7 +593,7 @@ void pmi_rec_move_states(pmi_rec *r, uint8_t *tmp) {
 uint64_t pmi_rec_max_row(const pmi_rec *r) {
     uint64_t m = 1;
     for (uint32_t l = 0; l < r->n_layer; ++l) {
-        for (int t = 0; t < 3; ++t) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
             m = PMI_MAX(m, r->layers[l].row[t]);
         }
     }

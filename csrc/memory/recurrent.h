@@ -11,11 +11,15 @@ typedef struct pmi_rcell {
     uint64_t seq[4];
 } pmi_rcell;
 
+/* the row kinds of a recurrent layer (the `which` of pm_rec_tensor): r, s and the optional
+ * per-layer-embedding p */
+typedef enum pmi_rec_row { PMI_REC_R = 0, PMI_REC_S = 1, PMI_REC_P = 2, PMI_REC_NROW = 3 } pmi_rec_row;
+
 typedef struct pmi_rec_layer {
     uint32_t il;
     bool has_p;
-    uint64_t row[3];      /* bytes per row of r, s, p */
-    uint8_t *data[3];     /* size * (1 + n_rs_seq) rows each */
+    uint64_t row[PMI_REC_NROW];      /* bytes per row of r, s, p */
+    uint8_t *data[PMI_REC_NROW];     /* size * (1 + n_rs_seq) rows each */
 } pmi_rec_layer;
 
 typedef struct pmi_rec {

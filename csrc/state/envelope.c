@@ -25,7 +25,7 @@ static bool overlaps_tensors(const pm_memory *m, const uint8_t *p, uint64_t n, c
         const pmi_kv *kv = m->kv[k];
         for (uint32_t l = 0; l < kv->n_layer; ++l) {
             const pmi_kv_layer *L = &kv->layers[l];
-            const uint8_t *t[2] = {L->k, L->v};
+            const uint8_t *t[2] = {[PMI_KV_K] = L->k, [PMI_KV_V] = L->v};
             uint64_t tn[2] = {L->k_stream * kv->n_stream, L->v_stream * kv->n_stream};
             for (int j = 0; j < 2; ++j) {
                 uintptr_t b0 = (uintptr_t)t[j];
@@ -40,7 +40,7 @@ static bool overlaps_tensors(const pm_memory *m, const uint8_t *p, uint64_t n, c
         const pmi_rec *r = m->rec;
         for (uint32_t l = 0; l < r->n_layer; ++l) {
             const pmi_rec_layer *L = &r->layers[l];
-            for (int j = 0; j < 3; ++j) {
+            for (int j = 0; j < PMI_REC_NROW; ++j) {
                 uintptr_t b0 = (uintptr_t)L->data[j];
                 uint64_t bn = L->row[j] * r->n_rows;
                 if (L->data[j] != NULL && bn > 0 && a0 < b0 + (uintptr_t)bn && b0 < a1) {

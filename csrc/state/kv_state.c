@@ -237,6 +237,37 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uin
 
 /* ---- state: read ----------------------------------------------------------------------------- */
 
+/* Read a little-endian value of `size` bytes (4 or 8) that must equal `want`.  False on a
+ * truncation (the reader's message) or a mismatch: "<what>: <field> <got>, this cache has
+ * <want><note> (offset N)" (count: "<what>: <got> <field>, ...").  Signed values are int32. */
+static bool expect(pmi_reader *r, unsigned size, bool is_signed, uint64_t want, const char *what,
+                   const char *field, const char *note, bool count) {
+    uint64_t got;
+    uint32_t g32;
+    if (size == 8 ? !pmi_r_u64(r, &got, what) : !pmi_r_u32(r, &g32, what)) {
+        return false;
+    }
+    if (size == 4) {
+        got = g32;
+    }
+    if (got == want) {
+        return true;
+    }
+    long long gv = is_signed ? (long long)(int32_t)(uint32_t)got : (long long)got;
+    long long wv = is_signed ? (long long)(int32_t)(uint32_t)want : (long long)want;
+    unsigned long long at = (unsigned long long)(r->off - size);
+    if (is_signed) {
+        pmi_fail(PM_E_FORMAT, "%s: %s %lld, this cache has %lld%s (offset %llu)", what, field, gv, wv, note, at);
+    } else if (count) {
+        pmi_fail(PM_E_FORMAT, "%s: %llu %s, this cache has %llu%s (offset %llu)", what,
+                 (unsigned long long)got, field, (unsigned long long)want, note, at);
+    } else {
+        pmi_fail(PM_E_FORMAT, "%s: %s %llu, this cache has %llu%s (offset %llu)", what, field,
+                 (unsigned long long)got, (unsigned long long)want, note, at);
+    }
+    return false;
+}
+
 static pm_status check_cell_header(uint32_t s, uint32_t i, int32_t pos, uint32_t nid, pm_seq_id seq,
                                    uint64_t at) {
     if (pos < 0) {
@@ -251,22 +282,13 @@ static pm_status check_cell_header(uint32_t s, uint32_t i, int32_t pos, uint32_t
     return PM_OK;
 }
 
-static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
-                               pmi_kv_section *sec) {
+/* The cell records of stream section s: copied (sec->copy, in bulk: the size they have with
+ * one id per cell, more on demand) and validated from the copy; the apply step reads only the
+ * copy, never the caller's buffer again. */
+static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
+                             pmi_kv_section *sec) {
     char what[96];
-    if (!pmi_r_u32(r, &sec->cc, "cell_count")) {
-        return pmi_fail_ctx(PM_E_FORMAT, "KV stream %u", s);
-    }
-    if (sec->cc == 0) {
-        return PM_OK;
-    }
-    if (sec->cc > kv->size) {
-        return pmi_fail(PM_E_FORMAT, "KV stream %u: %u cells do not fit in %u (offset %llu)", s,
-                        sec->cc, kv->size, (unsigned long long)(r->off - 4));
-    }
-    /* the cell records are copied (sec->copy, in bulk: the size they have with one id per
-     * cell, more on demand) and validated from the copy; the apply step reads only the copy,
-     * never the caller's buffer again.  q: offset of the next record from m0. */
+    /* q: offset of the next record from m0 */
     pmi_copy *cp = &sec->copy;
     const uint32_t ext = kv->cell_ext ? 12 : 0;
     const uint64_t m0 = r->off, avail = r->len - m0;
@@ -326,6 +348,26 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
     r->off = m0 + q;
     sec->meta = cp->buf;
     sec->meta_len = q;
+    return PM_OK;
+}
+
+static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
+                               pmi_kv_section *sec) {
+    char what[96];
+    if (!pmi_r_u32(r, &sec->cc, "cell_count")) {
+        return pmi_fail_ctx(PM_E_FORMAT, "KV stream %u", s);
+    }
+    if (sec->cc == 0) {
+        return PM_OK;
+    }
+    if (sec->cc > kv->size) {
+        return pmi_fail(PM_E_FORMAT, "KV stream %u: %u cells do not fit in %u (offset %llu)", s,
+                        sec->cc, kv->size, (unsigned long long)(r->off - 4));
+    }
+    pm_status st = parse_cells(kv, r, s, seq, sec);
+    if (st != PM_OK) {
+        return st;
+    }
     uint32_t v_trans, n_layer;
     snprintf(what, sizeof what, "KV stream %u data header", s);
     if (!pmi_r_u32(r, &v_trans, what) || !pmi_r_u32(r, &n_layer, what)) {
@@ -353,76 +395,35 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
                             s, v_rot, kv->v_rot, (unsigned long long)(r->off - 4));
         }
     }
+    char note[40];
+    snprintf(note, sizeof note, " (%s)", pm_type_name(kv->type_k));
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         const pmi_kv_layer *L = &kv->layers[l];
-        int32_t type;
-        uint64_t row;
         snprintf(what, sizeof what, "KV stream %u layer %u K", s, L->p.il);
-        if (!pmi_r_i32(r, &type, what)) {
-            return PM_E_FORMAT;
-        }
-        if (type != kv->type_k) {
-            return pmi_fail(PM_E_FORMAT, "%s: type %d, this cache has %d (%s) (offset %llu)", what, type,
-                            kv->type_k, pm_type_name(kv->type_k), (unsigned long long)(r->off - 4));
-        }
-        if (!pmi_r_u64(r, &row, what)) {
-            return PM_E_FORMAT;
-        }
-        if (row != L->k_row) {
-            return pmi_fail(PM_E_FORMAT, "%s: row size %llu, this cache has %llu (offset %llu)", what,
-                            (unsigned long long)row, (unsigned long long)L->k_row,
-                            (unsigned long long)(r->off - 8));
-        }
-        if (!pmi_r_span(r, row * sec->cc, &sec->k[l], what)) {
+        if (!expect(r, 4, true, (uint64_t)kv->type_k, what, "type", note, false) ||
+            !expect(r, 8, false, L->k_row, what, "row size", "", false) ||
+            !pmi_r_span(r, L->k_row * sec->cc, &sec->k[l], what)) {
             return PM_E_FORMAT;
         }
     }
+    snprintf(note, sizeof note, " (%s)", pm_type_name(kv->type_v));
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         const pmi_kv_layer *L = &kv->layers[l];
         if (L->v == NULL) {
             continue;
         }
-        int32_t type;
         snprintf(what, sizeof what, "KV stream %u layer %u V", s, L->p.il);
-        if (!pmi_r_i32(r, &type, what)) {
+        if (!expect(r, 4, true, (uint64_t)kv->type_v, what, "type", note, false)) {
             return PM_E_FORMAT;
         }
-        if (type != kv->type_v) {
-            return pmi_fail(PM_E_FORMAT, "%s: type %d, this cache has %d (%s) (offset %llu)", what, type,
-                            kv->type_v, pm_type_name(kv->type_v), (unsigned long long)(r->off - 4));
-        }
-        if (!kv->v_trans) {
-            uint64_t row;
-            if (!pmi_r_u64(r, &row, what)) {
-                return PM_E_FORMAT;
-            }
-            if (row != L->v_row) {
-                return pmi_fail(PM_E_FORMAT, "%s: row size %llu, this cache has %llu (offset %llu)", what,
-                                (unsigned long long)row, (unsigned long long)L->v_row,
-                                (unsigned long long)(r->off - 8));
-            }
-            if (!pmi_r_span(r, row * sec->cc, &sec->v[l], what)) {
-                return PM_E_FORMAT;
-            }
-        } else {
-            uint32_t el, ne;
-            if (!pmi_r_u32(r, &el, what)) {
-                return PM_E_FORMAT;
-            }
-            if (el != L->v_row) {
-                return pmi_fail(PM_E_FORMAT, "%s: element size %u, this cache has %llu (offset %llu)", what,
-                                el, (unsigned long long)L->v_row, (unsigned long long)(r->off - 4));
-            }
-            if (!pmi_r_u32(r, &ne, what)) {
-                return PM_E_FORMAT;
-            }
-            if (ne != L->n_embd_v_gqa) {
-                return pmi_fail(PM_E_FORMAT, "%s: %u V rows, this cache has %u (offset %llu)", what, ne,
-                                L->n_embd_v_gqa, (unsigned long long)(r->off - 4));
-            }
-            if (!pmi_r_span(r, (uint64_t)el * ne * sec->cc, &sec->v[l], what)) {
-                return PM_E_FORMAT;
-            }
+        bool ok = kv->v_trans
+                      ? expect(r, 4, false, L->v_row, what, "element size", "", false) &&
+                            expect(r, 4, false, L->n_embd_v_gqa, what, "V rows", "", true) &&
+                            pmi_r_span(r, L->v_row * L->n_embd_v_gqa * sec->cc, &sec->v[l], what)
+                      : expect(r, 8, false, L->v_row, what, "row size", "", false) &&
+                            pmi_r_span(r, L->v_row * sec->cc, &sec->v[l], what);
+        if (!ok) {
+            return PM_E_FORMAT;
         }
     }
     return PM_OK;

@@ -65,15 +65,15 @@ pm_status pmi_rec_state_write(const pmi_rec *r, pmi_writer *w, pm_seq_id seq) {
     for (int pass = 0; pass < 2; ++pass) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
             const pmi_rec_layer *L = &r->layers[l];
-            for (int t = pass == 0 ? 0 : 1; t < 3; t += 2) {
+            for (int t = pass == 0 ? PMI_REC_R : PMI_REC_S; t < PMI_REC_NROW; t += 2) {
                 /* pass 0: r (t = 0) then p (t = 2); pass 1: s (t = 1) */
-                if (t == 2 && !L->has_p) {
+                if (t == PMI_REC_P && !L->has_p) {
                     continue;
                 }
-                if (t == 2) {
-                    pmi_w_u64(w, L->row[2]);
+                if (t == PMI_REC_P) {
+                    pmi_w_u64(w, L->row[PMI_REC_P]);
                 } else {
-                    pmi_w_i32(w, t == 0 ? r->type_r : r->type_s);
+                    pmi_w_i32(w, t == PMI_REC_R ? r->type_r : r->type_s);
                     pmi_w_u64(w, L->row[t]);
                 }
                 uint8_t *dst = pmi_w_reserve(w, L->row[t] * cc);
@@ -179,18 +179,18 @@ pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, p
     for (int pass = 0; pass < 2; ++pass) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
             const pmi_rec_layer *L = &r->layers[l];
-            for (int t = pass == 0 ? 0 : 1; t < 3; t += 2) {
-                if (t == 2 && !L->has_p) {
+            for (int t = pass == 0 ? PMI_REC_R : PMI_REC_S; t < PMI_REC_NROW; t += 2) {
+                if (t == PMI_REC_P && !L->has_p) {
                     continue;
                 }
-                const char *nm = t == 0 ? "r" : t == 1 ? "s" : "p";
+                const char *nm = t == PMI_REC_R ? "r" : t == PMI_REC_S ? "s" : "p";
                 snprintf(what, sizeof what, "recurrent layer %u %s", L->il, nm);
                 if (t != 2) {
                     int32_t type;
                     if (!pmi_r_i32(rd, &type, what)) {
                         return PM_E_FORMAT;
                     }
-                    int32_t want = t == 0 ? r->type_r : r->type_s;
+                    int32_t want = t == PMI_REC_R ? r->type_r : r->type_s;
                     if (type != want) {
                         return pmi_fail(PM_E_FORMAT, "%s: type %d, this memory has %d (offset %llu)", what, type,
                                         want, (unsigned long long)(rd->off - 4));
@@ -205,7 +205,7 @@ pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, p
                                     (unsigned long long)row, (unsigned long long)L->row[t],
                                     (unsigned long long)(rd->off - 8));
                 }
-                if (!pmi_r_span(rd, row * plan->cc, &plan->rows[l * 3 + t], what)) {
+                if (!pmi_r_span(rd, row * plan->cc, &plan->rows[l * PMI_REC_NROW + t], what)) {
                     return PM_E_FORMAT;
                 }
                 if (pass == 1) {
@@ -270,7 +270,7 @@ pm_status pmi_rec_state_meta(pmi_rec *r, pmi_rec_plan *plan) {
 void pmi_rec_state_data(pmi_rec *r, const pmi_rec_plan *plan) {
     if (plan->seq == -1) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
+            for (int t = 0; t < PMI_REC_NROW; ++t) {
                 if (r->layers[l].data[t]) {
                     memset(r->layers[l].data[t], 0, (size_t)(r->layers[l].row[t] * r->n_rows));
                 }
@@ -278,10 +278,10 @@ void pmi_rec_state_data(pmi_rec *r, const pmi_rec_plan *plan) {
         }
     }
     for (uint32_t l = 0; l < r->n_layer; ++l) {
-        for (int t = 0; t < 3; ++t) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
             const pmi_rec_layer *L = &r->layers[l];
             if (L->data[t] && plan->cc && L->row[t]) {
-                memcpy(L->data[t] + (uint64_t)plan->head * L->row[t], plan->rows[l * 3 + t],
+                memcpy(L->data[t] + (uint64_t)plan->head * L->row[t], plan->rows[l * PMI_REC_NROW + t],
                        (size_t)(L->row[t] * plan->cc));
             }
         }
