@@ -117,6 +117,9 @@ void pmi_copy_free(pmi_copy *c);
 /* Bulk variant: make c hold bytes [m0, m0 + end) of r's buffer (c mirrors the buffer from m0;
  * grows geometrically, never past r->len).  The caller checks m0 + end <= r->len. */
 pm_status pmi_copy_window(const pmi_reader *r, uint64_t m0, pmi_copy *c, uint64_t end);
+static inline pm_status pmi_copy_need(const pmi_reader *r, uint64_t m0, pmi_copy *c, uint64_t end) {
+    return end <= c->n ? PM_OK : pmi_copy_window(r, m0, c, end);
+}
 
 /* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
  * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */

@@ -205,3 +205,22 @@ def test_state_write_into_own_tensor_refused():
     s_view = r.recurrent.s(r.recurrent.layers[0])
     with pytest.raises(pymem.InvalidArgumentError, match="overlaps"):
         r.state_write_into(s_view.view(np.uint8).reshape(-1))
+
+
+def test_store_rows_from_own_tensor():
+    # raw K rows taken from a view of the cache's own K, stored one cell further on: the
+    # store reads a copy, not the rows it is overwriting (found looking for more aliasing)
+    m = pymem.KVCache(**kv_kw(size=64))
+    decode(m, 0, 5)                                   # cells 0..4
+    part = m.kv_parts()[0]
+    il = part.layers[0]
+    k = part.k(il, 0).view(np.uint8).reshape(part.size, -1)
+    k[:] = np.random.default_rng(3).integers(0, 255, k.shape, dtype=np.uint8) & 0x3F
+    ctx = m.init_batch(pymem.Batch(tokens=[1, 2, 3, 4], pos=[5, 6, 7, 8], seq_ids=[[0]] * 4))
+    ub = ctx.ubatches[0]
+    ub.apply()
+    cells = np.asarray(ub.cells).reshape(-1)
+    assert list(cells) == [5, 6, 7, 8]
+    want = k[4:8].copy()
+    ub.store(il, k=k[4:8])                           # source rows 4..7 -> cells 5..8
+    assert np.array_equal(k[5:9], want)

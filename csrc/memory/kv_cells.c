@@ -153,17 +153,6 @@ uint32_t pmi_cells_used_max_p1(const pmi_cells *c) {
 
 /* ---- journal ------------------------------------------------------------------------------ */
 
-static inline void jtouch(pmi_cells *c, uint32_t i) {
-    if (c->jon && c->jmark[i] != c->jepoch) {
-        c->jmark[i] = c->jepoch;
-        pmi_jrec *r = &c->jrec[c->jn++];
-        r->idx = i;
-        r->pos = c->pos[i];
-        r->shift = c->shift[i];
-        r->ext = c->ext[i];
-        memcpy(r->seq, c->seq + (size_t)i * PMI_SEQ_WORDS, sizeof(r->seq));
-    }
-}
 
 pm_status pmi_cells_tx_begin(pmi_cells *c) {
     if (c->jmark == NULL) {
@@ -194,17 +183,6 @@ void pmi_cells_tx_commit(pmi_cells *c) {
     c->jn = 0;
 }
 
-static inline void used_set(pmi_cells *c, uint32_t i, bool on) {
-    uint64_t bit = 1ULL << (i & 63);
-    bool was = (c->used_bits[i >> 6] & bit) != 0;
-    if (on && !was) {
-        c->used_bits[i >> 6] |= bit;
-        c->used++;
-    } else if (!on && was) {
-        c->used_bits[i >> 6] &= ~bit;
-        c->used--;
-    }
-}
 
 void pmi_cells_tx_rollback(pmi_cells *c) {
     c->jon = false;
@@ -223,7 +201,7 @@ void pmi_cells_tx_rollback(pmi_cells *c) {
         c->shift[i] = r->shift;
         c->ext[i] = r->ext;
         memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, r->seq, sizeof(r->seq));
-        used_set(c, i, r->pos != -1);
+        pmi_cells_used_set(c, i, r->pos != -1);
         if (r->pos != -1) {
             pmi_idx_all(c, i, true);
         }
@@ -246,13 +224,13 @@ void pmi_cells_reset(pmi_cells *c) {
         for (uint32_t w = 0; w < c->nwords; ++w) {
             uint64_t bits = c->used_bits[w];
             while (bits) {
-                jtouch(c, w * 64 + (uint32_t)__builtin_ctzll(bits));
+                pmi_cells_jtouch(c, w * 64 + (uint32_t)__builtin_ctzll(bits));
                 bits &= bits - 1;
             }
         }
         for (uint32_t i = 0; i < c->size; ++i) {
             if (c->shift[i] != 0 || memcmp(&c->ext[i], &EXT_RESET, sizeof(pmi_ext)) != 0) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
             }
         }
     }
@@ -273,7 +251,7 @@ void pmi_cells_reset_shift(pmi_cells *c) {
     if (c->jon) {
         for (uint32_t i = 0; i < c->size; ++i) {
             if (c->shift[i] != 0) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
             }
         }
     }
@@ -287,11 +265,11 @@ static void make_empty(pmi_cells *c, uint32_t i) {
     c->pos[i] = -1;
     c->ext[i] = EXT_RESET;
     c->shift[i] = 0;
-    used_set(c, i, false);
+    pmi_cells_used_set(c, i, false);
 }
 
 void pmi_cells_rm(pmi_cells *c, uint32_t i) {
-    jtouch(c, i);
+    pmi_cells_jtouch(c, i);
     pmi_idx_all(c, i, false);
     seq_clear(c, i);
     make_empty(c, i);
@@ -301,24 +279,15 @@ void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s) {
     if (pmi_cells_seq_has(c, i, s)) {
         return;
     }
-    jtouch(c, i);
+    pmi_cells_jtouch(c, i);
     c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
     pmi_idx_add(c, s, c->pos[i], i);
 }
 
-void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p) {
-    jtouch(c, i);
-    c->pos[i] = p;
-    used_set(c, i, true);
-}
 
-void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e) {
-    jtouch(c, i);
-    c->ext[i] = e;
-}
 
 bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
-    jtouch(c, i);
+    pmi_cells_jtouch(c, i);
     pmi_idx_all(c, i, false);
     c->pos[i] += d;
     c->shift[i] += d;
@@ -328,7 +297,7 @@ bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
         seq_clear(c, i);
         c->pos[i] = -1;
         c->shift[i] = 0;
-        used_set(c, i, false);
+        pmi_cells_used_set(c, i, false);
         return true; /* ext deliberately kept (llama.cpp) */
     }
     pmi_idx_all(c, i, true);
@@ -347,14 +316,14 @@ void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_ce
 void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cellsnap *snap) {
     for (uint32_t j = 0; j < n; ++j) {
         uint32_t i = idxs[j];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         if (c->pos[i] != -1) {
             pmi_idx_all(c, i, false);
         }
         c->pos[i] = snap[j].pos;
         c->ext[i] = snap[j].ext;
         memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, snap[j].seq, sizeof(snap[j].seq));
-        used_set(c, i, snap[j].pos != -1);
+        pmi_cells_used_set(c, i, snap[j].pos != -1);
         if (snap[j].pos != -1) {
             pmi_idx_all(c, i, true);
         }
@@ -402,7 +371,7 @@ uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1)
     const uint64_t bit = 1ULL << ((uint32_t)s & 63);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         c->seq[(size_t)i * PMI_SEQ_WORDS + wq] &= ~bit;
         if (pmi_cells_seq_none(c, i)) {
             make_empty(c, i);
@@ -427,7 +396,7 @@ void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, p
         if (*w & bit) {
             continue;
         }
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         *w |= bit;
         c->tmp[m++] = node_new(c, key_of(c->pos[i], i)); /* m <= k: in place */
     }
@@ -445,7 +414,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
     uint32_t n = pmi_tr_collect(c, mid, c->tmp, 0), m = 0;
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         bool shared = pmi_cells_seq_multi(c, i);
         if (shared) {
             idx_others(c, i, s, false);
@@ -459,7 +428,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
             seq_clear(c, i);
             c->pos[i] = -1;
             c->shift[i] = 0;
-            used_set(c, i, false); /* ext deliberately kept (llama.cpp) */
+            pmi_cells_used_set(c, i, false); /* ext deliberately kept (llama.cpp) */
             if (i < head) {
                 head = i;
             }
@@ -498,12 +467,12 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
             uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
             if (sw[wq] & bit) {
                 if (pmi_cells_seq_multi(c, i)) {
-                    jtouch(c, i);
+                    pmi_cells_jtouch(c, i);
                     seq_clear(c, i);
                     sw[wq] = bit;
                 }
             } else if (!pmi_cells_seq_none(c, i)) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
                 seq_clear(c, i);
                 make_empty(c, i);
                 if (head == PMI_NONE) {
@@ -538,7 +507,7 @@ void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, ui
         if (*w & bit) {
             continue;
         }
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         *w |= bit;
         keys[m] = key_of(c->pos[i], i);
         sorted = sorted && (m == 0 || keys[m] > keys[m - 1]);

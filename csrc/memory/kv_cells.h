@@ -110,11 +110,46 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s);
 void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, uint32_t n);
 /* every cell of s in (pos, cell) order; returns the count (cnt[s]) */
 uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out);
-void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p);
-void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e);
 bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d);
 void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_cellsnap *out);
 void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cellsnap *snap);
+
+/* per-cell primitives, inline (hot in placement and restores): journal the cell's first
+ * change in a transaction; keep used_bits / used in step with pos */
+static inline void pmi_cells_jtouch(pmi_cells *c, uint32_t i) {
+    if (c->jon && c->jmark[i] != c->jepoch) {
+        c->jmark[i] = c->jepoch;
+        pmi_jrec *r = &c->jrec[c->jn++];
+        r->idx = i;
+        r->pos = c->pos[i];
+        r->shift = c->shift[i];
+        r->ext = c->ext[i];
+        memcpy(r->seq, c->seq + (size_t)i * PMI_SEQ_WORDS, sizeof(r->seq));
+    }
+}
+
+static inline void pmi_cells_used_set(pmi_cells *c, uint32_t i, bool on) {
+    uint64_t bit = 1ULL << (i & 63);
+    bool was = (c->used_bits[i >> 6] & bit) != 0;
+    if (on && !was) {
+        c->used_bits[i >> 6] |= bit;
+        c->used++;
+    } else if (!on && was) {
+        c->used_bits[i >> 6] &= ~bit;
+        c->used--;
+    }
+}
+
+static inline void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p) {
+    pmi_cells_jtouch(c, i);
+    c->pos[i] = p;
+    pmi_cells_used_set(c, i, true);
+}
+
+static inline void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e) {
+    pmi_cells_jtouch(c, i);
+    c->ext[i] = e;
+}
 
 /* Undo journal: after tx_begin every mutated cell is recorded once; rollback restores
  * cells and has_shift exactly. */

@@ -278,7 +278,26 @@ pm_status pm_mctx_store(pm_mctx *ctx, uint32_t i, uint32_t il, const void *k, ui
                 return pmi_fail(PM_E_INVALID_ARG, "layer %u: V needs %llu bytes for %u tokens, got %llu", il,
                                 (unsigned long long)vn, ub->n_tokens, (unsigned long long)v_len);
             }
-            return pmi_kv_store(kv, &ctx->slots[part][i], l, k, v, is_f32, ub->n_tokens);
+            /* rows taken from this memory's own tensors (numpy views) are copied first: the
+             * store must not read what it is overwriting */
+            void *kc = NULL, *vc = NULL;
+            if (k != NULL && kn > 0 && pmi_mem_overlaps(ctx->mem, k, kn, NULL, 0)) {
+                if ((kc = malloc((size_t)kn)) == NULL) {
+                    return pmi_fail(PM_E_NOMEM, "out of memory");
+                }
+                k = memcpy(kc, k, (size_t)kn);
+            }
+            if (v != NULL && vn > 0 && pmi_mem_overlaps(ctx->mem, v, vn, NULL, 0)) {
+                if ((vc = malloc((size_t)vn)) == NULL) {
+                    free(kc);
+                    return pmi_fail(PM_E_NOMEM, "out of memory");
+                }
+                v = memcpy(vc, v, (size_t)vn);
+            }
+            st = pmi_kv_store(kv, &ctx->slots[part][i], l, k, v, is_f32, ub->n_tokens);
+            free(kc);
+            free(vc);
+            return st;
         }
     }
     return pmi_fail(PM_E_INVALID_ARG, "model layer %u is not held by this memory's KV cache", il);
@@ -350,7 +369,8 @@ pm_status pm_mctx_store_rs(pm_mctx *ctx, uint32_t i, uint32_t il, const void *rr
         }
         for (int t = 0; t < 2; ++t) {
             if (src[t] != NULL && len[t] > 0) {
-                memcpy(L->data[t] + (uint64_t)ctx->rec_head[i] * L->row[t], src[t], (size_t)len[t]);
+                /* memmove: the rows may come from this memory's own tensor (a numpy view) */
+                memmove(L->data[t] + (uint64_t)ctx->rec_head[i] * L->row[t], src[t], (size_t)len[t]);
             }
         }
         return PM_OK;

@@ -53,6 +53,9 @@ pm_status pmi_mctx_alloc(pm_mctx *ctx, uint32_t n_ubatch, uint32_t n_parts);
 pm_status pmi_mctx_check_ub(const pm_mctx *ctx, uint32_t i);
 pm_status pmi_mctx_check_current(const pm_mctx *ctx, uint32_t i, const char *what);
 
+/* Does [p, p + n) overlap a tensor of m?  The first one is named in what (may be NULL). */
+bool pmi_mem_overlaps(const pm_memory *m, const void *p, uint64_t n, char *what, size_t cap);
+
 /* transactions over every part (memory.c): begin, then end(ok) commits or rolls back */
 pm_status pmi_mem_tx_begin(pm_memory *m);
 void pmi_mem_tx_end(pm_memory *m, bool ok);

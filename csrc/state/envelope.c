@@ -13,50 +13,10 @@
 
 /* ---- state and envelopes -------------------------------------------------------------------- */
 
-/* The first tensor of m that [p, p + n) overlaps: its name in `what`; false if none.  A state
- * read from (or written into) the memory's own tensors would change its source while
- * copying: refused. */
-static bool overlaps_tensors(const pm_memory *m, const uint8_t *p, uint64_t n, char *what, size_t cap) {
-    if (p == NULL || n == 0) {
-        return false;
-    }
-    uintptr_t a0 = (uintptr_t)p, a1 = a0 + (uintptr_t)n;
-    for (uint32_t k = 0; k < m->n_kv; ++k) {
-        const pmi_kv *kv = m->kv[k];
-        for (uint32_t l = 0; l < kv->n_layer; ++l) {
-            const pmi_kv_layer *L = &kv->layers[l];
-            const uint8_t *t[2] = {[PMI_KV_K] = L->k, [PMI_KV_V] = L->v};
-            uint64_t tn[2] = {L->k_stream * kv->n_stream, L->v_stream * kv->n_stream};
-            for (int j = 0; j < 2; ++j) {
-                uintptr_t b0 = (uintptr_t)t[j];
-                if (t[j] != NULL && tn[j] > 0 && a0 < b0 + (uintptr_t)tn[j] && b0 < a1) {
-                    snprintf(what, cap, "%s of layer %u", j ? "V" : "K", L->p.il);
-                    return true;
-                }
-            }
-        }
-    }
-    if (m->rec) {
-        const pmi_rec *r = m->rec;
-        for (uint32_t l = 0; l < r->n_layer; ++l) {
-            const pmi_rec_layer *L = &r->layers[l];
-            for (int j = 0; j < PMI_REC_NROW; ++j) {
-                uintptr_t b0 = (uintptr_t)L->data[j];
-                uint64_t bn = L->row[j] * r->n_rows;
-                if (L->data[j] != NULL && bn > 0 && a0 < b0 + (uintptr_t)bn && b0 < a1) {
-                    snprintf(what, cap, "recurrent %c of layer %u", "rsp"[j], L->il);
-                    return true;
-                }
-            }
-        }
-    }
-    return false;
-}
-
 static pm_status check_overlap(const pm_memory *m, const uint8_t *p, uint64_t n, const char *op,
                                const char *buf) {
     char what[64];
-    if (overlaps_tensors(m, p, n, what, sizeof what)) {
+    if (pmi_mem_overlaps(m, p, n, what, sizeof what)) {
         return pmi_fail(PM_E_INVALID_ARG, "%s: the %s buffer overlaps this memory's own tensors (%s); copy it first",
                         op, buf, what);
     }

@@ -315,7 +315,7 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
             (void)pmi_r_span(r, ext, &p, what); /* fails: fewer than 8 + ext bytes were left */
             return PM_E_FORMAT;
         }
-        if ((st = pmi_copy_window(r, m0, cp, q + 8 + ext)) != PM_OK) {
+        if ((st = pmi_copy_need(r, m0, cp, q + 8 + ext)) != PM_OK) {
             return st;
         }
         const uint8_t *p = cp->buf + q;
@@ -329,7 +329,7 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
             return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
                             nid, (unsigned long long)(m0 + q));
         }
-        if ((st = pmi_copy_window(r, m0, cp, q + 4ull * nid)) != PM_OK) {
+        if ((st = pmi_copy_need(r, m0, cp, q + 4ull * nid)) != PM_OK) {
             return st;
         }
         if (seq == -1) {
