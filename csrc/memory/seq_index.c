@@ -282,9 +282,12 @@ void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
 /* Build the index of every sequence from the cells' bits (the trees must be empty): gather
  * each sequence's keys, sort them (already sorted for packed restores), and build the treap
  * as the Cartesian tree of the priorities with a stack, in linear time. */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
+void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack, const uint32_t *counts) {
     uint32_t cnt[PM_MAX_SEQ] = {0}, at[PM_MAX_SEQ];
-    for (uint32_t w = 0; w < c->nwords; ++w) {
+    if (counts != NULL) {
+        memcpy(cnt, counts, sizeof cnt);
+    }
+    for (uint32_t w = 0; w < c->nwords && counts == NULL; ++w) {
         for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
             const uint64_t *sw = c->seq + (size_t)(w * 64 + (uint32_t)__builtin_ctzll(bits)) * PMI_SEQ_WORDS;
             for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {

@@ -585,9 +585,11 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
             return st;
         }
         pmi_kv_clear(kv, false);
+        uint32_t cnt[PM_MAX_SEQ];
         for (uint32_t s = 0; s < kv->n_stream; ++s) {
             pmi_cells *c = &kv->cells[s];
             const uint8_t *p = secs[s].meta;
+            memset(cnt, 0, sizeof cnt);
             for (uint32_t i = 0; i < secs[s].cc; ++i) {
                 pmi_cells_pos_set(c, i, pmi_rd_i32(p));
                 uint32_t nid = pmi_rd_u32(p + 4);
@@ -598,16 +600,18 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
                     p += 12;
                 }
                 for (uint32_t q = 0; q < nid; ++q) {
-                    if (bulk) {
-                        pmi_cells_seq_set_bit(c, i, pmi_rd_i32(p + 4ull * q));
-                    } else {
-                        pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
+                    pm_seq_id id = pmi_rd_i32(p + 4ull * q);
+                    if (!bulk) {
+                        pmi_cells_seq_add(c, i, id);
+                    } else if (!pmi_cells_seq_has(c, i, id)) { /* a blob may repeat an id */
+                        pmi_cells_seq_set_bit(c, i, id);
+                        cnt[id]++;
                     }
                 }
                 p += 4ull * nid;
             }
             if (bulk) {
-                pmi_cells_build_index(c, keys, stack);
+                pmi_cells_build_index(c, keys, stack, cnt);
             }
             kv->head[s] = 0;
         }
