@@ -99,7 +99,7 @@ void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s); /* needs a reserv
 void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s);
 /* counts: the members of each sequence (PM_MAX_SEQ entries) when the caller counted them while
  * setting the bits, else NULL (counted here from the cells) */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack, const uint32_t *counts);
+void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint64_t *stack, const uint32_t *counts);
 /* Whole-range operations on one sequence (cost: the cells in the range, see kv_cells.c).
  * rm / shift / keep return the lowest cell they emptied (PMI_NONE if none).  shift adds d to
  * the positions in [p0, p1) or, with div > 0, divides them by div.  cp needs reserved nodes. */

@@ -282,7 +282,7 @@ void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
 /* Build the index of every sequence from the cells' bits (the trees must be empty): gather
  * each sequence's keys, sort them (already sorted for packed restores), and build the treap
  * as the Cartesian tree of the priorities with a stack, in linear time. */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack, const uint32_t *counts) {
+void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint64_t *stack, const uint32_t *counts) {
     uint32_t cnt[PM_MAX_SEQ] = {0}, at[PM_MAX_SEQ];
     if (counts != NULL) {
         memcpy(cnt, counts, sizeof cnt);
@@ -327,11 +327,21 @@ void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack, const 
                 break;
             }
         }
+        /* cart_push with each node's priority kept on the stack next to it (no dependent
+         * load of nprio per comparison) */
         uint32_t sp = 0;
         for (uint32_t j = 0; j < n; ++j) {
-            cart_push(c, node_new(c, ks[j]), stack, &sp);
+            uint32_t nd = node_new(c, ks[j]), pr = c->nprio[nd], last = PMI_NONE;
+            while (sp > 0 && (uint32_t)(stack[sp - 1] >> 32) < pr) {
+                last = (uint32_t)stack[--sp];
+            }
+            c->nl[nd] = last;
+            if (sp > 0) {
+                c->nr[(uint32_t)stack[sp - 1]] = nd;
+            }
+            stack[sp++] = ((uint64_t)pr << 32) | nd;
         }
-        c->root[s] = stack[0];
+        c->root[s] = (uint32_t)stack[0];
         c->cnt[s] = n;
     }
 }

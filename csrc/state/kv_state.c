@@ -571,10 +571,10 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
         }
         bool bulk = !kv->tx_on;
         uint64_t *keys = NULL;
-        uint32_t *stack = NULL;
+        uint64_t *stack = NULL;
         if (st == PM_OK && bulk && most > 0) {
             keys = malloc(sizeof(uint64_t) * most);
-            stack = malloc(sizeof(uint32_t) * most);
+            stack = malloc(sizeof(uint64_t) * most);
             if (keys == NULL || stack == NULL) {
                 st = pmi_fail(PM_E_NOMEM, "out of memory");
             }
