@@ -94,7 +94,7 @@ static pm_status check_layer(const pm_kv_params *p, uint32_t l, uint32_t prev_il
     return PM_OK;
 }
 
-pm_status pmi_kv_create(const pm_kv_params *p, pmi_kv **out) {
+static pm_status kv_create(const pm_kv_params *p, pmi_kv **out) {
     *out = NULL;
     if (p == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
@@ -688,4 +688,26 @@ void pmi_kv_update(pmi_kv *kv) {
     for (uint32_t s = 0; s < kv->n_stream; ++s) {
         pmi_cells_reset_shift(&kv->cells[s]);
     }
+}
+
+/* The parameters (and their layer array) are the caller's memory, read while the GIL is
+ * released: validate and build from one snapshot, never from a second read. */
+pm_status pmi_kv_create(const pm_kv_params *p, pmi_kv **out) {
+    *out = NULL;
+    if (p == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    pm_kv_params snap = *p;
+    pm_kv_layer *layers = NULL;
+    if (snap.n_layer > 0 && snap.layers != NULL && snap.n_layer <= snap.n_layer_model) { /* else refused unread */
+        layers = malloc(sizeof(pm_kv_layer) * (size_t)snap.n_layer);
+        if (layers == NULL) {
+            return pmi_fail(PM_E_NOMEM, "out of memory");
+        }
+        memcpy(layers, snap.layers, sizeof(pm_kv_layer) * (size_t)snap.n_layer);
+        snap.layers = layers;
+    }
+    pm_status st = kv_create(&snap, out);
+    free(layers);
+    return st;
 }

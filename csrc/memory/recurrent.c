@@ -27,7 +27,7 @@ static void norm_range(pm_pos *p0, pm_pos *p1) {
 
 /* ---- construction ------------------------------------------------------------------------ */
 
-pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
+static pm_status rec_create(const pm_rec_params *p, pmi_rec **out) {
     *out = NULL;
     if (p == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
@@ -598,4 +598,26 @@ uint64_t pmi_rec_max_row(const pmi_rec *r) {
         }
     }
     return m;
+}
+
+/* The parameters (and their layer array) are the caller's memory, read while the GIL is
+ * released: validate and build from one snapshot, never from a second read. */
+pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
+    *out = NULL;
+    if (p == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
+    }
+    pm_rec_params snap = *p;
+    pm_rec_layer *layers = NULL;
+    if (snap.n_layer > 0 && snap.layers != NULL && snap.n_layer <= snap.n_layer_model) { /* else refused unread */
+        layers = malloc(sizeof(pm_rec_layer) * (size_t)snap.n_layer);
+        if (layers == NULL) {
+            return pmi_fail(PM_E_NOMEM, "out of memory");
+        }
+        memcpy(layers, snap.layers, sizeof(pm_rec_layer) * (size_t)snap.n_layer);
+        snap.layers = layers;
+    }
+    pm_status st = rec_create(&snap, out);
+    free(layers);
+    return st;
 }
