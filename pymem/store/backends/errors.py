@@ -1,0 +1,46 @@
+"""Errors of the prompt-cache backends.
+
+:class:`BackendError` is a :class:`pymem.Error`; ``pymem.store``'s ``StoreError`` hierarchy includes
+it, so ``except pymem.Error`` (and ``except pymem.store.StoreError``) catch every backend failure.
+Driver exceptions (``sqlite3``, ``redis``, ``OSError``) never escape a backend: they are wrapped here
+with the backend's URL (passwords removed) and the underlying cause chained."""
+from __future__ import annotations
+
+from ..._errors import Error
+
+__all__ = ["BackendError", "BackendURLError", "BackendUnavailableError", "BackendClosedError",
+           "BackendCorruptError", "check_key"]
+
+
+class BackendError(Error):
+    """A prompt-cache backend failed (I/O, permissions, lost connection, bad index, ...)."""
+
+
+class BackendURLError(BackendError, ValueError):
+    """A store URL or path that names no usable backend (unknown scheme, bad port, not a store)."""
+
+
+class BackendUnavailableError(BackendError, ConnectionError):
+    """The backend cannot be reached or opened (server down, permission denied, locked too long)."""
+
+
+class BackendClosedError(BackendError, RuntimeError):
+    """An operation on a backend after :meth:`close`."""
+
+
+class BackendCorruptError(BackendError):
+    """The backend's own bookkeeping is damaged (an index that is not SQLite, a foreign schema)."""
+
+
+_MAX_KEY = 256
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid backend key: a non-empty str of at most 256 printable
+    characters (the store uses hex digests); raise :class:`BackendError` otherwise."""
+    if not isinstance(key, str):
+        raise BackendError(f"backend keys are str, not {type(key).__name__}")
+    if not key or len(key) > _MAX_KEY or not key.isprintable() or key != key.strip():
+        raise BackendError(f"invalid backend key {key[:80]!r}: 1..{_MAX_KEY} printable characters, "
+                           "no surrounding spaces")
+    return key
