@@ -42,6 +42,7 @@ __all__ = ["RedisBackend"]
 _KINDS = ("block", "tail", "ckpt")
 _FIELDS = (b"size", b"kind", b"n_tokens", b"parent", b"created", b"last_used", b"pinned")
 _EXISTS_FIRST = 256 << 10  # larger values: ask EXISTS before sending the bytes
+_BATCH = 500               # keys per metadata pipeline in scan
 
 _PUT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -218,7 +219,7 @@ class RedisBackend(Backend):
             batch: List[bytes] = []
             for mk in self._r.scan_iter(match=match, count=1000):
                 batch.append(mk)
-                if len(batch) >= 500:
+                if len(batch) >= _BATCH:
                     yield from self._fetch(batch, cut)
                     batch = []
             if batch:
