@@ -14,6 +14,7 @@ import textwrap
 import time
 from typing import Callable, Dict
 
+import numpy as np
 import pytest
 
 import pymem
@@ -221,8 +222,17 @@ def test_large_value(backend):
     assert backend.get("big") == v
 
 
+@pytest.fixture
+def checked(shared):
+    """A backend that validates keys and entries (they become file names / Redis keys)."""
+    b = open_backend(shared)
+    yield b
+    b.close()
+
+
 @pytest.mark.parametrize("bad", [3, None, b"ab", "", " a", "a\n", "x" * 257])
-def test_bad_keys_raise_pymem_error(backend, bad):
+def test_bad_keys_raise_pymem_error(checked, bad):
+    backend = checked
     with pytest.raises(pymem.Error):
         backend.put_if_absent(Entry(key=bad, size=0, kind="block", n_tokens=1, parent=None), b"v")
     with pytest.raises(pymem.Error):
@@ -230,14 +240,20 @@ def test_bad_keys_raise_pymem_error(backend, bad):
     assert list(backend.scan()) == []
 
 
-def test_bad_entries_raise_pymem_error(backend):
+@pytest.mark.parametrize("bad", [dict(kind=""), dict(kind="Block"), dict(kind="a b"), dict(kind=None),
+                                 dict(n_tokens=-1), dict(n_tokens=1.5), dict(n_tokens=True),
+                                 dict(parent=""), dict(parent=7)])
+def test_bad_entries_raise_pymem_error(checked, bad):
+    backend = checked
     with pytest.raises(pymem.Error):
-        backend.put_if_absent(ent("k", kind="bogus"), b"v")
+        backend.put_if_absent(ent("k", **bad), b"v")
     with pytest.raises(pymem.Error):
         backend.put_if_absent(ent("k"), "text is not bytes")
     with pytest.raises(pymem.Error):
         backend.incr("")
     assert list(backend.scan()) == [] and backend.counters() == {}
+    assert backend.put_if_absent(ent("k", kind="probe", n_tokens=np.int64(3)), b"v")  # other kinds are fine
+    assert backend.entry("k").kind == "probe" and backend.entry("k").n_tokens == 3
 
 
 def test_closed_backend_raises(opener):
@@ -553,6 +569,11 @@ def test_fs_forked_child_gets_its_own_connection(tmp_path):
 def test_bad_urls(url):
     with pytest.raises(BackendURLError):
         open_backend(url)
+
+
+def test_backend_passes_through(tmp_path):
+    with open_backend(str(tmp_path / "s")) as b:
+        assert open_backend(b) is b
 
 
 def test_bad_url_types():

@@ -5,7 +5,7 @@
 ``"file:///abs/dir"``, ``"file://rel/dir"``      the same, spelled as a URL
 ``"redis://[user:pw@]host:port/db"``             Redis / Valkey (``rediss://`` for TLS)
 ``"unix:///path/redis.sock?db=0"``               Redis over a Unix socket
-``"memory://"``                                  in-process, for tests (lost on close)
+``"memory://"``, ``"memory://name"``             in-process (named: shared within the process)
 =============================================  ==================================================
 
 Options (keyword arguments) go to the backend's constructor; for Redis the URL query may also
@@ -33,9 +33,12 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
 
 
 def open_backend(url: Union[str, "os.PathLike[str]"], **opts: Any) -> Backend:
-    """Open the backend that ``url`` names (see the module docstring); raise
+    """Open the backend that ``url`` names (see the module docstring; a :class:`Backend` is
+    returned as it is); raise
     :class:`BackendURLError` for URLs naming no backend and :class:`BackendUnavailableError`
     when the backend exists but cannot be reached or opened."""
+    if isinstance(url, Backend):
+        return url
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if isinstance(url, bytes):
@@ -70,6 +73,6 @@ def open_backend(url: Union[str, "os.PathLike[str]"], **opts: Any) -> Backend:
             from .memory import MemoryBackend
         except ImportError as exc:  # pragma: no cover - the memory backend ships with pymem.store
             raise BackendURLError("memory:// is not available in this build") from exc
-        return MemoryBackend(**opts)
+        return MemoryBackend(rest, **opts)
     raise BackendURLError(f"unknown store URL scheme {scheme + '://'!r} in {url!r}; use a directory "
                           "path, file://, redis://, rediss://, unix:// or memory://")

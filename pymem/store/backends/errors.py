@@ -6,10 +6,13 @@ Driver exceptions (``sqlite3``, ``redis``, ``OSError``) never escape a backend: 
 with the backend's URL (passwords removed) and the underlying cause chained."""
 from __future__ import annotations
 
+import operator
+import re
+
 from ..._errors import Error
 
 __all__ = ["BackendError", "BackendURLError", "BackendUnavailableError", "BackendClosedError",
-           "BackendCorruptError", "check_key"]
+           "BackendCorruptError", "check_key", "check_entry"]
 
 
 class BackendError(Error):
@@ -33,6 +36,7 @@ class BackendCorruptError(BackendError):
 
 
 _MAX_KEY = 256
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,15}")
 
 
 def check_key(key: object) -> str:
@@ -44,3 +48,22 @@ def check_key(key: object) -> str:
         raise BackendError(f"invalid backend key {key[:80]!r}: 1..{_MAX_KEY} printable characters, "
                            "no surrounding spaces")
     return key
+
+
+def check_entry(entry: object) -> None:
+    """Check what a backend stores of an :class:`~.base.Entry`: its key, its parent's key, its kind
+    (a short lowercase name: "block", "tail", "ckpt", ...) and its token count."""
+    key = check_key(getattr(entry, "key", None))
+    parent = getattr(entry, "parent", None)
+    if parent is not None:
+        check_key(parent)
+    kind = getattr(entry, "kind", None)
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
+        raise BackendError(f"entry {key}: kind {kind!r} is not a short lowercase name")
+    n = getattr(entry, "n_tokens", None)
+    try:
+        ok = not isinstance(n, bool) and operator.index(n) >= 0  # type: ignore[arg-type]
+    except TypeError:
+        ok = False
+    if not ok:
+        raise BackendError(f"entry {key}: n_tokens {n!r} is not a count")

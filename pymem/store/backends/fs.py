@@ -38,6 +38,7 @@ from .errors import (
     BackendError,
     BackendUnavailableError,
     BackendURLError,
+    check_entry,
     check_key,
 )
 
@@ -48,7 +49,6 @@ _INDEX = "index.sqlite"
 _VALUES = "v"
 _TMP = ".tmp-"
 _HEX = re.compile(r"[0-9a-f]+")
-_KINDS = ("block", "tail", "ckpt")
 _SCAN_CHUNK = 1000
 
 _SCHEMA = """
@@ -251,11 +251,8 @@ class FSBackend(Backend):
         return self._entry(rows[0]) if rows else None
 
     def put_if_absent(self, entry: Entry, value: bytes) -> bool:
-        key = check_key(entry.key)
-        if entry.parent is not None:
-            check_key(entry.parent)
-        if entry.kind not in _KINDS:
-            raise BackendError(f"entry kind {entry.kind!r}: one of {', '.join(_KINDS)}")
+        check_entry(entry)
+        key = entry.key
         try:
             view = memoryview(value).cast("B")
         except TypeError as exc:

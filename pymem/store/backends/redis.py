@@ -29,6 +29,7 @@ from .errors import (
     BackendError,
     BackendUnavailableError,
     BackendURLError,
+    check_entry,
     check_key,
 )
 
@@ -39,7 +40,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 __all__ = ["RedisBackend"]
 
-_KINDS = ("block", "tail", "ckpt")
 _FIELDS = (b"size", b"kind", b"n_tokens", b"parent", b"created", b"last_used", b"pinned")
 _EXISTS_FIRST = 256 << 10  # larger values: ask EXISTS before sending the bytes
 _BATCH = 500               # keys per metadata pipeline in scan
@@ -180,11 +180,8 @@ class RedisBackend(Backend):
         return self._entry(key, h)
 
     def put_if_absent(self, entry: Entry, value: bytes) -> bool:
-        key = check_key(entry.key)
-        if entry.parent is not None:
-            check_key(entry.parent)
-        if entry.kind not in _KINDS:
-            raise BackendError(f"entry kind {entry.kind!r}: one of {', '.join(_KINDS)}")
+        check_entry(entry)
+        key = entry.key
         try:
             data = memoryview(value).cast("B").tobytes() if not isinstance(value, bytes) else value
         except TypeError as exc:
