@@ -89,10 +89,12 @@ class FSBackend(Backend):
     ``busy_timeout``: seconds a writer waits for another process's write lock before failing;
     ``grace``: age in seconds after which the sweep treats temporary files and file/row mismatches
     as orphans; ``sweep_interval``: the sweep on open runs at most this often (0: every open;
-    None: never); ``fsync``: fsync each value file before it becomes visible (default True)."""
+    None: never); ``fsync``: fsync each value file before it becomes visible (default True);
+    ``create=False``: fail unless ``path`` already is a store (the command line inspects stores
+    without creating them)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 30.0, grace: float = 600.0,
-                 sweep_interval: Optional[float] = 3600.0, fsync: bool = True) -> None:
+                 sweep_interval: Optional[float] = 3600.0, fsync: bool = True, create: bool = True) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.url = "file://" + self.path
         self.busy_timeout = float(busy_timeout)
@@ -102,6 +104,8 @@ class FSBackend(Backend):
         self._db: Optional[sqlite3.Connection] = None
         self._pid = os.getpid()
         self._closed = False
+        if not create and not os.path.isfile(os.path.join(self.path, _INDEX)):
+            raise BackendURLError(f"no pymem store at {self.path!r}")
         self._prepare_dir()
         self._connect()
         if sweep_interval is not None:
