@@ -18,7 +18,22 @@ from typing import Iterator, Optional
 
 import pytest
 
-__all__ = ["RedisServer", "find_redis_server", "redis_server", "redis_url"]
+__all__ = ["RedisServer", "find_redis_server", "redis_server", "redis_url", "needs_redis_client"]
+
+_REQUIRED = os.environ.get("PYMEM_REQUIRE_REDIS", "") not in ("", "0")
+
+
+def _have_client() -> bool:
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# tests that talk to Redis (even to no server) need the client: pip install 'pymem[redis]'
+needs_redis_client = pytest.mark.skipif(not _have_client() and not _REQUIRED,
+                                        reason="the redis client is not installed (pip install redis)")
 
 
 def find_redis_server() -> Optional[str]:
@@ -128,9 +143,13 @@ def redis_server() -> Iterator[RedisServer]:
     PYMEM_REQUIRE_REDIS=1)."""
     exe = find_redis_server()
     if not exe:
-        if os.environ.get("PYMEM_REQUIRE_REDIS", "") not in ("", "0"):
+        if _REQUIRED:
             pytest.fail("PYMEM_REQUIRE_REDIS is set but redis-server is not installed")
         pytest.skip("redis-server not found (apt-get install redis-server)")
+    if not _have_client():
+        if _REQUIRED:
+            pytest.fail("PYMEM_REQUIRE_REDIS is set but the redis client is not installed")
+        pytest.skip("the redis client is not installed (pip install redis)")
     srv = RedisServer(exe).start()
     try:
         yield srv

@@ -29,7 +29,7 @@ from pymem.store.backends import (
 )
 from pymem.store.backends import fs as fs_mod
 from pymem.store.backends import redis as redis_mod
-from redis_server import RedisServer, find_redis_server, redis_server, redis_url  # noqa: F401
+from redis_server import RedisServer, needs_redis_client, redis_server, redis_url  # noqa: F401
 
 try:
     from pymem.store.backends.memory import MemoryBackend  # noqa: F401  (written by `store`)
@@ -581,6 +581,7 @@ def test_bad_url_types():
         open_backend(42)
 
 
+@needs_redis_client
 def test_redis_unreachable_is_a_clear_error():
     import socket
 
@@ -593,6 +594,7 @@ def test_redis_unreachable_is_a_clear_error():
     assert isinstance(ei.value, pymem.Error)
 
 
+@needs_redis_client
 def test_redis_bad_url():
     with pytest.raises(BackendURLError):
         open_backend("redis://127.0.0.1:notaport/0")
@@ -620,9 +622,8 @@ def test_redis_glob_characters_in_prefix(redis_server):
         b.delete(["k2"])
 
 
-def test_redis_server_gone_mid_session():
-    if not find_redis_server():
-        pytest.skip("redis-server not found")
+@needs_redis_client
+def test_redis_server_gone_mid_session(redis_server):  # the shared one only gates skip / fail
     srv = RedisServer().start()
     b = open_backend(srv.url, socket_timeout=2, socket_connect_timeout=2)
     b.put_if_absent(ent("k"), b"v")

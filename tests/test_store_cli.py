@@ -12,7 +12,7 @@ import pytest
 
 from pymem import cli
 from pymem.store.backends import Entry, open_backend
-from redis_server import redis_server, redis_url  # noqa: F401
+from redis_server import needs_redis_client, redis_server, redis_url  # noqa: F401
 
 
 def run(capsys, *argv) -> tuple:
@@ -93,6 +93,7 @@ def test_missing_store_is_an_error_and_not_created(capsys, tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+@needs_redis_client
 def test_unreachable_redis(capsys):
     import socket
 
