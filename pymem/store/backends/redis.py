@@ -3,14 +3,15 @@
 Keys, under one prefix ``P`` (default ``pymem:``, ``?prefix=`` in the URL or ``prefix=``)::
 
     P v:<key>      the value (a string)
+    P t:<key>:<id> a value on its way in (SET with a 1 h expiry, then RENAMEd by the commit script)
     P m:<key>      its metadata (a hash: size, kind, n_tokens, parent, created, last_used, pinned);
                    the entry exists exactly when this hash exists
     P stats        hash: bytes, entries (kept by the scripts below, so total_bytes is one HGET)
     P counters     hash: the store's counters (HINCRBY)
 
-put_if_absent, get (with its last_used update), delete and pinning are Lua scripts, each one atomic
-step on the server, so concurrent clients on any machine never see half an entry and never both win
-a put.  scan walks ``P m:*`` with SCAN (never KEYS) and fetches metadata in pipelines.  Every driver
+put_if_absent's commit, delete and pinning are Lua scripts and get is a MULTI / EXEC of a metadata
+check (with the last_used update) and a GET: each is one atomic step on the server, so concurrent
+clients on any machine never see half an entry and never both win a put.  scan walks ``P m:*`` with SCAN (never KEYS) and fetches metadata in pipelines.  Every driver
 exception becomes a :class:`BackendError` (connection problems: :class:`BackendUnavailableError`).
 A server that evicts keys by itself (``maxmemory-policy``) may drop a value before its hash: such an
 entry reads as absent; the store's budget should stay below ``maxmemory``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -44,25 +46,33 @@ _FIELDS = (b"size", b"kind", b"n_tokens", b"parent", b"created", b"last_used", b
 _EXISTS_FIRST = 256 << 10  # larger values: ask EXISTS before sending the bytes
 _BATCH = 500               # keys per metadata pipeline in scan
 
-_PUT = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], 'size', ARGV[2], 'kind', ARGV[3], 'n_tokens', ARGV[4], 'parent', ARGV[5],
-           'created', ARGV[6], 'last_used', ARGV[7], 'pinned', ARGV[8])
-redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'entries', 1)
+_TMP_TTL = 3600  # seconds a value written by a client that died before its commit survives
+
+# KEYS: temporary value, value, metadata, stats; ARGV: size, kind, n_tokens, parent, created,
+# last_used, pinned.  The value was SET under the temporary key in the same pipeline: RENAME moves
+# it in O(1) (a value passed through Lua costs twice a plain SET at 4 MiB).
+_COMMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[3], 'size', ARGV[1], 'kind', ARGV[2], 'n_tokens', ARGV[3], 'parent', ARGV[4],
+           'created', ARGV[5], 'last_used', ARGV[6], 'pinned', ARGV[7])
+redis.call('HINCRBY', KEYS[4], 'bytes', ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'entries', 1)
 return 1
 """
 
-_GET = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return false end
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[2] == '1' then
-  local lu = tonumber(redis.call('HGET', KEYS[2], 'last_used') or '0') or 0
-  if tonumber(ARGV[1]) > lu then redis.call('HSET', KEYS[2], 'last_used', ARGV[1]) end
+  local lu = tonumber(redis.call('HGET', KEYS[1], 'last_used') or '0') or 0
+  if tonumber(ARGV[1]) > lu then redis.call('HSET', KEYS[1], 'last_used', ARGV[1]) end
 end
-return v
+return 1
 """
 
 _DEL = """
@@ -121,6 +131,7 @@ class RedisBackend(Backend):
         self._stats_key = p + b"stats"
         self._counters_key = p + b"counters"
         self._v = p + b"v:"
+        self._t = p + b"t:"
         self._m = p + b"m:"
         self._closed = False
         try:
@@ -129,8 +140,8 @@ class RedisBackend(Backend):
                                             decode_responses=False, **opts)
         except (ValueError, TypeError) as exc:
             raise BackendURLError(f"bad Redis URL {self.url!r}: {exc}") from exc
-        self._put = self._r.register_script(_PUT)
-        self._get = self._r.register_script(_GET)
+        self._commit = self._r.register_script(_COMMIT)
+        self._touch = self._r.register_script(_TOUCH)
         self._del = self._r.register_script(_DEL)
         self._pin = self._r.register_script(_PIN)
         with self._errors("connect"):
@@ -170,8 +181,13 @@ class RedisBackend(Backend):
     def get(self, key: str, *, touch: bool = True) -> Optional[bytes]:
         k = self._kb(check_key(key))
         with self._errors(f"get {key}"):
-            out = self._get(keys=[self._v + k, self._m + k], args=[repr(time.time()), "1" if touch else "0"])
-        return None if out is None else bytes(out)
+            # MULTI / EXEC: the metadata check (+ LRU touch) and the GET are one atomic step; the
+            # value does not pass through Lua (a 4 MiB value costs several ms there)
+            pipe = self._r.pipeline(transaction=True)
+            self._touch(keys=[self._m + k], args=[repr(time.time()), "1" if touch else "0"], client=pipe)
+            pipe.get(self._v + k)
+            exists, out = pipe.execute()
+        return None if (not exists or out is None) else bytes(out)
 
     def entry(self, key: str) -> Optional[Entry]:
         k = self._kb(check_key(key))
@@ -193,9 +209,17 @@ class RedisBackend(Backend):
         with self._errors(f"put {key}"):
             if len(data) > _EXISTS_FIRST and self._r.exists(self._m + k):
                 return False
-            out = self._put(keys=[self._v + k, self._m + k, self._stats_key],
-                            args=[data, len(data), entry.kind, int(entry.n_tokens), entry.parent or "",
-                                  repr(float(created)), repr(float(last_used)), "1" if entry.pinned else "0"])
+            tmp = self._t + k + b":" + uuid.uuid4().hex.encode()
+            pipe = self._r.pipeline(transaction=False)
+            pipe.set(tmp, data, ex=_TMP_TTL)
+            self._commit(keys=[tmp, self._v + k, self._m + k, self._stats_key],
+                         args=[len(data), entry.kind, int(entry.n_tokens), entry.parent or "",
+                               repr(float(created)), repr(float(last_used)), "1" if entry.pinned else "0"],
+                         client=pipe)
+            out = pipe.execute()[1]
+        if out == -1:
+            raise BackendError(f"{self.url}: put {key}: the server dropped the value before its commit "
+                               "(maxmemory?)")
         return bool(out)
 
     def delete(self, keys: Iterable[str]) -> int:
