@@ -1,7 +1,8 @@
 """Errors of the prompt-cache backends.
 
-:class:`BackendError` is a :class:`pymem.Error`; ``pymem.store``'s ``StoreError`` hierarchy includes
-it, so ``except pymem.Error`` (and ``except pymem.store.StoreError``) catch every backend failure.
+:class:`BackendError` is a :class:`StoreError`, a :class:`pymem.Error`: ``pymem.store`` re-exports
+both (``from .backends.errors import StoreError, BackendError``), so ``except pymem.Error`` and
+``except pymem.store.StoreError`` catch every backend failure.
 Driver exceptions (``sqlite3``, ``redis``, ``OSError``) never escape a backend: they are wrapped here
 with the backend's URL (passwords removed) and the underlying cause chained."""
 from __future__ import annotations
@@ -11,11 +12,15 @@ import re
 
 from ..._errors import Error
 
-__all__ = ["BackendError", "BackendURLError", "BackendUnavailableError", "BackendClosedError",
+__all__ = ["StoreError", "BackendError", "BackendURLError", "BackendUnavailableError", "BackendClosedError",
            "BackendCorruptError", "check_key", "check_entry"]
 
 
-class BackendError(Error):
+class StoreError(Error):
+    """Base class of every prompt-cache store error (``pymem.store.StoreError`` is this class)."""
+
+
+class BackendError(StoreError):
     """A prompt-cache backend failed (I/O, permissions, lost connection, bad index, ...)."""
 
 
