@@ -549,6 +549,7 @@ def test_fs_locked_index_fails_cleanly(tmp_path):
     b.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fs_forked_child_gets_its_own_connection(tmp_path):
     b = fs_mod.FSBackend(str(tmp_path / "s"))
     b.put_if_absent(ent("f0"), b"parent")
