@@ -8,6 +8,7 @@ Tests that use it skip when the binary cannot be found, unless ``PYMEM_REQUIRE_R
 it), in which case they fail.  ``PYMEM_REDIS_SERVER`` names the binary explicitly."""
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -18,7 +19,8 @@ from typing import Iterator, Optional
 
 import pytest
 
-__all__ = ["RedisServer", "find_redis_server", "redis_server", "redis_url", "needs_redis_client"]
+__all__ = ["RedisServer", "find_redis_server", "redis_server", "redis_url", "needs_redis_client",
+           "shared_server", "fresh_url"]
 
 _REQUIRED = os.environ.get("PYMEM_REQUIRE_REDIS", "") not in ("", "0")
 
@@ -137,10 +139,8 @@ class RedisServer:
         self.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A running redis-server for the whole session (skips if absent, fails under
-    PYMEM_REQUIRE_REDIS=1)."""
+def _require() -> str:
+    """The redis-server binary, or skip (fail under PYMEM_REQUIRE_REDIS=1) the calling test."""
     exe = find_redis_server()
     if not exe:
         if _REQUIRED:
@@ -150,18 +150,40 @@ def redis_server() -> Iterator[RedisServer]:
         if _REQUIRED:
             pytest.fail("PYMEM_REQUIRE_REDIS is set but the redis client is not installed")
         pytest.skip("the redis client is not installed (pip install redis)")
-    srv = RedisServer(exe).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    return exe
+
+
+_SHARED: list = []
+
+
+def shared_server() -> RedisServer:
+    """One redis-server per test process, started on first use and stopped at exit (for URL
+    factories that are not fixtures); skips or fails like the fixture."""
+    exe = _require()
+    if not _SHARED:
+        srv = RedisServer(exe).start()
+        atexit.register(srv.stop)
+        _SHARED.append(srv)
+    return _SHARED[0]
 
 
 _N = [0]
 
 
+def fresh_url(srv: RedisServer) -> str:
+    """A URL on ``srv`` with a key prefix no other test uses."""
+    _N[0] += 1
+    return f"{srv.url}?prefix=t{os.getpid()}-{_N[0]}:"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A running redis-server for the whole session (skips if absent, fails under
+    PYMEM_REQUIRE_REDIS=1)."""
+    yield shared_server()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A URL with a key prefix of its own per test (so tests never see each other's keys)."""
-    _N[0] += 1
-    return f"{redis_server.url}?prefix=t{os.getpid()}-{_N[0]}:"
+    return fresh_url(redis_server)
