@@ -662,6 +662,6 @@ def test_bench_script_quick(tmp_path):
     r = subprocess.run([sys.executable, script, "--quick", "--n", "3", "--backends", "fs,fs-nofsync",
                         "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for row in ("fs            64 KiB", "fs-nofsync     4 MiB", "raw file", "memcpy", "# done"):
+    for row in ("fs            64 KiB", "fs-nofsync     4 MiB", "raw file", "memcpy", "# put / raw file", "# done"):
         assert row in r.stdout, (row, r.stdout)
     assert os.listdir(tmp_path) == []      # the stores are removed afterwards
