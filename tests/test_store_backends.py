@@ -665,3 +665,81 @@ def test_bench_script_quick(tmp_path):
     for row in ("fs            64 KiB", "fs-nofsync     4 MiB", "raw file", "memcpy", "# put / raw file", "# done"):
         assert row in r.stdout, (row, r.stdout)
     assert os.listdir(tmp_path) == []      # the stores are removed afterwards
+
+
+# ---------------------------------------------------------------------------------------------
+# failures of the file system: the operation fails with a pymem.Error and changes nothing
+# ---------------------------------------------------------------------------------------------
+_LIMITED = textwrap.dedent(r"""
+    import json, os, resource, signal, sys
+    from pymem.store.backends import open_backend, Entry
+    import pymem
+    url, mode = sys.argv[1], sys.argv[2]
+    out = {}
+    if mode == "fsize":              # a full disk, as far as this process can tell
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    else:                            # another user: cannot write the store
+        import pymem.store.backends.fs   # (imported first: the interpreter may live where nobody can read)
+        if os.getuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+    try:
+        b = open_backend(url)
+    except pymem.Error as exc:
+        print(json.dumps({"open": type(exc).__name__ + ": " + str(exc)}))
+        sys.exit(0)
+    for name, size in (("big", 2 << 20), ("small", 1000)):
+        try:
+            out[name] = b.put_if_absent(Entry("ab" + name.encode().hex(), 0, "block", 1, None), b"x" * size)
+        except pymem.Error as exc:
+            out[name] = type(exc).__name__ + ": " + str(exc)
+    out["get"] = None if b.get("0a", touch=False) is None else len(b.get("0a", touch=False))
+    print(json.dumps(out))
+""")
+
+
+def _limited(tmp_path, url: str, mode: str) -> dict:
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _LIMITED, url, mode], capture_output=True, text=True, timeout=120,
+                       cwd="/")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_fs_full_disk_fails_cleanly(tmp_path):
+    u = str(tmp_path / "s")
+    with open_backend(u) as b:
+        b.put_if_absent(ent("0a"), b"v" * 10)
+        before = snapshot(b)
+    res = _limited(tmp_path, u, "fsize")
+    assert res["big"].startswith("BackendError") and "cannot write value" in res["big"], res
+    assert res["small"] is True and res["get"] == 10           # the store still works
+    with open_backend(u) as b:
+        after = snapshot(b)
+        assert after.pop("ab" + b"small".hex())[1] == b"x" * 1000
+        assert after == before
+    assert not any(n.startswith(".tmp-") for _, _, fs in os.walk(u) for n in fs)   # no temp left
+
+
+def test_fs_permission_denied_is_a_clear_error(tmp_path):
+    u = tmp_path / "s"
+    with open_backend(str(u)) as b:
+        b.put_if_absent(ent("0a"), b"v" * 10)
+        before = snapshot(b)
+    os.chmod(tmp_path, 0o755)
+    if os.getuid() != 0:
+        for d, _, _ in os.walk(u):
+            os.chmod(d, 0o555)
+    try:
+        res = _limited(tmp_path, str(u), "user")
+    finally:
+        for d, _, _ in os.walk(u):
+            os.chmod(d, 0o755)
+    # either the open (the index cannot be written) or the puts fail, naming the permission problem
+    msgs = [v for v in res.values() if isinstance(v, str)]
+    assert msgs and all("BackendUnavailableError" in m and "permission denied" in m for m in msgs), res
+    assert res.get("small") is not True
+    with open_backend(str(u)) as b:
+        assert snapshot(b) == before

@@ -120,6 +120,9 @@ class FSBackend(Backend):
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             return BackendUnavailableError(f"{self.url}: {what}: the index stayed locked by another "
                                            f"process for more than {self.busy_timeout:g} s")
+        if isinstance(exc, sqlite3.OperationalError) and ("readonly" in str(exc) or "unable to open" in str(exc)):
+            return BackendUnavailableError(f"{self.url}: {what}: permission denied or read-only file "
+                                           f"system: {exc}")
         if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
             return BackendCorruptError(f"{self.url}: {what}: the index is damaged: {exc}")
         if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (errno.EACCES,
