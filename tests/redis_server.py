@@ -67,8 +67,9 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process; ``url`` is ``redis://127.0.0.1:PORT/0`` once started."""
 
-    def __init__(self, exe: Optional[str] = None) -> None:
+    def __init__(self, exe: Optional[str] = None, unixsocket: bool = False) -> None:
         self.exe = exe or find_redis_server()
+        self.unixsocket = unixsocket
         if not self.exe:
             raise FileNotFoundError("redis-server not found (apt-get install redis-server)")
         self.proc: Optional[subprocess.Popen] = None
@@ -80,6 +81,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.dir, "redis.sock")
+
     def start(self, timeout: float = 20.0) -> "RedisServer":
         self._tmp = tempfile.TemporaryDirectory(prefix="pymem-redis-")
         self.dir = self._tmp.name
@@ -90,7 +95,7 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                  "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
-                 "--logfile", log],
+                 "--logfile", log, *(["--unixsocket", self.socket_path] if self.unixsocket else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

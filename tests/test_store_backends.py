@@ -642,6 +642,17 @@ def test_redis_server_gone_mid_session(redis_server):  # the shared one only gat
         b.close()
 
 
+def test_redis_unix_socket_and_valkey_urls(redis_server):
+    with RedisServer(unixsocket=True) as srv:
+        with open_backend(f"unix://{srv.socket_path}?db=2&prefix=u:") as b:
+            b.put_if_absent(ent("k"), b"over a socket")
+            assert b.url.startswith("unix://") and b.prefix == "u:"
+        with open_backend(f"valkey://127.0.0.1:{srv.port}/2", prefix="u:") as b:
+            assert b.get("k") == b"over a socket"          # the same db 2, over TCP
+        with open_backend(f"redis://127.0.0.1:{srv.port}/0", prefix="u:") as b:
+            assert b.get("k") is None                     # another database
+
+
 def test_redis_entry_without_value_reads_absent(redis_server):
     import redis
 

@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Optional
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .base import Backend, Entry
 from .errors import (
@@ -124,7 +124,8 @@ class RedisBackend(Backend):
             if k == "prefix" and prefix is None:
                 prefix = v
         query = [(k, v) for k, v in query if k != "prefix"]
-        url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+        q = urlencode(query)
+        url = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{q}" if q else "")  # keeps unix:///
         self.url = _redact(url)
         self.prefix = "pymem:" if prefix is None else str(prefix)
         p = self.prefix.encode("utf-8")
