@@ -109,7 +109,11 @@ class FSBackend(Backend):
         self._prepare_dir()
         self._connect()
         if sweep_interval is not None:
-            self._maybe_sweep(float(sweep_interval))
+            try:
+                self._maybe_sweep(float(sweep_interval))
+            except BaseException:
+                self.close()
+                raise
 
     # -----------------------------------------------------------------------------------------
     # opening
