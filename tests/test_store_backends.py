@@ -301,6 +301,36 @@ def test_two_handles_one_store(opener):
     assert b.delete(["x"]) == 1 and a.get("x") is None
 
 
+def test_threads_share_one_handle(backend):
+    import threading
+
+    keys = [f"{i:08x}" for i in range(40)]
+    wins: Dict[int, list] = {t: [] for t in range(6)}
+    errors: list = []
+
+    def work(t: int) -> None:
+        try:
+            for k in keys[t % 3:] + keys[:t % 3]:
+                if backend.put_if_absent(ent(k), value_of(k, 3000)):
+                    wins[t].append(k)
+                v = backend.get(k)
+                assert v == value_of(k, 3000)
+                backend.incr("n")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    won = [k for w in wins.values() for k in w]
+    assert sorted(won) == keys                      # exactly one winner per key
+    assert backend.counters() == {"n": 6 * len(keys)}
+    assert backend.total_bytes() == 3000 * len(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # several processes
 # ---------------------------------------------------------------------------------------------
