@@ -487,6 +487,16 @@ def test_sweep_on_open_respects_grace_and_interval(tmp_path):
     assert not os.path.exists(lonely) and not os.path.exists(tmp)
 
 
+def test_fs_touch_interval(tmp_path):
+    with fs_mod.FSBackend(str(tmp_path / "s"), touch_interval=3600) as b:
+        b.put_if_absent(ent("t1", created=time.time() - 10), b"v")
+        b.put_if_absent(ent("t2", created=time.time() - 7200), b"v")
+        lu1, lu2 = b.entry("t1").last_used, b.entry("t2").last_used
+        assert b.get("t1") == b"v" and b.get("t2") == b"v"
+        assert b.entry("t1").last_used == lu1              # used within the interval: no write
+        assert b.entry("t2").last_used > lu2 + 7000        # older than the interval: refreshed
+
+
 def test_damaged_value_file_reads_as_absent(tmp_path):
     with fs_mod.FSBackend(str(tmp_path / "s")) as b:
         b.put_if_absent(ent("ab"), b"0123456789")

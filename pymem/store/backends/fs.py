@@ -90,16 +90,20 @@ class FSBackend(Backend):
     ``grace``: age in seconds after which the sweep treats temporary files and file/row mismatches
     as orphans; ``sweep_interval``: the sweep on open runs at most this often (0: every open;
     None: never); ``fsync``: fsync each value file before it becomes visible (default True);
+    ``touch_interval``: a get refreshes ``last_used`` only when it is older than this many seconds
+    (default 0: exact LRU order; e.g. 1 saves the write transaction of most gets of hot values);
     ``create=False``: fail unless ``path`` already is a store (the command line inspects stores
     without creating them)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 30.0, grace: float = 600.0,
-                 sweep_interval: Optional[float] = 3600.0, fsync: bool = True, create: bool = True) -> None:
+                 sweep_interval: Optional[float] = 3600.0, fsync: bool = True, create: bool = True,
+                 touch_interval: float = 0.0) -> None:
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.url = "file://" + self.path
         self.busy_timeout = float(busy_timeout)
         self.grace = float(grace)
         self.fsync = bool(fsync)
+        self.touch_interval = float(touch_interval)
         self._lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
         self._pid = os.getpid()
@@ -236,10 +240,10 @@ class FSBackend(Backend):
     # -----------------------------------------------------------------------------------------
     def get(self, key: str, *, touch: bool = True) -> Optional[bytes]:
         check_key(key)
-        rows = self._read("SELECT size FROM entries WHERE key = ?", (key,), "get")
+        rows = self._read("SELECT size, last_used FROM entries WHERE key = ?", (key,), "get")
         if not rows:
             return None
-        size = rows[0][0]
+        size, last_used = rows[0]
         try:
             with open(self._value_path(key), "rb") as f:
                 data = f.read()
@@ -249,8 +253,8 @@ class FSBackend(Backend):
             raise self._fail(f"cannot read value {key}", exc) from exc
         if len(data) != size:
             return None  # truncated or replaced from outside: never hand out a partial value
-        if touch:
-            now = time.time()
+        now = time.time()
+        if touch and now - last_used > self.touch_interval:  # hot values: one write per interval
             self._write(lambda db: db.execute("UPDATE entries SET last_used = ? WHERE key = ? AND "
                                               "last_used < ?", (now, key, now)), "get (touch)")
         return data
