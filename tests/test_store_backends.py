@@ -693,6 +693,25 @@ def test_redis_unix_socket_and_valkey_urls(redis_server):
             assert b.get("k") is None                     # another database
 
 
+def test_redis_foreign_keys_under_the_prefix(redis_server):
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    with open_backend(redis_server.url, prefix="fk:") as b:
+        b.put_if_absent(ent("good"), b"v")
+        r.set(b"fk:m:str", b"a string where a hash belongs")
+        r.hset(b"fk:m:half", mapping={b"size": b"3"})             # a hash without the other fields
+        r.hset(b"fk:m:\xff", mapping={b"size": b"1"})            # a key that is not UTF-8
+        assert [e.key for e in b.scan()] == ["good"]              # scan skips what pymem did not write
+        with pytest.raises(BackendError):
+            b.entry("half")
+        with pytest.raises(BackendError):
+            b.get("str")
+        assert b.get("good") == b"v"
+        r.delete(b"fk:m:str", b"fk:m:half", b"fk:m:\xff")
+        b.delete(["good"])
+
+
 def test_redis_entry_without_value_reads_absent(redis_server):
     import redis
 

@@ -251,12 +251,16 @@ class RedisBackend(Backend):
         pipe = self._r.pipeline(transaction=False)
         for mk in batch:
             pipe.hgetall(mk)
-        for mk, h in zip(batch, pipe.execute()):
+        for mk, h in zip(batch, pipe.execute(raise_on_error=False)):
+            if isinstance(h, Exception):
+                if isinstance(h, (_redis.exceptions.ConnectionError, _redis.exceptions.TimeoutError)):
+                    raise h
+                continue  # e.g. WRONGTYPE: a key under the prefix that pymem did not write
             try:
                 key = mk[cut:].decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # not written by pymem
-            e = self._entry(key, h)  # None: deleted between SCAN and HGETALL
+                e = self._entry(key, h)  # None: deleted between SCAN and HGETALL
+            except (UnicodeDecodeError, BackendError):
+                continue  # not written by pymem (or damaged): not an entry
             if e is not None:
                 yield e
 
