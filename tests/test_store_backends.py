@@ -301,6 +301,26 @@ def test_two_handles_one_store(opener):
     assert b.delete(["x"]) == 1 and a.get("x") is None
 
 
+def test_get_into(backend):
+    v = value_of("gi", 100_000)
+    backend.put_if_absent(ent("gi", created=1000.0, last_used=1000.0), v)
+    buf = bytearray(200_000)
+    out = backend.get_into("gi", buf, touch=False)
+    assert out.readonly and bytes(out) == v
+    assert backend.entry("gi").last_used == 1000.0
+    small = bytearray(10)
+    assert bytes(backend.get_into("gi", small)) == v            # too small: still the whole value
+    assert backend.entry("gi").last_used > 1000.0
+    assert backend.get_into("nope", buf) is None
+    if isinstance(backend, fs_mod.FSBackend):                    # read straight into the buffer
+        assert bytes(buf[:100_000]) == v and small == bytearray(10)
+        with pytest.raises(pymem.Error):
+            backend.get_into("gi", b"read-only" * 20_000)
+        with open(backend._value_path("gi"), "ab") as f:       # a longer file is not the value
+            f.write(b"!")
+        assert backend.get_into("gi", buf) is None and backend.get("gi") is None
+
+
 def test_threads_share_one_handle(backend):
     import threading
 

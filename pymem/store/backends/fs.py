@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from .base import Backend, Entry
 from .errors import (
@@ -239,19 +239,48 @@ class FSBackend(Backend):
     # the Backend interface
     # -----------------------------------------------------------------------------------------
     def get(self, key: str, *, touch: bool = True) -> Optional[bytes]:
+        out = self._fetch(key, None, touch)
+        return None if out is None else bytes(out) if not isinstance(out, bytes) else out
+
+    def get_into(self, key: str, buf: Any, *, touch: bool = True) -> Optional[memoryview]:
+        """The value read straight into ``buf`` when it fits (no allocation, no extra copy)."""
+        out = self._fetch(key, buf, touch)
+        return None if out is None else memoryview(out).toreadonly()
+
+    def _fetch(self, key: str, buf: Any, touch: bool) -> Union[bytes, memoryview, None]:
         check_key(key)
         rows = self._read("SELECT size, last_used FROM entries WHERE key = ?", (key,), "get")
         if not rows:
             return None
         size, last_used = rows[0]
+        dst: Optional[memoryview] = None
+        if buf is not None:
+            try:
+                dst = memoryview(buf).cast("B")
+            except TypeError as exc:
+                raise BackendError(f"get_into needs a writable buffer, not {type(buf).__name__}") from exc
+            if dst.readonly:
+                raise BackendError("get_into needs a writable buffer")
+            dst = dst[:size] if dst.nbytes >= size else None
         try:
-            with open(self._value_path(key), "rb") as f:
-                data = f.read()
+            with open(self._value_path(key), "rb", buffering=0) as f:
+                if dst is None:
+                    data: Union[bytes, memoryview] = f.readall()
+                    ok = len(data) == size
+                else:
+                    got = 0
+                    while got < size:
+                        n = f.readinto(dst[got:])
+                        if not n:
+                            break
+                        got += n
+                    data = dst
+                    ok = got == size and not f.read(1)
         except FileNotFoundError:
             return None  # a row without a file (damage from outside): absent; the sweep drops it
         except OSError as exc:
             raise self._fail(f"cannot read value {key}", exc) from exc
-        if len(data) != size:
+        if not ok:
             return None  # truncated or replaced from outside: never hand out a partial value
         now = time.time()
         if touch and now - last_used > self.touch_interval:  # hot values: one write per interval
