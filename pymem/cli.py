@@ -656,6 +656,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_estimate)
+
+    from .store.cli import add_parser as _add_store_parser  # pymem store stats|ls|verify|gc URL
+
+    _add_store_parser(sub)
     return ap
 
 
