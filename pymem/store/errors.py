@@ -1,0 +1,26 @@
+"""Exceptions of pymem.store (all subclass :class:`pymem.Error`)."""
+from __future__ import annotations
+
+from .._errors import Error
+
+__all__ = ["StoreError", "BackendError", "CorruptValueError", "FingerprintError", "TargetError"]
+
+
+class StoreError(Error):
+    """Base class of every prompt-cache store error."""
+
+
+class BackendError(StoreError):
+    """A backend failed (I/O, connection, driver error)."""
+
+
+class CorruptValueError(StoreError):
+    """A stored value failed its envelope or checksum check (it is treated as a miss and deleted)."""
+
+
+class FingerprintError(StoreError):
+    """The model or memory-layout fingerprint of a target cannot be computed."""
+
+
+class TargetError(StoreError):
+    """The target (a live llama.cpp context or a pymem memory) cannot be used by the store."""
