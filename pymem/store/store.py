@@ -174,11 +174,12 @@ class Store:
             what = " and ".join((["sliding-window"] if "swa" in lay.roles else []) + (["recurrent"] if lay.recurrent else []))
             cover = min(N, j * B + B - 1) if lay.n_full else N
             if m:
-                parts.append(f"no checkpoint of the {what} part between token {m + 1} and token {cover} "
-                             f"(checkpoints exist only at block boundaries every checkpoint_every blocks and at "
-                             f"stored prompt lengths)")
+                parts.append(f"tokens {m}..{N - 1} are not in the store: no checkpoint of the {what} part at "
+                             f"a token count in {m + 1}..{cover} (checkpoints exist at stored prompt lengths "
+                             f"and, after prefill, every checkpoint_every blocks)")
             else:
-                parts.append(f"no checkpoint of the {what} part at or below token {cover}")
+                parts.append(f"no checkpoint of the {what} part at a token count <= {cover}"
+                             + (f" (blocks cover {j * B} tokens)" if lay.n_full else ""))
         return "; ".join(parts) or "not in the store"
 
     def _probe_reason(self, c: _Ctx, toks: np.ndarray) -> str:
