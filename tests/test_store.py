@@ -300,3 +300,48 @@ def test_put_rejects_bad_input(store_url):
         with pytest.raises(pymem.Error):
             st.put(pymem.KVCache(n_layer=2, size=64), P, 0)   # no model: cannot fingerprint
         assert st.stats()["entries"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# layout variants: flash attention (V not transposed), quantized cache, non-unified streams,
+# restore under another sequence id; the unified / non-unified layouts share entries
+# ---------------------------------------------------------------------------------------------
+VARIANTS = {
+    "flash_q8": dict(flash_attn=True, type_k="q8_0", type_v="q8_0"),
+    "non_unified": dict(kv_unified=False, n_seq_max=3),
+    "q4_k_only": dict(type_k="q4_0"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kind", ["kv", "iswa", "hybrid", "hybrid_iswa", "recurrent"])
+def test_layout_variants(kind, variant, store_url):
+    name = KIND_MODELS[kind]
+    kw = VARIANTS[variant]
+    P, more = tokens(12, 2 * B + 6), tokens(13, 5)
+    src = context(name, **kw)
+    assert src.decode_seq(1, P, 0) == 0
+    with _open(store_url) as st:
+        assert st.put(src, P, 1).n_tokens == len(P)
+        dst = context(name, **kw)
+        dst.decode_seq(1, tokens(14, 9), 0)        # another sequence stays as it is
+        other = dst.state_seq_get(1)
+        assert st.restore(dst, P + more, 0) == len(P), st.last_reason
+        assert dst.state_seq_get(1) == other
+        ref = context(name, **kw)
+        assert ref.decode_seq(0, P, 0) == 0
+        assert dst.state_seq_get(0) == ref.state_seq_get(0)
+        dst.decode_seq(0, more, len(P), logits=[False] * (len(more) - 1) + [True])
+        ref.decode_seq(0, more, len(P), logits=[False] * (len(more) - 1) + [True])
+        assert rel_diff(dst.logits(-1), ref.logits(-1)) <= 1e-4
+
+
+def test_unified_and_non_unified_do_not_mix(store_url):
+    # a sequence section lists every stream: llama.cpp reads it only into the same stream count
+    P = tokens(15, 2 * B + 1)
+    with _open(store_url) as st:
+        st.put(decoded("llama", P, kv_unified=True, n_seq_max=2), P, 0)
+        c = context("llama", kv_unified=False, n_seq_max=2)
+        hit = st.lookup(P, c)
+        assert hit.n_tokens == 0 and "kv.n_stream: stored 1, target 2" in hit.reason, hit.reason
+        assert st.restore(c, P, 1) == 0

@@ -33,7 +33,8 @@ __all__ = ["Layout", "PartData", "parse_section", "block_payload", "decode_paylo
            "ckpt_payload", "decode_ckpt"]
 
 _U32 = struct.Struct("<I")
-_PHDR = struct.Struct("<6I")
+SEQ_MAGIC = 0xAF143CD8           # llama.cpp's sequence-state envelope (LLAMA_STATE_SEQ_MAGIC)
+_PHDR = struct.Struct("<7I")
 _LHDR = struct.Struct("<iQiQI")
 
 
@@ -86,6 +87,8 @@ class PartData:
 
     n: int
     v_trans: int = 0
+    n_stream: int = 1
+    stream: int = 0
     k_rot: int = 0
     v_rot: int = 0
     cell_ext: bool = False
@@ -95,7 +98,7 @@ class PartData:
     cell_major_v: bool = True              # payloads keep V cell-major; sections may be transposed
 
     def header(self) -> tuple:
-        return (self.v_trans, len(self.layers), self.k_rot, self.v_rot, int(self.cell_ext),
+        return (self.n_stream, self.v_trans, len(self.layers), self.k_rot, self.v_rot, int(self.cell_ext),
                 tuple((L.k_type, L.k_row, L.v_type, L.v_row, L.v_embd) for L in self.layers))
 
 
@@ -127,13 +130,30 @@ class _R:
 # ---------------------------------------------------------------------------------------------
 # sequence sections
 # ---------------------------------------------------------------------------------------------
-def _parse_kv(r: _R, cell_ext: bool, has_v: List[bool], fmt: int, keep_data: bool) -> Optional[PartData]:
+def _parse_kv(r: _R, cell_ext: bool, has_v: List[bool], fmt: int, keep_data: bool) -> PartData:
+    """One KV part of a sequence section: n_stream streams (one per sequence when not unified),
+    of which at most one holds the sequence's cells."""
     n_stream = r.u32()
-    if n_stream != 1:
-        raise StoreError(f"{r.what}: a sequence section has one stream, found {n_stream}")
+    if not 1 <= n_stream <= 256:
+        raise StoreError(f"{r.what}: n_stream {n_stream} is not in 1..256")
+    found: Optional[PartData] = None
+    for s in range(n_stream):
+        p = _parse_stream(r, cell_ext, has_v, fmt)
+        if p is None:
+            continue
+        if found is not None:
+            raise StoreError(f"{r.what}: cells in more than one stream")
+        p.n_stream, p.stream = n_stream, s
+        found = p
+    if found is None:
+        return PartData(0, n_stream=n_stream, pos=np.zeros(0, np.int32))
+    return found
+
+
+def _parse_stream(r: _R, cell_ext: bool, has_v: List[bool], fmt: int) -> Optional[PartData]:
     cc = r.u32()
     if cc == 0:
-        return PartData(0, pos=np.zeros(0, np.int32))
+        return None
     rec = 6 if cell_ext else 3
     cells = r.array(cc * rec, np.dtype("<i4")).reshape(cc, rec)
     if not np.all(cells[:, 1] == 1):
@@ -163,7 +183,6 @@ def _parse_kv(r: _R, cell_ext: bool, has_v: List[bool], fmt: int, keep_data: boo
             (row,) = r.unpack(struct.Struct("<Q"))
             v = r.array(cc * row).reshape(cc, row)
             p.layers.append(LayerData(kt, krow, vt, row, 0, k, v))
-    p.cell_major_v = not p.v_trans
     return p
 
 
@@ -216,7 +235,7 @@ def block_payload(parts: Sequence[PartData], orders: Sequence[np.ndarray], a: in
         n = len(idx)
         contiguous = n > 0 and int(idx[-1]) - int(idx[0]) == n - 1 and bool(np.all(np.diff(idx) == 1))
         sl = slice(int(idx[0]), int(idx[0]) + n) if contiguous else idx
-        out.append(_PHDR.pack(n, p.v_trans, len(p.layers), p.k_rot, p.v_rot, int(p.cell_ext)))
+        out.append(_PHDR.pack(n, p.n_stream, p.v_trans, len(p.layers), p.k_rot, p.v_rot, int(p.cell_ext)))
         for L in p.layers:
             out.append(_LHDR.pack(L.k_type, L.k_row, L.v_type, L.v_row, L.v_embd))
         if p.cell_ext:
@@ -241,9 +260,11 @@ def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
         raise CorruptValueError(f"block value has {n_parts} parts, the layout {n_full}")
     parts = []
     for _ in range(n_parts):
-        n, v_trans, n_layer, k_rot, v_rot, ext = r.unpack(_PHDR)
+        n, n_stream, v_trans, n_layer, k_rot, v_rot, ext = r.unpack(_PHDR)
+        if not 1 <= n_stream <= 256:
+            raise CorruptValueError(f"block value: n_stream {n_stream}")
         hdrs = [r.unpack(_LHDR) for _ in range(n_layer)]
-        p = PartData(n, v_trans, k_rot, v_rot, bool(ext))
+        p = PartData(n, v_trans, n_stream, 0, k_rot, v_rot, bool(ext))
         if ext:
             p.ext = r.array(n * 3, np.dtype("<i4")).reshape(n, 3)
         ks = [r.array(n * h[1]).reshape(n, h[1]) for h in hdrs]
@@ -288,10 +309,19 @@ def decode_ckpt(payload: memoryview, n_raw: int) -> List[memoryview]:
 # ---------------------------------------------------------------------------------------------
 # assembly
 # ---------------------------------------------------------------------------------------------
-def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int) -> bytes:
+def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int, head: bytes = b"") -> bytearray:
     m = sum(c.n for c in chunks)
     if m == 0:
-        return struct.pack("<II", 1, 0)
+        return bytearray(head + struct.pack("<II", 1, 0))
+    n_stream = chunks[0].n_stream
+    stream = min(max(int(seq_id), 0), n_stream - 1) if n_stream > 1 else 0
+    # streams before / after the sequence's stream hold no cells (cell_count 0)
+    return _assemble_stream(chunks, seq_id, fmt, m, n_stream, head, 4 * stream, 4 * (n_stream - 1 - stream))
+
+
+def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, n_stream: int, head: bytes,
+                     empty_before: int, post: int) -> bytearray:
+    """One stream holding the m cells: cell_count, cells, then the layer data."""
     h0 = chunks[0].header()
     for c in chunks[1:]:
         if c.header() != h0:
@@ -299,15 +329,18 @@ def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int) -> bytes:
     c0 = chunks[0]
     rec = 6 if c0.cell_ext else 3
     nl = len(c0.layers)
-    size = 8 + 4 * rec * m + (16 if fmt >= 11 else 8)
+    pre = len(head) + 4 + empty_before
+    size = pre + 4 + 4 * rec * m + (16 if fmt >= 11 else 8)
     for L in c0.layers:
         size += 12 + m * L.k_row
         if L.v is not None:
             size += (12 + m * L.v_row * L.v_embd) if c0.v_trans else (12 + m * L.v_row)
-    out = bytearray(size)
+    out = bytearray(size + post)
     buf = np.frombuffer(out, np.uint8)
-    struct.pack_into("<II", out, 0, 1, m)
-    o = 8
+    out[:len(head)] = head
+    struct.pack_into("<I", out, len(head), n_stream)
+    struct.pack_into("<I", out, pre, m)
+    o = pre + 4
     cells = buf[o:o + 4 * rec * m].view("<i4").reshape(m, rec)
     cells[:, 0] = np.arange(m, dtype=np.int32)
     cells[:, 1] = 1
@@ -356,21 +389,29 @@ def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int) -> bytes:
                 a += c.n
             o += m * L.v_row
     assert o == size
-    return bytes(out)
+    return out
 
 
-def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], seq_id: int) -> bytes:
-    """The per-sequence section of a prefix: full parts from ``blocks`` (block payloads in
-    position order, the tail last), the other parts verbatim from ``raw``."""
-    out: List[bytes] = []
+def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], seq_id: int) -> bytearray:
+    """The ``llama_state_seq_get_data`` blob (8-byte envelope + per-sequence section) of a prefix:
+    full parts from ``blocks`` (block payloads in position order, the tail last), the other parts
+    verbatim from ``raw``.  One allocation when the memory is a plain KV cache."""
+    head = struct.pack("<Ii", SEQ_MAGIC, int(seq_id))
+    out: List[Any] = []
     fi = ri = 0
     for role in lay.roles:
         if role == "full":
-            out.append(_assemble_part([b[fi] for b in blocks], seq_id, lay.format))
+            out.append(_assemble_part([b[fi] for b in blocks], seq_id, lay.format, b"" if out else head))
             fi += 1
         else:
-            out.append(bytes(raw[ri]))
+            if not out:
+                out.append(head)
+            out.append(raw[ri])
             ri += 1
     if lay.recurrent:
-        out.append(bytes(raw[ri]))
-    return b"".join(out)
+        if not out:
+            out.append(head)
+        out.append(raw[ri])
+    if len(out) == 1 and isinstance(out[0], bytearray):
+        return out[0]
+    return bytearray(b"".join(out))

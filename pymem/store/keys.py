@@ -179,6 +179,8 @@ def layout_settings(mem: Any) -> Dict[str, Any]:
         out[f"{name}.v_trans"] = bool(p.v_trans)
         out[f"{name}.cell_ext"] = bool(p.cell_ext)
         out[f"{name}.rot"] = [int(p.k_rot), int(p.v_rot)]
+        # a sequence section lists every stream (one per sequence when not unified)
+        out[f"{name}.n_stream"] = int(p.n_stream)
         dims = []
         for il in p.layers:
             li = p._layers[il][1]

@@ -16,7 +16,6 @@ from .errors import StoreError, TargetError
 
 __all__ = ["adapt", "MemoryTarget", "LiveTarget"]
 
-_SEQ_MAGIC = 0xAF143CD8
 
 
 class _Target:
@@ -30,9 +29,9 @@ class _Target:
     def read_seq(self, seq: int) -> bytes:
         raise NotImplementedError
 
-    def write_seq(self, sec: bytes, seq: int) -> None:
-        """Replace sequence ``seq`` with ``sec``; on failure raise StoreError with the target
-        exactly as before."""
+    def write_seq(self, blob: Any, seq: int) -> None:
+        """Replace sequence ``seq`` with ``blob`` (a llama.cpp sequence blob: envelope + section);
+        on failure raise StoreError with the target exactly as before."""
         raise NotImplementedError
 
     def check_seq(self, seq: int) -> None:
@@ -55,9 +54,9 @@ class MemoryTarget(_Target):
     def read_seq(self, seq: int) -> bytes:
         return self.mem.state_write(seq_id=seq)
 
-    def write_seq(self, sec: bytes, seq: int) -> None:
+    def write_seq(self, blob: Any, seq: int) -> None:
         try:
-            self.mem.state_read(sec, seq_id=seq)     # pymem: all or nothing
+            self.mem.state_read(blob, seq_id=seq, envelope="llama")     # pymem: all or nothing
         except E.Error as exc:
             raise StoreError(f"the memory refused the assembled state: {exc}") from exc
 
@@ -102,14 +101,11 @@ class LiveTarget(_Target):
     def pos_max(self, seq: int) -> int:
         return int(self.lv.pos_range(seq)[1])
 
-    def read_seq(self, seq: int) -> bytes:
+    def read_seq(self, seq: int) -> Any:
         blob = self.lv.seq_get(seq, 0)
-        return bytes(memoryview(blob)[8:])
+        return memoryview(blob)[8:]
 
-    def write_seq(self, sec: bytes, seq: int) -> None:
-        from ..state import wrap_seq
-
-        blob = wrap_seq(seq, sec)
+    def write_seq(self, blob: Any, seq: int) -> None:
         # 1. validate the whole blob in an empty pymem memory of the same layout
         scratch = self.mem
         try:
