@@ -13,8 +13,9 @@ Block / tail payload::
 
     u32 n_full_parts; per part: u32 n_cells, v_trans, n_layer, k_rot, v_rot, cell_ext;
       per layer {i32 k_type; u64 k_row; i32 v_type (-1: none); u64 v_row_or_el; u32 v_embd};
-      [i32 ext[n][3]]; per layer {K rows n x k_row}; per layer {V rows n x v_cell} (cell-major,
-      also for transposed V: the assembler transposes back)
+      [i32 ext[n][3]]; per layer {K rows n x k_row}; per layer {V rows n x v_row, or transposed
+      V as v_embd x n elements: the section's own layout, so cutting and assembling copy runs of
+      whole rows}
 
 Checkpoint payload: ``u32 count; count x {u64 length; raw section bytes}``.
 All slicing and assembly use numpy (no Python loop per cell).
@@ -78,7 +79,8 @@ class LayerData:
     v_row: int                       # untransposed: bytes per cell; transposed: element size
     v_embd: int
     k: np.ndarray                    # (n, k_row) uint8
-    v: Optional[np.ndarray]          # (n, v_row) or transposed (v_embd, n, el); None: no V
+    v: Optional[np.ndarray]          # (n, v_row); transposed: sections (v_embd, n, el), payloads
+                                     # (v_embd, n * el); None: no V
 
 
 @dataclass
@@ -95,7 +97,6 @@ class PartData:
     pos: Optional[np.ndarray] = None       # (n,) int32 (sections only)
     ext: Optional[np.ndarray] = None       # (n, 3) int32
     layers: List[LayerData] = field(default_factory=list)
-    cell_major_v: bool = True              # payloads keep V cell-major; sections may be transposed
 
     def header(self) -> tuple:
         return (self.n_stream, self.v_trans, len(self.layers), self.k_rot, self.v_rot, int(self.cell_ext),
@@ -245,15 +246,12 @@ def block_payload(parts: Sequence[PartData], orders: Sequence[np.ndarray], a: in
         for L in p.layers:
             if L.v is None:
                 continue
-            if p.v_trans:
-                out.append(np.ascontiguousarray(L.v[:, sl, :].transpose(1, 0, 2)).tobytes())
-            else:
-                out.append(L.v[sl].tobytes())
+            out.append(L.v[:, sl, :].tobytes() if p.v_trans else L.v[sl].tobytes())
     return b"".join(out)
 
 
 def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
-    """Parse a block / tail payload (zero-copy views; V cell-major)."""
+    """Parse a block / tail payload (zero-copy views)."""
     r = _R(payload, 0, "block value", CorruptValueError)
     n_parts = r.u32()
     if n_parts != n_full:
@@ -273,8 +271,10 @@ def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
             if vt == -1:
                 p.layers.append(LayerData(kt, krow, vt, vrow, vembd, k, None))
                 continue
-            cell = vrow * vembd if v_trans else vrow
-            v = r.array(n * cell).reshape(n, cell)
+            if v_trans:  # [v_embd][n] elements, as in the section
+                v = r.array(vembd * n * vrow).reshape(vembd, n * vrow)
+            else:
+                v = r.array(n * vrow).reshape(n, vrow)
             p.layers.append(LayerData(kt, krow, vt, vrow, vembd, k, v))
         parts.append(p)
     if r.o != len(payload):
@@ -309,18 +309,20 @@ def decode_ckpt(payload: memoryview, n_raw: int) -> List[memoryview]:
 # ---------------------------------------------------------------------------------------------
 # assembly
 # ---------------------------------------------------------------------------------------------
-def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int, head: bytes = b"") -> bytearray:
+def _assemble_part(chunks: Sequence[PartData], seq_id: int, fmt: int, head: bytes = b"",
+                   out_buf: Optional[bytearray] = None) -> Any:
     m = sum(c.n for c in chunks)
     if m == 0:
         return bytearray(head + struct.pack("<II", 1, 0))
     n_stream = chunks[0].n_stream
     stream = min(max(int(seq_id), 0), n_stream - 1) if n_stream > 1 else 0
     # streams before / after the sequence's stream hold no cells (cell_count 0)
-    return _assemble_stream(chunks, seq_id, fmt, m, n_stream, head, 4 * stream, 4 * (n_stream - 1 - stream))
+    return _assemble_stream(chunks, seq_id, fmt, m, n_stream, head, 4 * stream, 4 * (n_stream - 1 - stream),
+                            out_buf)
 
 
 def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, n_stream: int, head: bytes,
-                     empty_before: int, post: int) -> bytearray:
+                     empty_before: int, post: int, out_buf: Optional[bytearray] = None) -> Any:
     """One stream holding the m cells: cell_count, cells, then the layer data."""
     h0 = chunks[0].header()
     for c in chunks[1:]:
@@ -335,10 +337,15 @@ def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, 
         size += 12 + m * L.k_row
         if L.v is not None:
             size += (12 + m * L.v_row * L.v_embd) if c0.v_trans else (12 + m * L.v_row)
-    out = bytearray(size + post)
+    if out_buf is not None and len(out_buf) >= size + post:
+        out: Any = memoryview(out_buf)[:size + post]      # every byte is written below
+    else:
+        out = bytearray(size + post)
     buf = np.frombuffer(out, np.uint8)
     out[:len(head)] = head
     struct.pack_into("<I", out, len(head), n_stream)
+    buf[len(head) + 4:pre] = 0            # empty streams before the sequence's (cell_count 0)
+    buf[size:] = 0                        # and after it
     struct.pack_into("<I", out, pre, m)
     o = pre + 4
     cells = buf[o:o + 4 * rec * m].view("<i4").reshape(m, rec)
@@ -373,10 +380,10 @@ def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, 
             struct.pack_into("<iII", out, o, L.v_type, L.v_row, L.v_embd)
             o += 12
             el, ne = L.v_row, L.v_embd
-            dst = buf[o:o + ne * m * el].reshape(ne, m, el)
+            dst = buf[o:o + ne * m * el].reshape(ne, m * el)
             a = 0
             for c in chunks:
-                dst[:, a:a + c.n, :] = c.layers[l].v.reshape(c.n, ne, el).transpose(1, 0, 2)
+                dst[:, a * el:(a + c.n) * el] = c.layers[l].v
                 a += c.n
             o += ne * m * el
         else:
@@ -392,16 +399,20 @@ def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, 
     return out
 
 
-def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], seq_id: int) -> bytearray:
+def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], seq_id: int,
+             out_buf: Optional[bytearray] = None) -> Any:
     """The ``llama_state_seq_get_data`` blob (8-byte envelope + per-sequence section) of a prefix:
     full parts from ``blocks`` (block payloads in position order, the tail last), the other parts
-    verbatim from ``raw``.  One allocation when the memory is a plain KV cache."""
+    verbatim from ``raw``.  A plain KV cache is assembled straight into ``out_buf`` when it is
+    large enough (the result is then a memoryview of it)."""
     head = struct.pack("<Ii", SEQ_MAGIC, int(seq_id))
     out: List[Any] = []
     fi = ri = 0
     for role in lay.roles:
         if role == "full":
-            out.append(_assemble_part([b[fi] for b in blocks], seq_id, lay.format, b"" if out else head))
+            single = len(lay.roles) == 1 and not lay.recurrent
+            out.append(_assemble_part([b[fi] for b in blocks], seq_id, lay.format, b"" if out else head,
+                                      out_buf if single else None))
             fi += 1
         else:
             if not out:
@@ -412,6 +423,6 @@ def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], 
         if not out:
             out.append(head)
         out.append(raw[ri])
-    if len(out) == 1 and isinstance(out[0], bytearray):
+    if len(out) == 1 and not isinstance(out[0], bytes):
         return out[0]
     return bytearray(b"".join(out))

@@ -82,6 +82,7 @@ class Store:
         self._pins: List[Tuple[bytes, np.ndarray]] = []
         self._seeds: Dict[bytes, A.Layout] = {}
         self._lock = threading.RLock()
+        self._buf = bytearray()           # assembly buffer reused across restores
         self.last_reason = ""
 
     # -- context ---------------------------------------------------------------------------------
@@ -343,7 +344,7 @@ class Store:
                 break
             try:
                 blocks, raw = self._gather(c, toks, p.n)
-                sec = A.assemble(c.lay, blocks, raw, seq_id)
+                sec = A.assemble(c.lay, blocks, raw, seq_id, self._buf)
             except KeyError:
                 reason = "an entry was evicted during the restore"
                 continue
@@ -355,6 +356,10 @@ class Store:
             except StoreError as exc:
                 self.backend.incr("misses")
                 return 0, str(exc)
+            finally:
+                if isinstance(sec, bytearray) and len(sec) > len(self._buf):
+                    self._buf = sec           # reused by the next restore (no page faults)
+                del sec
             self.backend.incr("hits")
             self.backend.incr("tokens_saved", p.n)
             return p.n, ("" if p.n == len(toks) else reason)
