@@ -282,6 +282,23 @@ def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
     return parts
 
 
+def head_cells(p: PartData, r: int) -> PartData:
+    """The first r cells of a decoded block / tail payload (views, no copy)."""
+    if r == p.n:
+        return p
+    q = PartData(r, p.v_trans, p.n_stream, p.stream, p.k_rot, p.v_rot, p.cell_ext,
+                 ext=None if p.ext is None else p.ext[:r])
+    for L in p.layers:
+        if L.v is None:
+            v = None
+        elif p.v_trans:
+            v = L.v[:, :r * L.v_row]
+        else:
+            v = L.v[:r]
+        q.layers.append(LayerData(L.k_type, L.k_row, L.v_type, L.v_row, L.v_embd, L.k[:r], v))
+    return q
+
+
 def ckpt_payload(raw: Sequence[bytes]) -> bytes:
     out: List[bytes] = [_U32.pack(len(raw))]
     for s in raw:

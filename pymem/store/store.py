@@ -60,6 +60,7 @@ class _Plan:
     n: int
     reason: str
     n_blocks: int          # full blocks used
+    tail_src: int = 0      # token count of the tail entry that serves the last partial block
 
 
 class Store:
@@ -132,10 +133,22 @@ class Store:
         return len(val) if self.backend.put_if_absent(e, val) else 0
 
     # -- lookup ----------------------------------------------------------------------------------
+    def _tail_src(self, chain: K.Chain, m: int, total: int) -> int:
+        """A stored tail that holds the full-attention cells of the prefix of m tokens: the tail
+        at m itself, or the tail at ``total`` (the whole token list, when it ends in the same
+        block; its first cells serve m).  0 when there is none."""
+        B = self.block_tokens
+        if self._has(chain.prefix(m)):
+            return m
+        if total > m and total // B == m // B and total % B and self._has(chain.prefix(total)):
+            return total
+        return 0
+
     def _plan(self, c: _Ctx, toks: np.ndarray, limit: int) -> _Plan:
         B, lay = self.block_tokens, c.lay
         chain = K.Chain(c.seed, B, toks)
-        N = min(int(limit), len(toks))
+        T = len(toks)
+        N = min(int(limit), T)
         if N <= 0:
             return _Plan(0, "no tokens", 0)
         j = 0
@@ -147,15 +160,19 @@ class Store:
         hi = min(N, (j + 1) * B - 1)
         if not lay.needs_ckpt:
             for m in range(hi, j * B, -1):
-                if self._has(chain.prefix(m)):
-                    return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
+                src = self._tail_src(chain, m, T)
+                if src:
+                    return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
             m = j * B
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
         for m in range(hi, 0, -1):
-            if m % B and lay.n_full and not self._has(chain.prefix(m)):
-                continue
+            src = m
+            if m % B and lay.n_full:
+                src = self._tail_src(chain, m, T)
+                if not src:
+                    continue
             if self._has(chain.ckpt(m)):
-                return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B)
+                return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
         return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
 
     def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
@@ -217,7 +234,7 @@ class Store:
 
     # -- put -------------------------------------------------------------------------------------
     def _store_section(self, c: _Ctx, toks: np.ndarray, S: A.Section, orders: List[np.ndarray], n: int,
-                       with_ckpt: bool) -> Tuple[int, int]:
+                       with_ckpt: bool, with_tail: bool = True) -> Tuple[int, int]:
         """Store blocks / tail / checkpoint for the prefix of n tokens of a parsed section."""
         B, lay = self.block_tokens, c.lay
         chain = K.Chain(c.seed, B, toks[:n])
@@ -232,7 +249,7 @@ class Store:
                                     A.block_payload(S.full, orders, i * B, (i + 1) * B), (i + 1) * B <= pinned)
                 added += b
                 entries += b > 0
-            if n % B:
+            if n % B and with_tail:
                 key = chain.prefix(n)
                 if not self._has(key):
                     q = n // B
@@ -241,15 +258,21 @@ class Store:
                     added += b
                     entries += b > 0
         if with_ckpt and lay.needs_ckpt:
-            key = chain.ckpt(n)
-            if not self._has(key):
-                parent = chain.prefix(n) if lay.n_full and n >= 1 else None
-                b = self._put_value(key, "ckpt", n, parent, c.seed, A.ckpt_payload(S.raw), n <= pinned)
-                added += b
-                entries += b > 0
+            b = self._put_ckpt(c, chain, n, S.raw, n <= pinned, n)
+            added += b
+            entries += b > 0
         if entries:
             self._probe_put(c, toks)
         return added, entries
+
+    def _put_ckpt(self, c: _Ctx, chain: K.Chain, n: int, raw: List[bytes], pinned: bool, parent_n: int) -> int:
+        """Store the checkpoint at n; its parent is the entry that holds the full-attention cells
+        up to ``parent_n`` (the block or tail at n, or a longer tail in the same block)."""
+        key = chain.ckpt(n)
+        if self._has(key):
+            return 0
+        parent = chain.prefix(parent_n) if c.lay.n_full and n >= 1 else None
+        return self._put_value(key, "ckpt", n, parent, c.seed, A.ckpt_payload(raw), pinned)
 
     def _probe_put(self, c: _Ctx, toks: np.ndarray) -> None:
         payload = json.dumps(c.settings, sort_keys=True).encode()
@@ -303,9 +326,10 @@ class Store:
             return PutResult(len(toks), added, entries)
 
     # -- restore ---------------------------------------------------------------------------------
-    def _gather(self, c: _Ctx, toks: np.ndarray, n: int) -> Tuple[List[List[A.PartData]], List[Any]]:
+    def _gather(self, c: _Ctx, toks: np.ndarray, n: int, src: int = 0) -> Tuple[List[List[A.PartData]], List[Any]]:
         B, lay = self.block_tokens, c.lay
-        chain = K.Chain(c.seed, B, toks[:n])
+        src = src or n
+        chain = K.Chain(c.seed, B, toks[:max(n, src)])
         blocks: List[List[A.PartData]] = []
         if lay.n_full:
             for i in range(n // B):
@@ -316,13 +340,13 @@ class Store:
                     raise CorruptValueError(f"block {i} holds the wrong number of cells")
                 blocks.append(parts)
             if n % B:
-                key = chain.prefix(n)
+                key = chain.prefix(src)
                 nt, pl = self._fetch(key, "tail", c.seed)
                 parts = A.decode_payload(pl, lay.n_full)
-                if nt != n or any(p.n != n % B for p in parts):
+                if nt != src or src // B != n // B or any(p.n != src % B for p in parts):
                     self.backend.delete([key.hex()])
                     raise CorruptValueError("tail holds the wrong number of cells")
-                blocks.append(parts)
+                blocks.append([A.head_cells(p, n % B) for p in parts])
         raw: List[Any] = []
         if lay.needs_ckpt:
             key = chain.ckpt(n)
@@ -343,7 +367,7 @@ class Store:
             if p.n == 0:
                 break
             try:
-                blocks, raw = self._gather(c, toks, p.n)
+                blocks, raw = self._gather(c, toks, p.n, p.tail_src)
                 sec = A.assemble(c.lay, blocks, raw, seq_id, self._buf)
             except KeyError:
                 reason = "an entry was evicted during the restore"
@@ -405,17 +429,26 @@ class Store:
             stops.append(N)
             added = 0
             pos = m
+            last_raw: Optional[List[bytes]] = None
             for stop in stops:
                 t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
                 pos = stop
                 if stop < N:
                     S, orders = self._section(c, toks[:stop], seq)
-                    added += self._store_section(c, toks[:stop], S, orders, stop, True)[0]
+                    # the cells of len-1 tokens come from the tail at len (same block): store only
+                    # blocks now, the checkpoint after the tail at len exists
+                    deferred = stop == N - 1 and stop % B != 0 and bool(lay.n_full)
+                    added += self._store_section(c, toks[:stop], S, orders, stop, not deferred,
+                                                 with_tail=not deferred)[0]
+                    if deferred:
+                        last_raw = S.raw
             S, orders = self._section(c, toks, seq)
             added += self._store_section(c, toks, S, orders, N, True)[0]
-            if not lay.needs_ckpt and N > 1 and (N - 1) % B:
-                # a tail at len-1, so the same prompt is a full hit that still leaves a token to decode
-                added += self._store_section(c, toks, S, orders, N - 1, False)[0]
+            if last_raw is not None:
+                chain = K.Chain(c.seed, B, toks)
+                same_block = (N - 1) // B == N // B
+                added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks),
+                                        N if same_block else N - 1)
             self.backend.incr("puts")
             self._enforce()
             return PrefillResult(m, N - m, added, reason)
