@@ -134,13 +134,16 @@ class Store:
 
     # -- lookup ----------------------------------------------------------------------------------
     def _tail_src(self, chain: K.Chain, m: int, total: int) -> int:
-        """A stored tail that holds the full-attention cells of the prefix of m tokens: the tail
-        at m itself, or the tail at ``total`` (the whole token list, when it ends in the same
-        block; its first cells serve m).  0 when there is none."""
+        """A stored entry whose first cells are the full-attention cells of the last partial block of
+        the prefix of m tokens: the tail at m itself, the full block that contains m, or the tail
+        at ``total`` (the whole token list, when it ends in the same block).  0 when none."""
         B = self.block_tokens
         if self._has(chain.prefix(m)):
             return m
-        if total > m and total // B == m // B and total % B and self._has(chain.prefix(total)):
+        q = m // B
+        if (q + 1) * B <= total and self._has(chain.block(q)):
+            return (q + 1) * B          # the full block holding these cells
+        if total > m and total // B == q and total % B and self._has(chain.prefix(total)):
             return total
         return 0
 
@@ -341,9 +344,9 @@ class Store:
                 blocks.append(parts)
             if n % B:
                 key = chain.prefix(src)
-                nt, pl = self._fetch(key, "tail", c.seed)
+                nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed)
                 parts = A.decode_payload(pl, lay.n_full)
-                if nt != src or src // B != n // B or any(p.n != src % B for p in parts):
+                if nt != src or (src - 1) // B != n // B or any(p.n != (src - 1) % B + 1 for p in parts):
                     self.backend.delete([key.hex()])
                     raise CorruptValueError("tail holds the wrong number of cells")
                 blocks.append([A.head_cells(p, n % B) for p in parts])
