@@ -440,7 +440,7 @@ class Store:
                     S, orders = self._section(c, toks[:stop], seq)
                     # the cells of len-1 tokens come from the tail at len (same block): store only
                     # blocks now, the checkpoint after the tail at len exists
-                    deferred = stop == N - 1 and stop % B != 0 and bool(lay.n_full)
+                    deferred = stop == N - 1 and bool(lay.n_full)
                     added += self._store_section(c, toks[:stop], S, orders, stop, not deferred,
                                                  with_tail=not deferred)[0]
                     if deferred:
@@ -448,10 +448,9 @@ class Store:
             S, orders = self._section(c, toks, seq)
             added += self._store_section(c, toks, S, orders, N, True)[0]
             if last_raw is not None:
+                # parent: the entry at len (the tail in the same block, or the block ending at len)
                 chain = K.Chain(c.seed, B, toks)
-                same_block = (N - 1) // B == N // B
-                added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks),
-                                        N if same_block else N - 1)
+                added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks), N)
             self.backend.incr("puts")
             self._enforce()
             return PrefillResult(m, N - m, added, reason)
