@@ -6,12 +6,14 @@ from .._errors import Error
 __all__ = ["StoreError", "BackendError", "CorruptValueError", "FingerprintError", "TargetError"]
 
 
-class StoreError(Error):
-    """Base class of every prompt-cache store error."""
+try:  # the backends package defines the base classes (pymem/store/backends/errors.py)
+    from .backends.errors import BackendError, StoreError
+except ImportError:  # pragma: no cover - a tree without it
+    class StoreError(Error):  # type: ignore[no-redef]
+        """Base class of every prompt-cache store error."""
 
-
-class BackendError(StoreError):
-    """A backend failed (I/O, connection, driver error)."""
+    class BackendError(StoreError):  # type: ignore[no-redef]
+        """A backend failed (I/O, connection, driver error)."""
 
 
 class CorruptValueError(StoreError):

@@ -22,6 +22,11 @@ class _Data:
         self.nbytes = 0
 
 
+try:
+    from .errors import check_entry as _check_entry
+except ImportError:  # pragma: no cover - a tree without the shared checks
+    _check_entry = None
+
 _NAMED: "weakref.WeakValueDictionary[str, _Data]" = weakref.WeakValueDictionary()
 _NAMED_LOCK = threading.Lock()
 
@@ -44,9 +49,11 @@ class MemoryBackend(Backend):
     def _data(self) -> _Data:
         d = self._d
         if d is None:
-            from ..errors import BackendError
-
-            raise BackendError(f"{self.url}: the backend is closed")
+            try:
+                from .errors import BackendClosedError as Closed
+            except ImportError:  # pragma: no cover
+                from ..errors import BackendError as Closed  # type: ignore[assignment]
+            raise Closed(f"{self.url}: the backend is closed")
         return d
 
     def get(self, key: str, *, touch: bool = True) -> Optional[bytes]:
@@ -67,6 +74,8 @@ class MemoryBackend(Backend):
 
     def put_if_absent(self, entry: Entry, value: bytes) -> bool:
         d = self._data()
+        if _check_entry is not None:
+            _check_entry(entry)
         value = bytes(value)
         now = time.time()
         e = dataclasses.replace(entry, size=len(value), created=entry.created or now,
