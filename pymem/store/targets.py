@@ -162,16 +162,26 @@ class LiveTarget(_Target):
             off += n
 
     def logits(self) -> np.ndarray:
-        ffi, lib, ptr = self._api()
-        p = lib.llama_get_logits_ith(ptr, -1)
-        if p == ffi.NULL:
-            raise StoreError("llama.cpp has no logits for the last token")
-        n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lib.llama_get_model(ptr))))
-        return np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32).copy()
+        return last_logits(self.ctx)
 
     def seq_rm(self, seq: int, p0: int) -> None:
         ffi, lib, ptr = self._api()
         lib.llama_memory_seq_rm(lib.llama_get_memory(ptr), seq, p0, -1)
+
+
+def last_logits(ctx: Any) -> np.ndarray:
+    """The logits of the last decoded token of a live in-process context (a float32 copy)."""
+    from ..llama import bridge
+
+    lv = bridge._live(ctx)
+    if not hasattr(lv, "lib"):
+        raise TargetError(f"logits need an in-process context (got a {lv.kind})")
+    ffi, lib, ptr = lv.ffi, lv.lib, lv.ptr
+    p = lib.llama_get_logits_ith(ptr, -1)
+    if p == ffi.NULL:
+        raise StoreError("llama.cpp has no logits for the last token")
+    n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lib.llama_get_model(ptr))))
+    return np.frombuffer(ffi.buffer(p, 4 * n_vocab), dtype=np.float32).copy()
 
 
 def adapt(target: Any, model: Any = None) -> _Target:
