@@ -168,14 +168,15 @@ class Store:
                     return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
             m = j * B
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
-        for m in range(hi, 0, -1):
+        for m in range(hi, 0, -1):      # one backend look-up per candidate (checkpoints are rare)
+            if not self._has(chain.ckpt(m)):
+                continue
             src = m
             if m % B and lay.n_full:
                 src = self._tail_src(chain, m, T)
                 if not src:
                     continue
-            if self._has(chain.ckpt(m)):
-                return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
+            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
         return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
 
     def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
