@@ -209,6 +209,8 @@ def test_corruption(kind, store_url):
         _replace(st, blocks[2].key, bytes(v))
         n = check(2 * B)
         assert st.backend.entry(blocks[2].key) is None  # the bad value was deleted
+        why = st.lookup(P, context(name)).reason
+        assert "corrupt value was deleted (checksum mismatch)" in why or kind != "kv", why
         # truncated value of block 1
         _replace(st, blocks[1].key, st.backend.get(blocks[1].key)[:-40])
         assert check(B) <= B
@@ -254,6 +256,10 @@ def test_budget_holds_without_chain_holes(kind, store_url):
             assert not policy.orphans(st.backend.scan())
         s = st.stats()
         assert s["evictions"] > 0 and s["puts"] == 21
+        first = system + tokens(200, B)
+        hit = st.lookup(first, context(name))
+        assert hit.n_tokens < len(first)
+        assert "evicted by the byte budget" in hit.reason or kind != "kv", hit.reason
         # the pinned system prompt survived every eviction
         assert st.lookup(system + [1, 2, 3], context(name)).n_tokens == 2 * B
         # the most recent prompt is still whole

@@ -6,7 +6,7 @@ may become a leaf in turn.  Pinned entries are never evicted (nor, therefore, th
 from __future__ import annotations
 
 import heapq
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from .backends.base import Backend, Entry
 
@@ -21,9 +21,10 @@ def _children(entries: Iterable[Entry]) -> Dict[str, int]:
     return kids
 
 
-def evict_to_budget(backend: Backend, budget: int) -> Tuple[int, int]:
+def evict_to_budget(backend: Backend, budget: int,
+                    on_delete: Optional[Callable[[str], None]] = None) -> Tuple[int, int]:
     """Delete least recently used leaves until the total size is within ``budget``.
-    Returns (entries deleted, bytes freed)."""
+    Returns (entries deleted, bytes freed); ``on_delete(key)`` is called for each."""
     total = backend.total_bytes()
     if total <= budget:
         return 0, 0
@@ -42,6 +43,8 @@ def evict_to_budget(backend: Backend, budget: int) -> Tuple[int, int]:
         if e is None:
             continue
         backend.delete([key])
+        if on_delete is not None:
+            on_delete(key)
         total -= e.size
         freed += e.size
         n += 1

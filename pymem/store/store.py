@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ from .targets import adapt
 __all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
 
 _PROBE_SLOTS = 8
+_GONE_MAX = 1 << 16
 _NOSEED = b"\0" * 16
 
 
@@ -84,6 +86,7 @@ class Store:
         self._seeds: Dict[bytes, A.Layout] = {}
         self._lock = threading.RLock()
         self._buf = bytearray()           # assembly buffer reused across restores
+        self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
     # -- context ---------------------------------------------------------------------------------
@@ -113,17 +116,28 @@ class Store:
         return self.backend.entry(key.hex()) is not None
 
     def _fetch(self, key: bytes, kind: str, seed: bytes, touch: bool = True) -> Tuple[int, memoryview]:
-        """(n_tokens, payload) of a value; a value that fails its checks is deleted and raises
-        CorruptValueError; a missing one raises KeyError."""
+        """(n_tokens, payload) of a value; a value that fails its checks raises CorruptValueError
+        and, unless ``touch`` is False (look-ups have no side effects), is deleted; a missing one
+        raises KeyError."""
         v = self.backend.get(key.hex(), touch=touch)
         if v is None:
             raise KeyError(key.hex())
         try:
             return V.open_value(v, kind, seed, key)
-        except CorruptValueError:
-            self.backend.delete([key.hex()])
-            self.backend.incr("corrupt")
+        except CorruptValueError as exc:
+            if touch:
+                self.backend.delete([key.hex()])
+                self.backend.incr("corrupt")
+                self._forget(key.hex(), f"a corrupt value was deleted ({exc})")
             raise
+
+    def _forget(self, key: str, why: str) -> None:
+        """Remember why a key went away (this process only), for lookup reasons."""
+        g = self._gone
+        g[key] = why
+        g.move_to_end(key)
+        while len(g) > _GONE_MAX:
+            g.popitem(last=False)
 
     def _put_value(self, key: bytes, kind: str, n_tokens: int, parent: Optional[bytes], seed: bytes,
                    payload: bytes, pinned: bool = False) -> int:
@@ -187,8 +201,9 @@ class Store:
                 return fp
         parts = []
         if lay.n_full and (j + 1) * B <= N:
-            parts.append(f"block {j} (tokens {j * B}..{(j + 1) * B - 1}) is not in the store "
-                         "(never stored with this prefix, or evicted)")
+            gone = self._gone.get(chain.block(j).hex())
+            parts.append(f"block {j} (tokens {j * B}..{(j + 1) * B - 1}) is not in the store ("
+                         + (gone or "never stored with this prefix, or evicted by another process") + ")")
         elif lay.n_full and not lay.needs_ckpt and N > m:
             parts.append(f"tokens {m}..{N - 1} are not in the store (no stored prompt with this prefix "
                          f"goes further, or its entries were evicted)")
@@ -491,7 +506,8 @@ class Store:
 
     def _enforce(self) -> None:
         if self.budget_bytes is not None:
-            n, _ = policy.evict_to_budget(self.backend, self.budget_bytes)
+            n, _ = policy.evict_to_budget(self.backend, self.budget_bytes,
+                                          lambda k: self._forget(k, "evicted by the byte budget"))
             if n:
                 self.backend.incr("evictions", n)
 
@@ -501,7 +517,8 @@ class Store:
             bad = policy.orphans(self.backend.scan())
             n_orph = self.backend.delete(bad) if bad else 0
             budget = self.budget_bytes if budget_bytes is None else int(budget_bytes)
-            n_ev, freed = (0, 0) if budget is None else policy.evict_to_budget(self.backend, budget)
+            n_ev, freed = (0, 0) if budget is None else policy.evict_to_budget(
+                self.backend, budget, lambda k: self._forget(k, "evicted by the byte budget"))
             if n_ev:
                 self.backend.incr("evictions", n_ev)
             return {"orphans": n_orph, "evicted": n_ev, "freed_bytes": freed}
