@@ -356,3 +356,23 @@ def test_unified_and_non_unified_do_not_mix(store_url):
         hit = st.lookup(P, c)
         assert hit.n_tokens == 0 and "kv.n_stream: stored 1, target 2" in hit.reason, hit.reason
         assert st.restore(c, P, 1) == 0
+
+
+@pytest.mark.parametrize("dest_empty", [False, True])
+def test_llama_refusal_leaves_context_unchanged(dest_empty, store_url):
+    # pymem's check passes (the blob is valid), but llama.cpp has no room for it: the other
+    # sequence fills the cache.  The destination sequence must be put back exactly.
+    P = tokens(16, 3 * B + 4)
+    with _open(store_url) as st:
+        st.put(decoded("llama", P), P, 0)
+        c = context("llama")
+        assert c.decode_seq(1, tokens(17, 230), 0) == 0
+        if not dest_empty:
+            assert c.decode_seq(0, tokens(18, 10), 0) == 0
+        before = c.state_get()
+        assert st.restore(c, P, 0) == 0
+        assert "refused" in st.last_reason, st.last_reason
+        assert c.state_get() == before
+        # with room again, the same restore works
+        c.seq_rm(1, -1, -1)
+        assert st.restore(c, P, 0) == len(P)

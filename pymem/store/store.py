@@ -86,6 +86,7 @@ class Store:
         self._seeds: Dict[bytes, A.Layout] = {}
         self._lock = threading.RLock()
         self._buf = bytearray()           # assembly buffer reused across restores
+        self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
         self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
@@ -395,6 +396,8 @@ class Store:
                 reason = f"a corrupt value was found and deleted ({exc})"
                 continue
             try:
+                if c.target.live:
+                    c.target.save_buf = self._save_buf
                 c.target.write_seq(sec, seq_id)
             except StoreError as exc:
                 self.backend.incr("misses")

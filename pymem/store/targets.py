@@ -66,6 +66,7 @@ _LAYOUTS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 class LiveTarget(_Target):
     live = True
+    save_buf: Optional[list] = None
 
     def __init__(self, ctx: Any, model: Optional[str]) -> None:
         from ..llama import bridge
@@ -117,16 +118,46 @@ class LiveTarget(_Target):
                 scratch.clear(data=False)
             except E.Error:
                 pass
-        # 2. save the destination sequence, 3. write; on refusal put the saved sequence back
-        saved = self.lv.seq_get(seq, 0)
+        # 2. save the destination sequence (nothing to save when it is empty), 3. write; on refusal
+        # put the saved sequence back (or remove what llama.cpp left of the failed one)
+        saved = self._save(seq) if self.pos_max(seq) >= 0 else None
         n, why = self.lv.seq_set(blob, seq, 0)
         if n == 0:
-            n2, why2 = self.lv.seq_set(saved, seq, 0)
+            if saved is None:
+                self._rm(seq)
+                n2, why2 = (1, "")
+            else:
+                n2, why2 = self.lv.seq_set(saved, seq, 0)
             if n2 == 0:
                 raise StoreError(f"llama.cpp refused the restore ({why}) and then the saved sequence "
                                  f"({why2}); sequence {seq} is lost")
             raise StoreError(f"llama.cpp refused the restore: {why} (sequence {seq} put back)")
         self.lv.after_import()
+
+    def _save(self, seq: int) -> Any:
+        """The destination sequence's blob, into a buffer reused across restores when in-process."""
+        lv = self.lv
+        if not hasattr(lv, "lib"):
+            return lv.seq_get(seq, 0)
+        ffi, lib, ptr = lv.ffi, lv.lib, lv.ptr
+        size = int(lib.llama_state_seq_get_size_ext(ptr, seq, 0))
+        hold = self.save_buf            # [bytearray]: the Store's, reused across restores
+        buf = hold[0] if hold else bytearray()
+        if len(buf) < size:
+            buf = bytearray(size)
+            if hold is not None:
+                hold[:] = [buf]
+        w = int(lib.llama_state_seq_get_data_ext(ptr, ffi.from_buffer("uint8_t[]", buf), size, seq, 0))
+        if w == 0:
+            raise StoreError(f"llama.cpp could not save sequence {seq} before the restore (nothing changed)")
+        return memoryview(buf)[:w]
+
+    def _rm(self, seq: int) -> None:
+        lv = self.lv
+        if hasattr(lv, "lib"):
+            lv.lib.llama_memory_seq_rm(lv.lib.llama_get_memory(lv.ptr), seq, -1, -1)
+        else:
+            lv.h.seq_rm(seq, -1, -1)
 
     # -- decoding (in-process contexts) ---------------------------------------------------------
     def _api(self) -> Any:
