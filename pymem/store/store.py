@@ -285,6 +285,17 @@ class Store:
             self._probe_put(c, toks)
         return added, entries
 
+    def _stored(self, c: _Ctx, toks: np.ndarray, n: int) -> bool:
+        """Whether every entry a put of the prefix of n tokens would write exists already."""
+        B, lay = self.block_tokens, c.lay
+        chain = K.Chain(c.seed, B, toks[:n])
+        if lay.n_full:
+            if not all(self._has(chain.block(i)) for i in range(n // B)):
+                return False
+            if n % B and not self._has(chain.prefix(n)):
+                return False
+        return not lay.needs_ckpt or self._has(chain.ckpt(n))
+
     def _put_ckpt(self, c: _Ctx, chain: K.Chain, n: int, raw: List[bytes], pinned: bool, parent_n: int) -> int:
         """Store the checkpoint at n; its parent is the entry that holds the full-attention cells
         up to ``parent_n`` (the block or tail at n, or a longer tail in the same block)."""
@@ -464,8 +475,9 @@ class Store:
                                                  with_tail=not deferred)[0]
                     if deferred:
                         last_raw = S.raw
-            S, orders = self._section(c, toks, seq)
-            added += self._store_section(c, toks, S, orders, N, True)[0]
+            if not self._stored(c, toks, N):       # a full hit stores nothing: skip the copy-out
+                S, orders = self._section(c, toks, seq)
+                added += self._store_section(c, toks, S, orders, N, True)[0]
             if last_raw is not None:
                 # parent: the entry at len (the tail in the same block, or the block ending at len)
                 chain = K.Chain(c.seed, B, toks)
