@@ -376,3 +376,30 @@ def test_llama_refusal_leaves_context_unchanged(dest_empty, store_url):
         # with room again, the same restore works
         c.seq_rm(1, -1, -1)
         assert st.restore(c, P, 0) == len(P)
+
+
+def test_fingerprint_override(store_url):
+    P = tokens(19, 2 * B + 3)
+    src = decoded("llama", P)
+    with _open(store_url, fingerprint="my-finetune-v1") as st:
+        st.put(src, P, 0)
+        assert st.lookup(P, src).n_tokens == len(P)
+    with _open(store_url, fingerprint="my-finetune-v2") as st:
+        if not store_url.persistent:   # a memory:// store lives in its Store: share the backend
+            pytest.skip("needs a store that two opens share")
+        hit = st.lookup(P, src)
+        assert hit.n_tokens == 0 and "model fingerprint" in hit.reason, hit.reason
+
+
+def test_fingerprint_override_shared_backend():
+    from store_backends import memory_url
+
+    url = str(memory_url(None))
+    keep = pymem.store.open(url)                  # keeps the named in-process store alive
+    P = tokens(19, 2 * B + 3)
+    src = decoded("llama", P)
+    pymem.store.open(url, block_tokens=B, fingerprint="v1").put(src, P, 0)
+    hit = pymem.store.open(url, block_tokens=B, fingerprint="v2").lookup(P, src)
+    assert hit.n_tokens == 0 and "model fingerprint" in hit.reason, hit.reason
+    assert pymem.store.open(url, block_tokens=B).lookup(P, src).n_tokens == 0   # the file's own fingerprint
+    keep.close()
