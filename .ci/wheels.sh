@@ -85,7 +85,7 @@ install_and_test() {
         "${P[@]}" python -c 'import shutil, sys
 found = [c for c in ("cc", "gcc", "clang", "c++", "g++", "cmake", "ld") if shutil.which(c)]
 sys.exit(f"a compiler/build tool is on PATH: {found}" if found else 0)' &&
-        "${P[@]}" python -m pip install -q --only-binary :all: "$WHL" "pytest>=7" "hypothesis>=6.80" &&
+        "${P[@]}" python -m pip install -q --no-compile --only-binary :all: "$WHL" "pytest>=7" "hypothesis>=6.80" &&
         (cd "$WORK" && "${P[@]}" pymem --version && "${P[@]}" pymem estimate --shape llama3-8b) &&
         (cd "$TESTS" && "${P[@]}" pytest -q -m "not oracle" -p no:cacheprovider "${DESELECT[@]}" "${sel[@]}")
     } >"$log" 2>&1 && rc=0 || rc=$?
