@@ -1249,7 +1249,7 @@ def _thread_ops(m, t: int, n_iter: int, log: list, order: list | None = None) ->
     for i in range(n_iter):
         if order is not None:
             order.append(t)
-            time.sleep(0)                             # let the other threads in between rounds too
+            time.sleep(1e-6)                          # let the other threads in between rounds too
         p = m.seq_pos_max(a)
         n = 1 + (i + t) % 3
         m.decode(pymem.Batch(tokens=[(7 * t + i + j) % 50 for j in range(n)], pos=list(range(p + 1, p + 1 + n)),
