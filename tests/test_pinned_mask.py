@@ -136,11 +136,15 @@ def test_iswa_masks_at_window_edge(lm, swa_full):
     s.decode(_seq(0, 17, 2) + _seq(1, 11, 2))
 
 
+@pytest.mark.parametrize("n_ubatch", [2, 4])
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("name", ["lfm2", "lfm2_swa"])
-def test_hybrid_sequential_split(lm, name):
-    """Hybrids split with the sequential equal rule: ubatches hold equal numbers of tokens of
-    consecutive sequence sets; positions and masks per ubatch must match llama.cpp."""
-    s = Side(lm, name, n_seq_max=3, n_ubatch=4)
+def test_hybrid_equal_split(lm, name, unified, n_ubatch):
+    """Hybrids split with the equal rule (sequential when the attention part has one stream
+    per sequence): ubatches hold equal numbers of tokens of each sequence set, up to
+    n_ubatch + 1 sets when more are available; positions and masks per ubatch must match
+    llama.cpp."""
+    s = Side(lm, name, n_seq_max=3, n_ubatch=n_ubatch, unified=unified)
     s.decode(_seq(0, 0, 5) + _seq(1, 0, 3) + _seq(2, 0, 2))
     s.decode(_seq(2, 2, 3) + _seq(0, 5, 6))
     s.decode(_seq(1, 3, 1) + _seq(0, 11, 1))

@@ -155,3 +155,45 @@ def test_seq_rm_p1_boundary(pair, name):
         m.check()
         assert _run(m, 1, 5, 1) == 0
         m.check()
+
+
+# -- slot-search boundaries that no other fixed test reaches ---------------------------------
+def test_swa_reuse_boundary(pair):
+    """A full SWA cache (swa_full off: 256 cells) whose only reusable cells are those exactly
+    n_swa behind the owner's next position: find_slot tests is_masked_swa(pos, pos_max + 1)."""
+    m = pair("gemma2", n_ctx=1024, n_seq_max=2, swa_full=False, n_ubatch=64)
+    for p0 in range(0, 248, 62):
+        assert _run(m, 0, p0, 62) == 0
+    m.seq_cp(0, 1)                                 # 248 shared cells: never reused
+    assert _run(m, 0, 248, 8) == 0                 # 8 cells of seq 0 only: the SWA cache is full
+    m.check(per_seq=False)
+    assert m.decode([(9, 256, [0])]) == 0          # reuses the cell of pos 248 (256 - 248 >= 8)
+    m.check()
+
+
+def test_kv_head_reset_boundary(pair):
+    """find_slot restarts at cell 0 only when head > used + 2 * n_tokens (here head 20, used 2,
+    9 tokens: it must search from 20)."""
+    m = pair("llama", n_seq_max=3)
+    assert _run(m, 0, 0, 20) == 0                  # cells 0..19
+    assert _run(m, 1, 0, 4) == 0                   # cells 20..23
+    m.seq_rm(0, -1, -1)                            # head 0, used 4
+    m.seq_add(1, 0, 2, -10)                        # drops cells 20, 21: head = 20, used 2
+    m.check()
+    assert _run(m, 1, 4, 9) == 0
+    m.check()
+    assert m.mem.cells_view().pos[20] == 4         # placed from head (20), not from 0
+
+
+def test_recurrent_head_reset_boundary(pair):
+    """Recurrent find_slot restarts at cell 0 only when head > used + 2 * n_seqs (here head 4,
+    used 2, one sequence: the fork goes to the empty cell after head, cell 5)."""
+    m = pair("mamba", n_seq_max=6)
+    for s in range(5):
+        assert _run(m, s, 0, 2) == 0               # seq s -> cell s; head 4
+    for d in (0, 1, 2):
+        m.seq_cp(4, d)                             # frees cells 0..2 without moving head
+    m.check()
+    assert _run(m, 0, 2, 1) == 0                   # seq 0 forks out of cell 4
+    m.check()
+    assert m.mem.recurrent.cells_view().tail[0] == 5
