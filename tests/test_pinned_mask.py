@@ -40,7 +40,6 @@ class Side:
         self.n_ubatch = self.lc.n_ubatch()
         self.mem = pymem.from_gguf(lm[1][name], 256, n_seq_max=n_seq_max, flash_attn=fa, unified=unified,
                                    swa_full=swa_full, n_ubatch=self.n_ubatch)
-        self.mask_names = None
         self.ubatches = 0
 
     def decode(self, items):

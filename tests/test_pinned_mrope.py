@@ -41,8 +41,8 @@ def _pair(model, unified=True, fa=False, n_seq_max=3, n_ubatch=None, probe=None)
     extra = {} if probe is None else {"cb_eval": probe.callback}
     lc = make_context_class()(model, n_ctx=256, n_seq_max=n_seq_max, kv_unified=unified, flash_attn=fa,
                               swa_full=True, n_ubatch=n_ubatch, n_threads=1, **extra)
-    size = 256 if unified else 256
-    mem = pymem.KVCache(n_layer=2, n_head_kv=1, n_embd_head_k=32, size=size, n_seq_max=n_seq_max,
+    # 256 cells per stream: llama.cpp pads each stream's n_ctx to 256 (checked by the states)
+    mem = pymem.KVCache(n_layer=2, n_head_kv=1, n_embd_head_k=32, size=256, n_seq_max=n_seq_max,
                         v_trans=not fa, unified=unified, n_pos_per_embd=4, arch="qwen2vl")
     return Mirror(lc, mem, n_ubatch=lc.n_ubatch(), n_vocab=128, n_seq_max=n_seq_max)
 
