@@ -12,7 +12,8 @@ copy is rebuilt there (pip install of the copy for the extension, an incremental
 for the C tests).
 
 The fast suite: the C tests (ctest), then pytest on FAST_TESTS (plus the tree's
-tests/test_pinned_*.py), with short random traces under a fixed hypothesis seed.
+tests/test_pinned_*.py), with short random traces under a fixed hypothesis seed and without
+hypothesis' shrink phase (a mutant's failing trace would otherwise be minimised for minutes).
 
     python tools/mutants.py --list
     python tools/mutants.py [--only NAME ...] [--before REV] [--work DIR] [--out FILE]
@@ -191,14 +192,32 @@ def ctest(tree: str, build: str) -> List[str]:
     return sorted(f"ctest:{name}" for name in re.findall(r"^\s*\d+ - (\S+) \(", tail, re.M)) or ["ctest:?"]
 
 
+#: a pytest plugin: after the tests' own hypothesis profile is loaded (conftest), the same
+#: profile without the shrink phase (a failing trace is reported as found, not minimised)
+_PLUGIN = """
+def pytest_sessionstart(session):
+    try:
+        from hypothesis import Phase, settings
+    except ImportError:
+        return
+    settings.register_profile("mutants", parent=settings(),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutants")
+"""
+
+
 def pytest_run(tree: str, py: str, tests: Sequence[str], cache: str) -> Tuple[List[str], int, float]:
     """Failing test ids, number of tests run, seconds."""
     shutil.rmtree(os.path.join(tree, ".hypothesis"), ignore_errors=True)  # no replay of old failures
     xml = os.path.join(tree, "junit.xml")
-    env = dict(os.environ, PYMEM_CACHE_DIR=cache, **FAST_ENV)
+    plugdir = os.path.join(os.path.dirname(tree), "plugin")
+    os.makedirs(plugdir, exist_ok=True)
+    with open(os.path.join(plugdir, "pymem_mutants_plugin.py"), "w") as f:
+        f.write(_PLUGIN)
+    env = dict(os.environ, PYMEM_CACHE_DIR=cache, PYTHONPATH=plugdir, **FAST_ENV)
     t0 = time.time()
-    run([py, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
-         f"--junitxml={xml}", *tests], cwd=tree, env=env, check=False, timeout=3600)
+    run([py, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pymem_mutants_plugin",
+         "--hypothesis-seed=0", f"--junitxml={xml}", *tests], cwd=tree, env=env, check=False, timeout=3600)
     dt = time.time() - t0
     failed, n = [], 0
     for case in ET.parse(xml).getroot().iter("testcase"):
@@ -287,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      caught_after, caught_before))
         log(f"{m.name}: after {'CAUGHT' if caught_after else 'missed'} "
             f"({len(c_fail)} C, {len(af)} pytest of {an}, {adt:.0f} s)"
-            + ("" if bf is None else f"; before {'CAUGHT' if caught_before else 'missed'} ({len(bf)} pytest)"))
+            + ("" if bf is None else f"; before {'CAUGHT' if caught_before else 'missed'} "
+                                     f"({len(bf)} pytest of {res['before'][1]}, {res['before'][2]:.0f} s)"))
     lines = ["| mutation | what | caught by (C tests; pinned tests; other tests) | caught after | caught before |",
              "|---|---|---|---|---|"]
     for m, c_fail, pinned, other, bf, ca, cb in rows:
