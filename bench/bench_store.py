@@ -29,7 +29,7 @@ from pymem.store import keys as K
 
 def _tiny() -> Any:
     try:
-        from pymem.llama import tinymodels
+        from pymem._oracle import tinymodels
     except ImportError:  # the oracle moved to a private package
         from pymem._oracle import tinymodels  # type: ignore[no-redef]
     return tinymodels
@@ -37,7 +37,7 @@ def _tiny() -> Any:
 
 def _capi() -> Any:
     try:
-        from pymem.llama import capi
+        from pymem._oracle import capi
     except ImportError:
         from pymem._oracle import capi  # type: ignore[no-redef]
     return capi

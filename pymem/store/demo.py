@@ -126,10 +126,7 @@ def run(paths: Dict[str, str], store: str = "") -> Tuple[List[tuple], int]:
 def main(argv: List[str]) -> int:
     if argv[:1] == ["--child"]:
         return _child(argv[1], argv[2])
-    try:
-        from pymem._oracle import tinymodels  # type: ignore[import-not-found]
-    except ImportError:
-        from pymem.llama import tinymodels  # type: ignore[no-redef]
+    from pymem._oracle import tinymodels
     paths = tinymodels.ensure_models(list(KIND_MODELS.values()))
     rows, failures = run(paths)
     for r in rows:
