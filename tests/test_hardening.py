@@ -1104,13 +1104,11 @@ def test_every_writer_is_atomic(tmp_path, monkeypatch):
     assert cli.main(["edit", str(src), "--seq-keep", "0", "-o", str(out), "-q"]) == 1
     assert out.read_bytes() == old and not _temps(tmp_path, out.name)
     # source inspection: the only writers are atomic_write (and shapes' own atomic GGUF writer);
-    # pymem.llama's loader and the test oracle write only into pymem's cache folder; the
-    # prompt-cache store has its own atomic writers (temporary file + rename inside its backend's
-    # transaction), covered by its own tests
+    # pymem.llama's loader and the test oracle write only into pymem's cache folder
     pkg = REPO / "pymem"
     writers = []
     for f in sorted(pkg.rglob("*.py")):
-        if f.relative_to(pkg).parts[0] in ("llama", "_oracle", "store"):
+        if f.relative_to(pkg).parts[0] in ("llama", "_oracle"):
             continue
         for i, line in enumerate(f.read_text().splitlines(), 1):
             if re.search(r"open\([^)]*[\"'][wax]b?\+?[\"']|write_bytes|write_text|os\.replace|os\.rename|mkstemp"
