@@ -29,17 +29,17 @@ from pymem.store import keys as K
 
 def _tiny() -> Any:
     try:
-        from pymem.llama import tinymodels
-    except ImportError:  # the oracle moved to a private package
-        from pymem._oracle import tinymodels  # type: ignore[no-redef]
+        from pymem._oracle import tinymodels  # type: ignore[import-not-found]
+    except ImportError:  # before the oracle moved to its private package
+        from pymem.llama import tinymodels  # type: ignore[no-redef]
     return tinymodels
 
 
 def _capi() -> Any:
     try:
-        from pymem.llama import capi
+        from pymem._oracle import capi  # type: ignore[import-not-found]
     except ImportError:
-        from pymem._oracle import capi  # type: ignore[no-redef]
+        from pymem.llama import capi  # type: ignore[no-redef]
     return capi
 
 
