@@ -51,6 +51,13 @@ def _logits(llm: Any) -> Any:
         return np.frombuffer(ffi.buffer(p, 4 * n), dtype=np.float32).copy()
 
 
+def _write_json(path: str, obj: Any) -> None:
+    from ..state.files import atomic_write
+
+    data = json.dumps(obj).encode()
+    atomic_write(path, [data], len(data))
+
+
 def _child(stage: str, args_path: str) -> int:
     import numpy as np
 
@@ -77,8 +84,7 @@ def _child(stage: str, args_path: str) -> int:
                 out[kind] = {"n_restored": r.n_restored, "n_decoded": r.n_decoded, "want": len(P),
                              "diff": diff, "reason": r.reason}
             llm.close()
-    with open(a["out"], "w") as fh:
-        json.dump(out, fh)
+    _write_json(a["out"], out)
     return 0
 
 
@@ -100,8 +106,7 @@ def run(paths: Dict[str, str], store: str = "") -> Tuple[List[tuple], int]:
         for stage in ("put", "restore"):
             args = os.path.join(tmp, f"{stage}.json")
             outp = os.path.join(tmp, f"{stage}.out.json")
-            with open(args, "w") as fh:
-                json.dump({"models": models, "store": url, "out": outp}, fh)
+            _write_json(args, {"models": models, "store": url, "out": outp})
             p = subprocess.run([sys.executable, "-m", "pymem.store.demo", "--child", stage, args],
                                capture_output=True, text=True, cwd=tmp, timeout=600)
             if p.returncode != 0:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -27,6 +26,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import xxhash
 
+from .._errors import Error
+from ..state.files import atomic_write
 from .errors import FingerprintError, StoreError
 
 __all__ = ["model_fingerprint", "layout_settings", "Chain", "digest", "tokens_array", "cache_dir"]
@@ -138,11 +139,9 @@ def model_fingerprint(path: Union[str, "os.PathLike[str]"], use_cache: bool = Tr
                 # drop stale entries of the same path
                 cached = {k: v for k, v in cached.items() if k.split("|")[0] != p}
                 cached[ident] = fp
-                fd, tmp = tempfile.mkstemp(dir=str(cfile.parent), prefix=".fp-")
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(cached, fh)
-                os.replace(tmp, cfile)
-            except OSError:
+                data = json.dumps(cached).encode()
+                atomic_write(cfile, [data], len(data))
+            except (OSError, Error):
                 pass  # an unwritable cache only costs a re-hash
     return fp
 

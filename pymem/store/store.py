@@ -440,41 +440,44 @@ class Store:
         what is new, and leave the context ready to sample after the last token."""
         with self._lock:
             c = self._ctx(llm, model)
-            t = c.target
-            if not t.live:
-                raise TargetError("prefill needs a live llama.cpp context (use put / restore for memories)")
-            toks = K.tokens_array(tokens)
-            N = len(toks)
-            if N == 0:
-                raise E.InvalidArgumentError("prefill needs at least one token")
-            seq = int(seq_id)
+        t = c.target
+        if not t.live:
+            raise TargetError("prefill needs a live llama.cpp context (use put / restore for memories)")
+        toks = K.tokens_array(tokens)
+        N = len(toks)
+        if N == 0:
+            raise E.InvalidArgumentError("prefill needs at least one token")
+        seq = int(seq_id)
+        with self._lock:                # decoding runs outside the lock: one Store serves many contexts
             m, reason = self._restore(c, toks, seq, N - 1)
-            self.last_reason = reason
-            if m == 0:
-                t.seq_rm(seq, 0)
-            B, lay = self.block_tokens, c.lay
-            stops: List[int] = []
-            if lay.needs_ckpt:
-                step = B * self.checkpoint_every
-                stops = [k for k in range(step, N, step) if k > m]
-                if N - 1 > m and (not stops or stops[-1] != N - 1):
-                    stops.append(N - 1)
-            stops.append(N)
-            added = 0
-            pos = m
-            last_raw: Optional[List[bytes]] = None
-            for stop in stops:
-                t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
-                pos = stop
-                if stop < N:
-                    S, orders = self._section(c, toks[:stop], seq)
-                    # the cells of len-1 tokens come from the tail at len (same block): store only
-                    # blocks now, the checkpoint after the tail at len exists
-                    deferred = stop == N - 1 and bool(lay.n_full)
+        self.last_reason = reason
+        if m == 0:
+            t.seq_rm(seq, 0)
+        B, lay = self.block_tokens, c.lay
+        stops: List[int] = []
+        if lay.needs_ckpt:
+            step = B * self.checkpoint_every
+            stops = [k for k in range(step, N, step) if k > m]
+            if N - 1 > m and (not stops or stops[-1] != N - 1):
+                stops.append(N - 1)
+        stops.append(N)
+        added = 0
+        pos = m
+        last_raw: Optional[List[bytes]] = None
+        for stop in stops:
+            t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
+            pos = stop
+            if stop < N:
+                S, orders = self._section(c, toks[:stop], seq)
+                # the cells of len-1 tokens come from the tail at len (same block): store only
+                # blocks now, the checkpoint after the tail at len exists
+                deferred = stop == N - 1 and bool(lay.n_full)
+                with self._lock:
                     added += self._store_section(c, toks[:stop], S, orders, stop, not deferred,
                                                  with_tail=not deferred)[0]
-                    if deferred:
-                        last_raw = S.raw
+                if deferred:
+                    last_raw = S.raw
+        with self._lock:
             if not self._stored(c, toks, N):       # a full hit stores nothing: skip the copy-out
                 S, orders = self._section(c, toks, seq)
                 added += self._store_section(c, toks, S, orders, N, True)[0]
@@ -484,7 +487,7 @@ class Store:
                 added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks), N)
             self.backend.incr("puts")
             self._enforce()
-            return PrefillResult(m, N - m, added, reason)
+        return PrefillResult(m, N - m, added, reason)
 
     # -- policy ----------------------------------------------------------------------------------
     def _pinned_len(self, seed: bytes, toks: np.ndarray) -> int:
