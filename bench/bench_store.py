@@ -179,7 +179,8 @@ def main(argv: List[str] = None) -> int:
     gb = lambda t: nbytes / t / 1e9  # noqa: E731
     print(f"\n## restore of {n} tokens: {nbytes / 1e6:.2f} MB of per-sequence state (median)")
     print(f"memcpy of the same bytes (numpy copyto)          {t_cp * 1e3:8.2f} ms  {gb(t_cp):6.2f} GB/s")
-    print(f"pymem lookup + fetch + assemble ({url.split(':')[0]})     {t_fa * 1e3:8.2f} ms  {gb(t_fa):6.2f} GB/s"
+    kind = url.split("://")[0] if "://" in url else "embedded"
+    print(f"pymem lookup + fetch + assemble ({kind:8s})     {t_fa * 1e3:8.2f} ms  {gb(t_fa):6.2f} GB/s"
           f"  = {t_cp / t_fa * 100:.0f}% of memcpy")
     print(f"  of which XXH3-128 checksums of the values       {t_xx * 1e3:8.2f} ms  {gb(t_xx):6.2f} GB/s")
     print(f"pymem validation (state_read into an empty memory) {t_val * 1e3:8.2f} ms  {gb(t_val):6.2f} GB/s")
