@@ -28,18 +28,14 @@ from pymem.store import keys as K
 
 
 def _tiny() -> Any:
-    try:
-        from pymem._oracle import tinymodels  # type: ignore[import-not-found]
-    except ImportError:  # before the oracle moved to its private package
-        from pymem.llama import tinymodels  # type: ignore[no-redef]
+    from pymem._oracle import tinymodels
+
     return tinymodels
 
 
 def _capi() -> Any:
-    try:
-        from pymem._oracle import capi  # type: ignore[import-not-found]
-    except ImportError:
-        from pymem.llama import capi  # type: ignore[no-redef]
+    from pymem._oracle import capi
+
     return capi
 
 

@@ -558,7 +558,8 @@ def _parser() -> argparse.ArgumentParser:
         description="llama.cpp's inference memory module, byte-compatible, from Python: run the demo, "
                     "inspect, compare and edit saved llama.cpp states, estimate memory sizes.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=f"pymem {_version()}")
+    ap.add_argument("--version", action="version", version=_version(),
+                    help="pymem's version, the llama.cpp builds it conforms to, the active SIMD kernel")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run tiny models of all five memory types in real llama.cpp next to pymem",
@@ -670,16 +671,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_estimate)
+
+    from .store.cli import add_parser as _add_store_parser  # pymem store stats|ls|verify|gc URL
+
+    _add_store_parser(sub)
     return ap
 
 
 def _version() -> str:
     try:
-        import pymem
+        from . import _build
 
-        return pymem.__version__
-    except Exception:  # pragma: no cover
-        return "?"
+        return _build.version_text()
+    except Exception as exc:  # pragma: no cover - a broken install still gets its commands
+        return f"pymem ? ({exc})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -54,10 +54,7 @@ needs_llama = pytest.mark.skipif(not ORACLE, reason="llama-cpp-py-sync==0.11739 
 
 def llama_modules() -> Any:
     """(capi, tinymodels) of pymem's private llama.cpp oracle."""
-    try:
-        from pymem._oracle import capi, tinymodels  # type: ignore[import-not-found]
-    except ImportError:
-        from pymem.llama import capi, tinymodels  # type: ignore[no-redef]
+    from pymem._oracle import capi, tinymodels
     return capi, tinymodels
 
 

@@ -51,19 +51,12 @@ def _logits(llm: Any) -> Any:
         return np.frombuffer(ffi.buffer(p, 4 * n), dtype=np.float32).copy()
 
 
-def _write_json(path: str, obj: Any) -> None:
-    from ..state.files import atomic_write
-
-    data = json.dumps(obj).encode()
-    atomic_write(path, [data], len(data))
-
-
-def _child(stage: str, args_path: str) -> int:
+def _child(stage: str, args_json: str) -> int:
     import numpy as np
 
     import pymem.store
 
-    a = json.loads(open(args_path).read())
+    a = json.loads(args_json)  # the arguments, as JSON on the command line
     out: Dict[str, Any] = {}
     for kind, path in a["models"].items():
         P = _prompt(1, 3 * _B + 5)
@@ -84,7 +77,7 @@ def _child(stage: str, args_path: str) -> int:
                 out[kind] = {"n_restored": r.n_restored, "n_decoded": r.n_decoded, "want": len(P),
                              "diff": diff, "reason": r.reason}
             llm.close()
-    _write_json(a["out"], out)
+    print(json.dumps(out))  # the last line of stdout is the answer
     return 0
 
 
@@ -104,16 +97,13 @@ def run(paths: Dict[str, str], store: str = "") -> Tuple[List[tuple], int]:
             return [("prompt cache", "open the embedded store", 0, f"skipped: {exc}")], 0
         res = {}
         for stage in ("put", "restore"):
-            args = os.path.join(tmp, f"{stage}.json")
-            outp = os.path.join(tmp, f"{stage}.out.json")
-            _write_json(args, {"models": models, "store": url, "out": outp})
+            args = json.dumps({"models": models, "store": url})
             p = subprocess.run([sys.executable, "-m", "pymem.store.demo", "--child", stage, args],
                                capture_output=True, text=True, cwd=tmp, timeout=600)
             if p.returncode != 0:
                 tail = (p.stderr.strip().splitlines() or ["?"])[-1][:120]
                 return [("prompt cache", f"{stage} in a new process", 0, f"MISMATCH: {tail}")], 1
-            with open(outp) as fh:
-                res[stage] = json.load(fh)
+            res[stage] = json.loads(p.stdout.strip().splitlines()[-1])
     failures = 0
     for kind, path in models.items():
         name = KIND_MODELS[kind]
@@ -131,10 +121,7 @@ def run(paths: Dict[str, str], store: str = "") -> Tuple[List[tuple], int]:
 def main(argv: List[str]) -> int:
     if argv[:1] == ["--child"]:
         return _child(argv[1], argv[2])
-    try:
-        from pymem._oracle import tinymodels  # type: ignore[import-not-found]
-    except ImportError:
-        from pymem.llama import tinymodels  # type: ignore[no-redef]
+    from pymem._oracle import tinymodels
     paths = tinymodels.ensure_models(list(KIND_MODELS.values()))
     rows, failures = run(paths)
     for r in rows:

@@ -1,19 +1,10 @@
 """Exceptions of pymem.store (all subclass :class:`pymem.Error`)."""
 from __future__ import annotations
 
-from .._errors import Error
-
 __all__ = ["StoreError", "BackendError", "CorruptValueError", "FingerprintError", "TargetError"]
 
 
-try:  # the backends package defines the base classes (pymem/store/backends/errors.py)
-    from .backends.errors import BackendError, StoreError
-except ImportError:  # pragma: no cover - a tree without it
-    class StoreError(Error):  # type: ignore[no-redef]
-        """Base class of every prompt-cache store error."""
-
-    class BackendError(StoreError):  # type: ignore[no-redef]
-        """A backend failed (I/O, connection, driver error)."""
+from .backends.errors import BackendError, StoreError  # the base classes live with the backends
 
 
 class CorruptValueError(StoreError):
