@@ -28,18 +28,14 @@ from pymem.store import keys as K
 
 
 def _tiny() -> Any:
-    try:
-        from pymem._oracle import tinymodels
-    except ImportError:  # the oracle moved to a private package
-        from pymem._oracle import tinymodels  # type: ignore[no-redef]
+    from pymem._oracle import tinymodels
+
     return tinymodels
 
 
 def _capi() -> Any:
-    try:
-        from pymem._oracle import capi
-    except ImportError:
-        from pymem._oracle import capi  # type: ignore[no-redef]
+    from pymem._oracle import capi
+
     return capi
 
 
@@ -71,14 +67,15 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--block", type=int, default=256, help="block_tokens")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--quick", action="store_true", help="a small smoke run")
     a = ap.parse_args(argv)
     if a.quick:
-        a.n_prompt, a.width, a.layers, a.reps = 512, 256, 2, 1
+        a.n_prompt, a.width, a.layers, a.reps, a.block = 256, 128, 2, 1, 32
     capi = _capi()
     path = bench_model(a.width, a.layers)
-    N, B = a.n_prompt, 256
+    N, B = a.n_prompt, a.block
     rng = np.random.default_rng(0)
     n_vocab = _tiny().N_VOCAB
     P = rng.integers(1, n_vocab - 1, N).tolist()
@@ -128,17 +125,18 @@ def main(argv: List[str] = None) -> int:
     t_hit = med(with_store(P), a.reps, setup)
     assert res["r"].n_restored == N - 1, res["r"]
     diff = float(np.max(np.abs(res["logits"] - ref_logits)) / np.max(np.abs(ref_logits)))
-    qs = [P[:N - 256] + rng.integers(1, n_vocab - 1, 256).tolist() for _ in range(a.reps)]
+    new = min(256, N // 4) // B * B or B
+    qs = [P[:N - new] + rng.integers(1, n_vocab - 1, new).tolist() for _ in range(a.reps)]
 
     def partial() -> None:
         res["r"] = st.prefill(ctxs["c"], qs.pop())
-        assert res["r"].n_restored == N - 256, res["r"]
+        assert res["r"].n_restored == N - new, res["r"]
 
     t_part = med(partial, a.reps, setup)
     print("\n## time to first token (median of %d)" % a.reps)
     print(f"decode the whole prompt ({N} tokens)            {t_full * 1e3:9.1f} ms")
     print(f"store, same prompt ({N - 1} restored + 1 decoded)  {t_hit * 1e3:9.1f} ms   speedup x{t_full / t_hit:.1f}")
-    print(f"store, {N - 256} restored + 256 new decoded          {t_part * 1e3:9.1f} ms   speedup x{t_full / t_part:.1f}")
+    print(f"store, {N - new} restored + {new} new decoded          {t_part * 1e3:9.1f} ms   speedup x{t_full / t_part:.1f}")
     print(f"(llama.cpp's first decode of one token in a fresh context: {t_one * 1e3:.1f} ms)")
     print(f"next-token logits after a full hit vs full decode: max rel diff {diff:.3g}")
 
@@ -177,7 +175,8 @@ def main(argv: List[str] = None) -> int:
     gb = lambda t: nbytes / t / 1e9  # noqa: E731
     print(f"\n## restore of {n} tokens: {nbytes / 1e6:.2f} MB of per-sequence state (median)")
     print(f"memcpy of the same bytes (numpy copyto)          {t_cp * 1e3:8.2f} ms  {gb(t_cp):6.2f} GB/s")
-    print(f"pymem lookup + fetch + assemble ({url.split(':')[0]})     {t_fa * 1e3:8.2f} ms  {gb(t_fa):6.2f} GB/s"
+    kind = url.split("://")[0] if "://" in url else "embedded"
+    print(f"pymem lookup + fetch + assemble ({kind:8s})     {t_fa * 1e3:8.2f} ms  {gb(t_fa):6.2f} GB/s"
           f"  = {t_cp / t_fa * 100:.0f}% of memcpy")
     print(f"  of which XXH3-128 checksums of the values       {t_xx * 1e3:8.2f} ms  {gb(t_xx):6.2f} GB/s")
     print(f"pymem validation (state_read into an empty memory) {t_val * 1e3:8.2f} ms  {gb(t_val):6.2f} GB/s")

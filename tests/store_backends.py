@@ -30,9 +30,21 @@ def memory_url(tmp_path: Any) -> StoreURL:
     return _url(f"memory://test-{os.getpid()}-{next(_N)}", False)
 
 
-#: (id, factory(tmp_path) -> StoreURL).  The coordinator adds the embedded and Redis backends here.
+def embedded_url(tmp_path: Any) -> StoreURL:
+    return _url(str(tmp_path / f"store-{next(_N)}"), True)
+
+
+def redis_url(tmp_path: Any) -> StoreURL:
+    import redis_server      # skips (or fails under PYMEM_REQUIRE_REDIS=1) without a server / client
+
+    return _url(redis_server.fresh_url(redis_server.shared_server()), True)
+
+
+#: (id, factory(tmp_path) -> StoreURL): every store test runs on each backend.
 STORE_BACKENDS: List[Tuple[str, Callable[[Any], StoreURL]]] = [
     ("memory", memory_url),
+    ("embedded", embedded_url),
+    ("redis", redis_url),
 ]
 
 

@@ -403,3 +403,30 @@ def test_fingerprint_override_shared_backend():
     assert hit.n_tokens == 0 and "model fingerprint" in hit.reason, hit.reason
     assert pymem.store.open(url, block_tokens=B).lookup(P, src).n_tokens == 0   # the file's own fingerprint
     keep.close()
+
+
+def test_threads_share_one_store(store_url):
+    # one Store, several contexts decoding at the same time (the decode runs outside the lock)
+    import threading
+
+    P = tokens(20, 3 * B + 2)
+    errors: list = []
+    results: dict = {}
+    with _open(store_url, checkpoint_every=1) as st:
+        def work(i):
+            try:
+                name = KIND_MODELS[["kv", "hybrid"][i % 2]]
+                c = context(name)
+                r = st.prefill(c, P + tokens(30 + i, 5), 0)
+                ref = decoded(name, P + tokens(30 + i, 5))
+                results[i] = (r, rel_diff(c.logits(-1), ref.logits(-1)))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        assert not errors, errors
+        assert all(d <= 1e-4 for _, d in results.values()), results
+        assert not policy.orphans(st.backend.scan())
+        assert st.stats()["puts"] == 4

@@ -87,6 +87,7 @@ class Store:
         self._lock = threading.RLock()
         self._buf = bytearray()           # assembly buffer reused across restores
         self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
+        self._fetch_bufs: List[bytearray] = []   # per block index, for backends with get_into
         self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
@@ -116,11 +117,23 @@ class Store:
     def _has(self, key: bytes) -> bool:
         return self.backend.entry(key.hex()) is not None
 
-    def _fetch(self, key: bytes, kind: str, seed: bytes, touch: bool = True) -> Tuple[int, memoryview]:
+    def _fetch(self, key: bytes, kind: str, seed: bytes, touch: bool = True,
+               slot: Optional[int] = None) -> Tuple[int, memoryview]:
         """(n_tokens, payload) of a value; a value that fails its checks raises CorruptValueError
         and, unless ``touch`` is False (look-ups have no side effects), is deleted; a missing one
         raises KeyError."""
-        v = self.backend.get(key.hex(), touch=touch)
+        get_into = getattr(self.backend, "get_into", None)
+        if slot is not None and get_into is not None:
+            # a backend that can read into a reusable buffer (the embedded one) does: no fresh
+            # allocation and page faults per block; buffers grow to the largest value seen
+            bufs = self._fetch_bufs
+            while len(bufs) <= slot:
+                bufs.append(bytearray())
+            v = get_into(key.hex(), bufs[slot], touch=touch)
+            if v is not None and len(v) > len(bufs[slot]):
+                bufs[slot] = bytearray(len(v))
+        else:
+            v = self.backend.get(key.hex(), touch=touch)
         if v is None:
             raise KeyError(key.hex())
         try:
@@ -364,7 +377,7 @@ class Store:
         blocks: List[List[A.PartData]] = []
         if lay.n_full:
             for i in range(n // B):
-                nt, pl = self._fetch(chain.block(i), "block", c.seed)
+                nt, pl = self._fetch(chain.block(i), "block", c.seed, slot=i)
                 parts = A.decode_payload(pl, lay.n_full)
                 if nt != (i + 1) * B or any(p.n != B for p in parts):
                     self.backend.delete([chain.block(i).hex()])
@@ -372,7 +385,7 @@ class Store:
                 blocks.append(parts)
             if n % B:
                 key = chain.prefix(src)
-                nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed)
+                nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed, slot=n // B)
                 parts = A.decode_payload(pl, lay.n_full)
                 if nt != src or (src - 1) // B != n // B or any(p.n != (src - 1) % B + 1 for p in parts):
                     self.backend.delete([key.hex()])
@@ -381,7 +394,7 @@ class Store:
         raw: List[Any] = []
         if lay.needs_ckpt:
             key = chain.ckpt(n)
-            nt, pl = self._fetch(key, "ckpt", c.seed)
+            nt, pl = self._fetch(key, "ckpt", c.seed, slot=n // B + 1)
             n_raw = sum(1 for r in lay.roles if r != "full") + int(lay.recurrent)
             if nt != n:
                 self.backend.delete([key.hex()])
@@ -440,41 +453,44 @@ class Store:
         what is new, and leave the context ready to sample after the last token."""
         with self._lock:
             c = self._ctx(llm, model)
-            t = c.target
-            if not t.live:
-                raise TargetError("prefill needs a live llama.cpp context (use put / restore for memories)")
-            toks = K.tokens_array(tokens)
-            N = len(toks)
-            if N == 0:
-                raise E.InvalidArgumentError("prefill needs at least one token")
-            seq = int(seq_id)
+        t = c.target
+        if not t.live:
+            raise TargetError("prefill needs a live llama.cpp context (use put / restore for memories)")
+        toks = K.tokens_array(tokens)
+        N = len(toks)
+        if N == 0:
+            raise E.InvalidArgumentError("prefill needs at least one token")
+        seq = int(seq_id)
+        with self._lock:                # decoding runs outside the lock: one Store serves many contexts
             m, reason = self._restore(c, toks, seq, N - 1)
-            self.last_reason = reason
-            if m == 0:
-                t.seq_rm(seq, 0)
-            B, lay = self.block_tokens, c.lay
-            stops: List[int] = []
-            if lay.needs_ckpt:
-                step = B * self.checkpoint_every
-                stops = [k for k in range(step, N, step) if k > m]
-                if N - 1 > m and (not stops or stops[-1] != N - 1):
-                    stops.append(N - 1)
-            stops.append(N)
-            added = 0
-            pos = m
-            last_raw: Optional[List[bytes]] = None
-            for stop in stops:
-                t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
-                pos = stop
-                if stop < N:
-                    S, orders = self._section(c, toks[:stop], seq)
-                    # the cells of len-1 tokens come from the tail at len (same block): store only
-                    # blocks now, the checkpoint after the tail at len exists
-                    deferred = stop == N - 1 and bool(lay.n_full)
+        self.last_reason = reason
+        if m == 0:
+            t.seq_rm(seq, 0)
+        B, lay = self.block_tokens, c.lay
+        stops: List[int] = []
+        if lay.needs_ckpt:
+            step = B * self.checkpoint_every
+            stops = [k for k in range(step, N, step) if k > m]
+            if N - 1 > m and (not stops or stops[-1] != N - 1):
+                stops.append(N - 1)
+        stops.append(N)
+        added = 0
+        pos = m
+        last_raw: Optional[List[bytes]] = None
+        for stop in stops:
+            t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
+            pos = stop
+            if stop < N:
+                S, orders = self._section(c, toks[:stop], seq)
+                # the cells of len-1 tokens come from the tail at len (same block): store only
+                # blocks now, the checkpoint after the tail at len exists
+                deferred = stop == N - 1 and bool(lay.n_full)
+                with self._lock:
                     added += self._store_section(c, toks[:stop], S, orders, stop, not deferred,
                                                  with_tail=not deferred)[0]
-                    if deferred:
-                        last_raw = S.raw
+                if deferred:
+                    last_raw = S.raw
+        with self._lock:
             if not self._stored(c, toks, N):       # a full hit stores nothing: skip the copy-out
                 S, orders = self._section(c, toks, seq)
                 added += self._store_section(c, toks, S, orders, N, True)[0]
@@ -484,7 +500,7 @@ class Store:
                 added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks), N)
             self.backend.incr("puts")
             self._enforce()
-            return PrefillResult(m, N - m, added, reason)
+        return PrefillResult(m, N - m, added, reason)
 
     # -- policy ----------------------------------------------------------------------------------
     def _pinned_len(self, seed: bytes, toks: np.ndarray) -> int:
@@ -582,6 +598,7 @@ class Store:
             return out
 
     def close(self) -> None:
+        self._buf, self._save_buf, self._fetch_bufs = bytearray(), [], []
         self.backend.close()
 
     def __enter__(self) -> "Store":
