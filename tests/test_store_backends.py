@@ -445,7 +445,7 @@ def test_sigkill_during_puts_leaves_whole_values(shared, tmp_path):
         p.stderr.close()
     with open_backend(shared) as b:
         entries = list(b.scan())
-        assert len(entries) >= 12
+        assert len(entries) >= 4          # "started" is printed after the 4th put
         for e in entries:
             v = b.get(e.key, touch=False)
             assert v is not None and v == value_of(e.key, e.size), e.key
