@@ -11,9 +11,10 @@ Layout of a store directory::
 Writes are atomic and safe across processes on one machine: the value goes to a temporary file
 (``pymem.state.files.write_temp``: written, fsynced, closed) outside any lock; then, inside one
 SQLite write transaction (``BEGIN IMMEDIATE``, which serialises writers), the key's row is checked,
-the file is renamed to its final name (``publish``) and the row inserted.  The primary key decides put_if_absent races: the loser finds the
-row, deletes its temporary file and returns False.  Because every rename and unlink of a final name
-happens while holding the write lock, a reader that finds a row finds the whole file.
+the file is renamed to its final name (``publish``) and the row inserted.  The primary key decides
+put_if_absent races: the loser finds the row, deletes its temporary file and returns False.  Because
+every rename and unlink of a final name happens while holding the write lock, a reader that finds a
+row finds the whole file.
 
 A killed writer leaves at most a temporary file or (killed between rename and commit) a file without
 a row; damage from outside can leave a row without a file.  Readers treat all three as absent, and
