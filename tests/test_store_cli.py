@@ -230,7 +230,7 @@ def test_gc_budget_keeps_chains_whole(capsys, url):
     pytest.importorskip("pymem.store.policy")
     with open_backend(url) as b:
         a = chain(b, 6, 1000)
-        c = chain(b, 4, 1000, start=10, parent=a[1])     # a branch off the second block
+        chain(b, 4, 1000, start=10, parent=a[1])     # a branch off the second block
         b.set_pinned([a[0]])
     rc, res = run_json(capsys, "store", "gc", url, "--budget", "4500B")
     assert rc == 0 and res["bytes_before"] == 10_000 and res["bytes_after"] <= 4500
