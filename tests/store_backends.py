@@ -30,9 +30,23 @@ def memory_url(tmp_path: Any) -> StoreURL:
     return _url(f"memory://test-{os.getpid()}-{next(_N)}", False)
 
 
-#: (id, factory(tmp_path) -> StoreURL).  The coordinator adds the embedded and Redis backends here.
+def fs_url(tmp_path: Any) -> StoreURL:
+    return _url(str(tmp_path / f"store-{next(_N)}"), True)
+
+
+def redis_url(tmp_path: Any) -> StoreURL:
+    """A fresh key prefix on the test process's redis-server (tests/redis_server.py: skips without
+    the server, fails under PYMEM_REQUIRE_REDIS=1)."""
+    from redis_server import fresh_url, shared_server
+
+    return _url(fresh_url(shared_server()), True)
+
+
+#: (id, factory(tmp_path) -> StoreURL): every store test runs over each of these backends.
 STORE_BACKENDS: List[Tuple[str, Callable[[Any], StoreURL]]] = [
     ("memory", memory_url),
+    ("fs", fs_url),
+    ("redis", redis_url),
 ]
 
 
