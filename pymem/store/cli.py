@@ -3,7 +3,8 @@
     pymem store stats URL [--json]              entries, bytes (by kind), pinned, counters
     pymem store ls URL [--json] [--kind K] [--sort S] [--limit N]
                                                 one line per entry (key, kind, tokens, bytes, ...)
-    pymem store verify URL [--json] [--delete]  check every value's envelope and checksum
+    pymem store verify URL [--json] [--delete]  check every value's envelope and checksum, and that
+                                                every chain is whole
     pymem store gc URL [--budget BYTES] [--json]
                                                 remove orphans (killed writers, broken chains) and,
                                                 with --budget, evict LRU entries down to the budget
