@@ -188,12 +188,27 @@ def test_verify_finds_flipped_truncated_and_foreign_values(capsys, url):
         b.put_if_absent(Entry("ab" * 16, 0, "block", 256, None), values[keys[4]])     # under another key
     rc, res = run_json(capsys, "store", "verify", url)
     assert rc == 1 and not res["ok"] and res["checked"] == 7
-    assert sorted(r["key"] for r in res["bad"]) == sorted([keys[1], keys[2], keys[3], "ab" * 16])
-    assert all(r["problem"] for r in res["bad"])
+    problems = {r["key"]: r["problem"] for r in res["bad"]}
+    assert sorted(problems) == sorted([*keys[1:], "ab" * 16])
+    assert all("hole" not in problems[k] for k in (keys[1], keys[2], keys[3], "ab" * 16))
+    assert all("hole" in problems[k] for k in (keys[4], keys[5]))   # whole, but after a bad block
     rc, res = run_json(capsys, "store", "verify", url, "--delete")
-    assert rc == 1 and res["deleted"] == 4
+    assert rc == 1 and res["deleted"] == 6
     rc, res = run_json(capsys, "store", "verify", url)
-    assert rc == 0 and res["checked"] == 3
+    assert rc == 0 and res["checked"] == 1
+
+
+def test_verify_flags_broken_chains(capsys, url):
+    with open_backend(url) as b:
+        keys = sealed(b, 4)
+        b.delete([keys[1]])                             # a hole: keys[2] and keys[3] are unreachable
+    rc, res = run_json(capsys, "store", "verify", url)
+    assert rc == 1 and sorted(r["key"] for r in res["bad"]) == [keys[2], keys[3]]
+    assert all("hole" in r["problem"] for r in res["bad"])
+    rc, res = run_json(capsys, "store", "verify", url, "--delete")
+    assert res["deleted"] == 2
+    rc, res = run_json(capsys, "store", "verify", url)
+    assert rc == 0 and res["checked"] == 1
 
 
 def test_verify_after_sigkill_during_puts(capsys, tmp_path):
@@ -230,7 +245,7 @@ def test_gc_budget_keeps_chains_whole(capsys, url):
     pytest.importorskip("pymem.store.policy")
     with open_backend(url) as b:
         a = chain(b, 6, 1000)
-        c = chain(b, 4, 1000, start=10, parent=a[1])     # a branch off the second block
+        chain(b, 4, 1000, start=10, parent=a[1])     # a branch off the second block
         b.set_pinned([a[0]])
     rc, res = run_json(capsys, "store", "gc", url, "--budget", "4500B")
     assert rc == 0 and res["bytes_before"] == 10_000 and res["bytes_after"] <= 4500

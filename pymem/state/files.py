@@ -20,7 +20,7 @@ from typing import Iterable
 from .. import _errors as E
 from .envelopes import PathLike, Progress, _CHUNK
 
-__all__ = ["read_file", "atomic_write"]
+__all__ = ["read_file", "atomic_write", "write_temp", "publish"]
 
 
 def _oserror(p: object, exc: OSError, what: str = "") -> E.StateFileError:
@@ -144,3 +144,33 @@ def atomic_write(path: PathLike, chunks: Iterable[bytes], total: int, progress: 
         if isinstance(exc, OSError):
             raise _oserror(p, exc, "cannot write: ") from None
         raise
+
+
+# two-phase writes, for writers that decide under a lock whether a finished file goes into place
+# (the prompt-cache store's embedded backend checks its index first): write_temp, then publish
+def write_temp(directory: PathLike, data: bytes, prefix: str, fsync: bool = True, mode: int = 0o644) -> str:
+    """Write ``data`` to a new temporary file ``<prefix>XXXXXXXX.tmp`` in ``directory`` (permission
+    bits ``mode``), fsync it unless ``fsync=False``, close it and return its path; the caller then
+    moves it into place with :func:`publish` or deletes it.  Raises OSError, leaving no file."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            mv = memoryview(data).cast("B")
+            for i in range(0, mv.nbytes, _CHUNK):
+                f.write(mv[i:i + _CHUNK])
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return tmp
+
+
+def publish(tmp: str, target: PathLike) -> None:
+    """Rename a file made by :func:`write_temp` to ``target`` in one atomic step."""
+    os.replace(tmp, target)

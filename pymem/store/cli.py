@@ -3,7 +3,8 @@
     pymem store stats URL [--json]              entries, bytes (by kind), pinned, counters
     pymem store ls URL [--json] [--kind K] [--sort S] [--limit N]
                                                 one line per entry (key, kind, tokens, bytes, ...)
-    pymem store verify URL [--json] [--delete]  check every value's envelope and checksum
+    pymem store verify URL [--json] [--delete]  check every value's envelope and checksum, and that
+                                                every chain is whole
     pymem store gc URL [--budget BYTES] [--json]
                                                 remove orphans (killed writers, broken chains) and,
                                                 with --budget, evict LRU entries down to the budget
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
@@ -99,32 +99,20 @@ def _emit(args: argparse.Namespace, obj: Dict[str, Any], text: Callable[[], None
         text()
 
 
-def _value_checker() -> Callable[[Any, bytes], Optional[str]]:
-    """(entry, value) -> None or the problem, through the store's envelope check."""
+def _check(e: Any, v: bytes) -> Optional[str]:
+    """None, or what is wrong with value ``v`` of entry ``e`` (the store's envelope check)."""
     from .._errors import Error
+    from . import values as V
 
     try:
-        from . import values as V
-    except ImportError as exc:
-        from .backends.errors import BackendError
-
-        raise BackendError("verify needs pymem.store.values, which this build does not have") from exc
-    verify_value = getattr(V, "verify_value", None)
-    if verify_value is not None:
-        return lambda e, v: verify_value(v)
-
-    def check(e: Any, v: bytes) -> Optional[str]:
-        try:
-            kind, n_tokens, _seed = V.check_value(v, bytes.fromhex(e.key))
-        except (Error, ValueError) as exc:
-            return str(exc) or type(exc).__name__
-        if kind != e.kind:
-            return f"the value is a {kind!r}, the index says {e.kind!r}"
-        if n_tokens != e.n_tokens:
-            return f"the value holds {n_tokens} tokens, the index says {e.n_tokens}"
-        return None
-
-    return check
+        kind, n_tokens, _seed = V.check_value(v, bytes.fromhex(e.key))
+    except (Error, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    if kind != e.kind:
+        return f"the value is a {kind!r}, the index says {e.kind!r}"
+    if n_tokens != e.n_tokens:
+        return f"the value holds {n_tokens} tokens, the index says {e.n_tokens}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +177,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from . import policy
+
     bad: List[Dict[str, Any]] = []
     checked = nbytes = 0
     with _open(args.url) as b:
-        check = _value_checker()
         entries = _entries(args, b)
         for e in _progress(args, entries, len(entries), "verify"):
             v = b.get(e.key, touch=False)
@@ -203,9 +192,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else:
                 checked += 1
                 nbytes += len(v)
-                problem = check(e, v)
+                problem = _check(e, v)
             if problem:
                 bad.append({"key": e.key, "kind": e.kind, "n_tokens": e.n_tokens, "problem": problem})
+        flagged = {r["key"] for r in bad}
+        # whole values whose chain has a hole (counting the bad values as gone)
+        for k in sorted(policy.orphans(e for e in b.scan() if e.key not in flagged) - flagged):
+            e = b.entry(k)
+            if e is not None:
+                bad.append({"key": k, "kind": e.kind, "n_tokens": e.n_tokens,
+                            "problem": "its chain has a hole (an earlier block is missing)"})
         deleted = b.delete([r["key"] for r in bad]) if (args.delete and bad) else 0
         url = b.url
     out = {"url": url, "entries": len(entries), "checked": checked, "bytes": nbytes,
@@ -222,14 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    try:
-        from . import policy
-    except ImportError:
-        if args.budget is not None:
-            from .backends.errors import BackendError
+    from . import policy
 
-            raise BackendError("gc --budget needs pymem.store.policy, which this build does not have") from None
-        policy = None  # type: ignore[assignment]
     with _open(args.url) as b:
         before = b.total_bytes()
         swept: Dict[str, int] = {}
@@ -237,24 +227,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if callable(sweep):  # the embedded backend: temp files and file / row mismatches
             swept = sweep(grace=args.grace)
         out: Dict[str, Any] = {"url": b.url, "budget": args.budget, "bytes_before": before, "swept": swept}
-        enforce = getattr(policy, "enforce", None)
-        if policy is None:
-            pass
-        elif enforce is not None:
-            res = enforce(b, args.budget)
-            if isinstance(res, dict):
-                out.update(res)
-            elif res is not None:
-                out["result"] = res
-        else:  # the store's policy: drop broken chains, then evict LRU leaves down to the budget
-            broken = policy.orphans(_entries(args, b))
-            out["orphans"] = b.delete(broken) if broken else 0
-            if args.budget is not None:
-                out["evicted"], out["freed_bytes"] = policy.evict_to_budget(b, args.budget)
-                if out["evicted"]:
-                    b.incr("evictions", out["evicted"])
+        # the store's policy (as Store.gc): drop broken chains, then evict LRU leaves to the budget
+        broken = policy.orphans(_entries(args, b))
+        out["orphans"] = b.delete(broken) if broken else 0
+        if args.budget is not None:
+            out["evicted"], out["freed_bytes"] = policy.evict_to_budget(b, args.budget)
+            if out["evicted"]:
+                b.incr("evictions", out["evicted"])
         out["bytes_after"] = b.total_bytes()
-        out["entries_after"] = _count(b) if _count(b) is not None else sum(1 for _ in b.scan())
+        count = _count(b)
+        out["entries_after"] = count if count is not None else sum(1 for _ in b.scan())
 
     def text() -> None:
         parts = [f"{k} {v}" for k, v in out.items()

@@ -6,14 +6,15 @@ Layout of a store directory::
                             counters, meta (format, last sweep); WAL journal, busy timeout
     v/<aa>/<name>           one file per value, fanned out by the first two characters of <name>
                             (<name> = the key when it is lowercase hex, else "k" + hex(utf-8 key))
-    v/<aa>/.tmp-...         a value being written (or left by a killed writer)
+    v/<aa>/.tmp-<name>-*.tmp  a value being written (or left by a killed writer)
 
 Writes are atomic and safe across processes on one machine: the value goes to a temporary file
-(written, fsynced, closed) outside any lock; then, inside one SQLite write transaction
-(``BEGIN IMMEDIATE``, which serialises writers), the key's row is checked, the file is renamed to its
-final name and the row inserted.  The primary key decides put_if_absent races: the loser finds the
-row, deletes its temporary file and returns False.  Because every rename and unlink of a final name
-happens while holding the write lock, a reader that finds a row finds the whole file.
+(``pymem.state.files.write_temp``: written, fsynced, closed) outside any lock; then, inside one
+SQLite write transaction (``BEGIN IMMEDIATE``, which serialises writers), the key's row is checked,
+the file is renamed to its final name (``publish``) and the row inserted.  The primary key decides
+put_if_absent races: the loser finds the row, deletes its temporary file and returns False.  Because
+every rename and unlink of a final name happens while holding the write lock, a reader that finds a
+row finds the whole file.
 
 A killed writer leaves at most a temporary file or (killed between rename and commit) a file without
 a row; damage from outside can leave a row without a file.  Readers treat all three as absent, and
@@ -28,9 +29,9 @@ import re
 import sqlite3
 import threading
 import time
-import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from ...state.files import publish, write_temp
 from .base import Backend, Entry
 from .errors import (
     BackendClosedError,
@@ -305,21 +306,10 @@ class FSBackend(Backend):
         if self._read("SELECT 1 FROM entries WHERE key = ?", (key,), "put"):
             return False
         final = self._value_path(key)
-        tmp = os.path.join(os.path.dirname(final),
-                           f"{_TMP}{os.path.basename(final)}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-            try:
-                done = 0
-                while done < size:
-                    done += os.write(fd, view[done:done + (16 << 20)])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = write_temp(os.path.dirname(final), view, f"{_TMP}{os.path.basename(final)}-", self.fsync)
         except OSError as exc:
-            _unlink(tmp)
             raise self._fail(f"cannot write value {key}", exc) from exc
         now = time.time()
         created = entry.created or now
@@ -328,7 +318,7 @@ class FSBackend(Backend):
         def commit(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone():
                 return False
-            os.replace(tmp, final)
+            publish(tmp, final)
             try:
                 db.execute("INSERT INTO entries (key, size, kind, n_tokens, parent, created, last_used,"
                            " pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
