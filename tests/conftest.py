@@ -30,7 +30,7 @@ needs_oracle = pytest.mark.skipif(not ORACLE, reason="llama-cpp-py-sync==0.11739
 def oracle():
     if not ORACLE:
         pytest.skip("llama-cpp-py-sync==0.11739 is not installed")
-    from pymem.llama import OracleWorker
+    from pymem._oracle import OracleWorker
 
     w = OracleWorker()
     w.start()
@@ -41,7 +41,7 @@ def oracle():
 @pytest.fixture(scope="session")
 def models(oracle):
     """name -> path of every tiny model (generated once, cached across runs)."""
-    from pymem.llama import tinymodels
+    from pymem._oracle import tinymodels
 
     return oracle.ensure_models(tinymodels.names())
 
@@ -50,8 +50,8 @@ def models(oracle):
 def pair(oracle, models):
     """pair(name, n_ctx=256, n_seq_max=4, unified=True, flash_attn=False, type_k="f16",
     type_v="f16") -> Mirror of a fresh llama.cpp context and a matching pymem memory."""
-    from pymem.llama import tinymodels
-    from pymem.llama.mirror import Mirror
+    from pymem._oracle import tinymodels
+    from pymem._oracle.mirror import Mirror
 
     made = []
 
