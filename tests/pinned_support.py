@@ -93,7 +93,7 @@ def _check_layout(ffi: Any, ggml: Any, t: Any) -> None:
 
 def make_context_class():
     """capi.Context with ``decode_embd`` (imported lazily: llama.cpp loads on first use)."""
-    from pymem.llama import capi
+    from pymem._oracle import capi
 
     class EmbdContext(capi.Context):
         def decode_embd(self, embd: Any, pos: Any, seq_ids: Sequence[Any], output: Any = None) -> int:

@@ -20,7 +20,7 @@ MODELS = ["llama", "gemma2", "lfm2", "lfm2_swa"]
 
 @pytest.fixture(scope="module")
 def lm():
-    from pymem.llama import capi, tinymodels
+    from pymem._oracle import capi, tinymodels
 
     paths = tinymodels.ensure_models(MODELS)
     models = {n: capi.Model(p) for n, p in paths.items()}

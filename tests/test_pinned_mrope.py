@@ -1,11 +1,11 @@
 """Pinned: M-RoPE cells (n_pos_per_embd = 4) carry 2-D positions (ext x, y) through
 batches, sequence operations and states exactly as llama.cpp b11739 keeps them.
 
-The tiny ``qwen2vl`` model (pymem.llama.tinymodels.MROPE_SPECS) runs in llama.cpp here: text
+The tiny ``qwen2vl`` model (pymem._oracle.tinymodels.MROPE_SPECS) runs in llama.cpp here: text
 batches (1-D positions) and embedding batches with 4 position sections (pos, y, x, 0), as an
 image of a vision model would be fed.  pymem.from_gguf does not read qwen2vl, so its memory is
 built by hand with the same layout.  Every step is followed by a byte-for-byte comparison of
-the whole and per-sequence states (pymem.llama.mirror), so a cell ext written with x and y
+the whole and per-sequence states (pymem._oracle.mirror), so a cell ext written with x and y
 swapped, or a 2-D mask rule off, fails here.  A state written by hand from SPEC.md section 8.2
 pins the field order independently of both writers."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ N_EMBD = 64
 
 @pytest.fixture(scope="module")
 def qwen2vl():
-    from pymem.llama import capi, tinymodels
+    from pymem._oracle import capi, tinymodels
 
     path = tinymodels.ensure_models(["qwen2vl"])["qwen2vl"]
     m = capi.Model(path)
@@ -36,7 +36,7 @@ def qwen2vl():
 
 
 def _pair(model, unified=True, fa=False, n_seq_max=3, n_ubatch=None, probe=None):
-    from pymem.llama.mirror import Mirror
+    from pymem._oracle.mirror import Mirror
 
     extra = {} if probe is None else {"cb_eval": probe.callback}
     lc = make_context_class()(model, n_ctx=256, n_seq_max=n_seq_max, kv_unified=unified, flash_attn=fa,

@@ -1,5 +1,5 @@
 """Pinned: sequence operations and batch placements that only random traces reached before,
-each run in lock step with llama.cpp b11739 (pymem.llama.mirror compares positions,
+each run in lock step with llama.cpp b11739 (pymem._oracle.mirror compares positions,
 ``can_shift`` and every state blob after every step) plus an explicit expectation:
 
 * recurrent ``seq_cp`` from an empty source clears the destination (positions -1 / -1);
