@@ -68,17 +68,17 @@ MUTATIONS: List[Mutation] = [
     Mutation("rollback-bound", "recurrent rollback: at most n_rs_seq - 1 tokens", [
         ("rollback >= 1 && rollback <= (int64_t)r->n_rs_seq", "rollback >= 1 && rollback < (int64_t)r->n_rs_seq")]),
     Mutation("kv-seq_rm-p1", "KV seq_rm of one sequence: p1 inclusive", [
-        ("    detach(c, s, p0, p1, &lo, &mid, &hi);\n    uint32_t n = tr_collect(c, mid, c->tmp, 0);",
+        ("    detach(c, s, p0, p1, &lo, &mid, &hi);\n    uint32_t n = pmi_tr_collect(c, mid, c->tmp, 0);",
          "    detach(c, s, p0, p1 == INT32_MAX ? p1 : p1 + 1, &lo, &mid, &hi);\n"
-         "    uint32_t n = tr_collect(c, mid, c->tmp, 0);")]),
+         "    uint32_t n = pmi_tr_collect(c, mid, c->tmp, 0);")]),
     Mutation("rec-seq_rm-p1", "recurrent seq_rm: p1 inclusive", [
         ("if (c->pos >= p0 && c->pos < p1 && rc_has(c, s)) {", "if (c->pos >= p0 && c->pos <= p1 && rc_has(c, s)) {")]),
     Mutation("swa-reuse-bound", "find_slot SWA reuse: tested against pos_max instead of pos_max + 1", [
-        ("wrap_i32((int64_t)pmi_cells_seq_pos_max(c, owner) + 1));",
-         "wrap_i32((int64_t)pmi_cells_seq_pos_max(c, owner)));")]),
+        ("pmi_wrap_i32((int64_t)pmi_cells_seq_pos_max(c, owner) + 1));",
+         "pmi_wrap_i32((int64_t)pmi_cells_seq_pos_max(c, owner)));")]),
     Mutation("seq-blob-swa-select", "per-sequence state of an SWA cache: selection against pos_max + 1", [
-        ("is_masked_swa(kv->n_swa, kv->swa_type, c->pos[out[k]], pmax)",
-         "is_masked_swa(kv->n_swa, kv->swa_type, c->pos[out[k]], pmax + 1)")]),
+        ("pmi_is_masked_swa(kv->n_swa, kv->swa_type, c->pos[out[k]], pmax)",
+         "pmi_is_masked_swa(kv->n_swa, kv->swa_type, c->pos[out[k]], pmax + 1)")]),
     Mutation("rec-head-reset", "recurrent find_slot: head reset at used + 2*n_seqs (>= instead of >)", [
         ("if (r->head > r->used + 2 * n_seqs) {", "if (r->head >= r->used + 2 * n_seqs) {")]),
     Mutation("kv-head-reset", "KV find_slot: head reset at used + 2*n_tokens (>= instead of >)", [
