@@ -340,7 +340,7 @@ def to_llama_state(session: Any, like: Any = None, seed: Optional[int] = None) -
     ``LlamaState`` saved by it. ``input_ids`` keeps its length (n_ctx), ``scores`` its width
     and row capacity (``Llama.scores`` holds n_ctx rows with ``logits_all``, else n_batch;
     ``scores`` has min(n_tokens, rows) rows), and the rows of the tokens both share are kept
-    (a LlamaState ``like``); other rows are zero. Without ``like``: no scores, n_tokens ids."""
+    (with ``like``'s tokens); other rows are zero. Without ``like``: no scores, n_tokens ids."""
     import numpy as np
 
     E = _E()
@@ -364,7 +364,10 @@ def to_llama_state(session: Any, like: Any = None, seed: Optional[int] = None) -
         rows, width = 0, 0
     elif hasattr(like, "save_state"):                       # a Llama
         ids = np.array(like.input_ids, dtype=np.intc).copy()
-        rows, width = like.scores.shape
+        src = np.asarray(like.scores, dtype=np.single)
+        rows, width = src.shape
+        old = [int(t) for t in ids[: int(like.n_tokens)]]
+        src = src[: len(old)]
         seed = getattr(like, "_seed", None) if seed is None else seed
     else:                                                    # a LlamaState
         ids = np.array(like.input_ids, dtype=np.intc).copy()
