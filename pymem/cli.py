@@ -428,6 +428,28 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
     return failures
 
 
+def _demo_builds(w: Any) -> list:
+    """Every llama.cpp build installed: (name, worker, state format, mirror class). The
+    llama-cpp-py-sync wheel (b11739) always; llama-cpp-python 0.3.36 (0c1e570) when found."""
+    from .llama.mirror import Mirror
+
+    builds = [("llama.cpp b11739 (llama-cpp-py-sync 0.11739, format 11)", w, 11, Mirror)]
+    try:
+        from .llama import _lcp
+        from .llama._lcp_mirror import LcpMirror
+        from .llama._lcp_oracle import LcpWorker
+
+        if _lcp.locate() is not None:
+            lw = LcpWorker()
+            lw.start()
+            builds.append(("llama.cpp 0c1e570 (llama-cpp-python 0.3.36, format 10)", lw, 10, LcpMirror.for_memory))
+        else:
+            print(f"(llama-cpp-python {_lcp.ORACLE_VERSION} not found, its round is skipped: {_lcp.BUILD_HINT})")
+    except Exception as exc:  # the second build is optional
+        print(f"(llama-cpp-python round skipped: {exc})")
+    return builds
+
+
 def demo(args: argparse.Namespace) -> int:
     try:
         from .llama import OracleUnavailable, OracleWorker, tinymodels
@@ -453,18 +475,21 @@ def demo(args: argparse.Namespace) -> int:
     failures = 0
     rows = []
     srows: list = []
+    builds = _demo_builds(w)
     with w:
         paths = w.ensure_models(sorted({name for name, _ in configs} | {n for n, _, _ in _STATE_DEMO}))
-        for name, cfg in configs:
+        for build, bw, fmt, mirror in builds:
+          for name, cfg in configs:
             layout = tinymodels.layout(name)
             n_seq_max = 3
-            ctx = w.context(paths[name], n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
+            ctx = bw.context(paths[name], n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
             mem = pymem.from_gguf(paths[name], 256, n_seq_max=n_seq_max, unified=cfg["kv_unified"],
-                                  flash_attn=cfg["flash_attn"], swa_full=True)
-            m = Mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
-            label = f"{name} ({mem.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
+                                  flash_attn=cfg["flash_attn"], swa_full=True, format=fmt)
+            m = mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
+            label = f"{build}: {name} ({mem.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
                     f"{'flash attn' if cfg['flash_attn'] else 'V transposed'}"
             for what, fn in _demo_steps():
+                skipped = sum(v for k, v in m.stats.items() if "skipped" in k)
                 try:
                     fn(m)
                     bad = m.compare()
@@ -473,15 +498,21 @@ def demo(args: argparse.Namespace) -> int:
                 ok = not bad
                 failures += not ok
                 whole = len(m.mem.state_write(envelope="llama"))
-                rows.append((label, what, whole, "match" if ok else "MISMATCH: " + "; ".join(map(str, bad))[:120]))
+                note = " (skipped on both: this build aborts on it)" \
+                    if sum(v for k, v in m.stats.items() if "skipped" in k) > skipped else ""
+                rows.append((label, what, whole,
+                             "match" + note if ok else "MISMATCH: " + "; ".join(map(str, bad))[:120]))
             ctx.close()
+        for _b, bw, _f, _m in builds[1:]:
+            bw.close()
         t1 = time.perf_counter()
         sfail = _demo_states(w, paths, srows)
         failures += sfail
     print("Part 1: the same operations in llama.cpp and in pymem, states compared byte for byte")
     _table(rows, "state bytes", "result")
     n = len(rows)
-    print(f"\n{n - sum(1 for r in rows if r[3] != 'match')}/{n} steps byte-identical to llama.cpp b11739 "
+    print(f"\n{n - sum(1 for r in rows if not r[3].startswith('match'))}/{n} steps byte-identical to "
+          f"{' and '.join(b for b, _, _, _ in builds)} "
           f"(positions, whole state and every sequence state), {t1 - t0:.1f} s")
     print("\nPart 2: sessions saved by llama.cpp, inspected and edited offline by pymem, loaded back into "
           "llama.cpp;\ncompared with llama.cpp doing the same operations itself (state after its next update, "

@@ -127,8 +127,8 @@ def lcp_pair(lcp, models):
         mem = pymem.from_gguf(models[name], n_ctx, n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
                               flash_attn=flash_attn, unified=unified, swa_full=swa_full,
                               n_ubatch=n_ubatch or 512, n_rs_seq=extra.get("n_rs_seq", 0), format=10)
-        m = LcpMirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=tinymodels.layout(name)["n_vocab"],
-                      n_seq_max=n_seq_max)
+        m = LcpMirror.for_memory(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=tinymodels.layout(name)["n_vocab"],
+                                 n_seq_max=n_seq_max)
         made.append(ctx)
         return m
 

@@ -38,7 +38,6 @@ def _trace(lcp_pair, data, family):
         COUNTS[family][f"{cfg['name']} replaced (0c1e570 bug)"] += 1
         cfg["name"] = LCP_BROKEN[cfg["name"]]
     m = lcp_pair(**cfg)
-    m.no_shift = m.mem.kind == "hybrid_iswa" and not any(p.layers for p in m.mem.kv_parts()[:1])
     if m.mem.kind == "kv" and cfg["type_k"] == "q8_0":
         m.k_tolerance = 0.02
     n_steps = data.draw(st.integers(5, 25), label="steps")

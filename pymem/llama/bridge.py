@@ -1,8 +1,11 @@
 """A bridge between a live llama.cpp context and pymem memories.
 
-The context must come from the ``llama-cpp-py-sync`` wheel pymem targets (0.11739, llama.cpp
-b11739, state format 11). Contexts of other bindings may load another llama.cpp build with
-another state format, and are not supported yet.
+Two llama.cpp builds are supported, each through its own loaded library and with its own
+state format: the ``llama-cpp-py-sync`` wheel pymem targets (0.11739, llama.cpp b11739, state
+format 11), and llama-cpp-python 0.3.36 (``llama_cpp``, llama.cpp 0c1e570, format 10; its
+``Llama``, ``LlamaContext`` and raw ``llama_context_p`` pointers, see
+:mod:`pymem.llama._lcp`, which also converts ``LlamaState`` objects). A llama-cpp-python
+release pymem does not know is refused (:class:`pymem.UnsupportedError`).
 
 ::
 
