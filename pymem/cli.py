@@ -524,6 +524,43 @@ def demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    from . import conformance as K
+    from .llama import OracleUnavailable
+
+    try:
+        return _conformance_run(K, args)
+    except OracleUnavailable as exc:
+        raise CLIError(f"conformance needs the llama.cpp build {args.llama!r}: {exc}", 2)
+
+
+def _conformance_run(K: Any, args: argparse.Namespace) -> int:
+    if args.record:
+        try:
+            out = K.record(args.llama, args.record, progress=lambda n: print(f"recording {n}", file=sys.stderr))
+        except RuntimeError as exc:
+            raise CLIError(str(exc), 1)
+        print(f"wrote {out}")
+        return 0
+    rows = K.run(args.llama, args.vectors or None)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.as_dict()))
+    else:
+        label = K.BUILDS[args.llama][0]
+        print(f"conformance vectors replayed in {label} and pymem (state format {K.BUILDS[args.llama][1]})")
+        w = max(len(r.vector) for r in rows)
+        print(f"{'vector':{w}s}  {'memory':11s} {'steps':>5s}  {'recorded':8s}  build vs recording | pymem vs build")
+        for r in rows:
+            print(f"{r.vector:{w}s}  {r.memory:11s} {r.steps:5d}  {r.recorded_by:8s}  {r.build} | {r.pymem}"
+                  + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
+        same = sum(1 for r in rows if r.build == "identical")
+        ok = sum(1 for r in rows if r.pymem == "identical")
+        print(f"\n{same}/{len(rows)} recordings reproduced by the build; pymem identical to the build in "
+              f"{ok}/{len(rows)}")
+    return 0 if all(r.pymem == "identical" for r in rows) else 1
+
+
 def _table(rows: list, size_head: str, result_head: str) -> None:
     width = max(len(r[1]) for r in rows)
     current = None
@@ -568,6 +605,19 @@ def _parser() -> argparse.ArgumentParser:
                                    "sessions, inspects and edits them offline and loads the edits back into "
                                    "llama.cpp.  Exit status 1 on any mismatch.")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser(
+        "conformance", help="replay the conformance vectors against an installed llama.cpp build and pymem",
+        description="Replays the shipped vectors (every memory type, recorded from llama.cpp b11739 and 0c1e570) "
+                    "in an installed llama.cpp build and in pymem side by side, and prints per vector whether the "
+                    "build reproduces the recording and pymem reproduces the build (or the first difference). "
+                    "--record DIR records a new set from the build instead (refusing what pymem cannot replay).")
+    p.add_argument("--llama", choices=["py-sync", "llama-cpp-python"], default="py-sync",
+                   help="the build to run: the llama-cpp-py-sync wheel (b11739) or llama-cpp-python 0.3.36 (0c1e570)")
+    p.add_argument("--json", action="store_true", help="one JSON object per vector instead of the table")
+    p.add_argument("--record", metavar="DIR", help="record a vector set from the build into DIR")
+    p.add_argument("--vectors", metavar="FILE", nargs="*", help="vector files to replay (default: the shipped set)")
+    p.set_defaults(func=_conformance)
 
     p = sub.add_parser(
         "inspect", help="what a llama.cpp state file or blob holds",
