@@ -116,6 +116,8 @@ __all__ = [
     "import_state",
     "llama_cpp",
     "WHEEL_FORMAT",
+    "from_llama_state",
+    "to_llama_state",
 ]
 
 #: state format of the llama-cpp-py-sync build pymem targets (b11739)
@@ -1007,3 +1009,22 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
         raise E.StateError(f"llama.cpp refused {what}: {why} ({after}).{hint}")
     live.after_import()
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# llama-cpp-python LlamaState objects (pymem.llama._lcp)
+# ---------------------------------------------------------------------------------------------
+def from_llama_state(ls: Any, model: Any = None, layout: Any = None) -> Any:
+    """A llama-cpp-python ``LlamaState`` as a :class:`pymem.state.Session` (see
+    :func:`pymem.llama._lcp.from_llama_state`)."""
+    from ._lcp import from_llama_state as f
+
+    return f(ls, model=model, layout=layout)
+
+
+def to_llama_state(session: Any, like: Any = None, seed: Optional[int] = None) -> Any:
+    """A :class:`pymem.state.Session` as a llama-cpp-python ``LlamaState`` that
+    ``Llama.load_state`` accepts (see :func:`pymem.llama._lcp.to_llama_state`)."""
+    from ._lcp import to_llama_state as f
+
+    return f(session, like=like, seed=seed)
