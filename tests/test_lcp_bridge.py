@@ -36,3 +36,31 @@ def test_lcp_unknown_build_refused(lcp, models):
 def test_lcp_llama_state(lcp, models, name, logits_all):
     r = lcp.call("run", "lcp_scenarios:llama_state_roundtrip", models[name], logits_all)
     assert "tokens" in r["refused"] and r["bytes"] > 0
+
+
+UNKNOWN_WHEEL = """
+import sys
+import pymem, pymem.llama
+from pymem.llama import bridge
+L = bridge.llama_cpp()
+llm = L.Llama({model!r}, n_ctx=256, n_gpu_layers=0, n_threads=1)
+llm._eval_tokens([1, 2, 3], 0)
+assert bridge.export_state(llm).seq_pos_max(0) == 2
+L.__version__ = "0.99999"
+try:
+    bridge.export_state(llm)
+except pymem.UnsupportedError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_unknown_py_sync_build_refused(models, tmp_path):
+    """A llama-cpp-py-sync release other than 0.11739 is refused as well (never driven with a
+    guessed format)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", UNKNOWN_WHEEL.format(model=models["llama"])], capture_output=True,
+                         text=True, timeout=120, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("REFUSED") and "0.99999" in out.stdout and "0.11739" in out.stdout

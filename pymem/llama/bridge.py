@@ -468,6 +468,17 @@ def _is_cdata(x: Any) -> bool:
     return isinstance(x, _cffi_backend._CDataBase)
 
 
+def _check_wheel_version(obj: Any) -> None:
+    """Refuse a llama_cpp_py_sync object of a release whose state format pymem does not know."""
+    mod = sys.modules.get((type(obj).__module__ or "").split(".")[0])
+    ver = getattr(mod, "__version__", None)
+    if ver is not None and str(ver) != _loader.PINNED_VERSION:
+        raise _E().UnsupportedError(
+            f"llama-cpp-py-sync {ver} bundles a llama.cpp build whose state format pymem does not know; refusing "
+            f"to read or write its states. Known: {_loader.PINNED_VERSION} (llama.cpp {_loader.PINNED_TAG}, format "
+            f"{WHEEL_FORMAT}) and llama-cpp-python 0.3.36 (llama.cpp 0c1e570, format 10)")
+
+
 def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> _Live:
     if isinstance(ctx, _Live):
         return ctx
@@ -483,6 +494,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
                           _created_from_params(ctx.requested), dict(_C_DEFAULTS), ctx)
     # llama_cpp_py_sync.Llama (high level): its own ffi / lib / context pointer
     if hasattr(ctx, "_ctx") and hasattr(ctx, "_lib") and hasattr(ctx, "_ffi") and hasattr(ctx, "model_path"):
+        _check_wheel_version(ctx)
         d = dict(_C_DEFAULTS, flash_attn=_llama_default_flash())
         return _InProcess("Llama", ctx._ffi, ctx._lib, ctx._ctx, mp or ctx.model_path, {}, d, ctx)
     # pymem.llama.worker.ContextHandle
