@@ -106,3 +106,17 @@ def test_lcp_seq_file_edits(lcp, models, tmp_path, name, kind, unified, fa, monk
     if _shift_aborts(name):
         monkeypatch.setattr(T, "SEQ_EDITS", [e for e in T.SEQ_EDITS if not e[2]])
     T.test_seq_file_edits(lcp, models, tmp_path, name, kind, unified, fa)
+
+
+def test_lcp_vectors_regenerate(lcp, tmp_path):
+    """tests/vectors/kv_0c1e570.txt is what llama-cpp-python 0.3.36 writes today (and pymem
+    replays it: regen.py refuses otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "tests", "vectors", "regen.py"), "--llama",
+                        "llama-cpp-python", "--check"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "19 cases" in p.stderr
