@@ -162,8 +162,8 @@ def _observe(m: Any, side: str, n_seq: int, final: bool) -> List[Tuple[str, str]
 
 
 def _compare(want: List[Tuple[str, str]], got: List[Tuple[str, str]], mem: Any, fmt_want: int,
-             fmt_got: int) -> Optional[str]:
-    """None if equal, else where the first expectation differs."""
+             fmt_got: int, every: Optional[List[str]] = None) -> Optional[str]:
+    """None if equal, else where the first expectation differs (``every`` collects all)."""
     from ..state import Layout
 
     whole = Layout.from_memory(mem)
@@ -172,26 +172,24 @@ def _compare(want: List[Tuple[str, str]], got: List[Tuple[str, str]], mem: Any, 
     for k, v in got:
         head = v.split()[0] if k != "expect_whole" else ""
         got_map[(k, head)] = v
-    for k, v in want:
+
+    def one(k: str, v: str) -> Optional[str]:
         if k == "expect_whole_sha256":
             g = got_map.get(("expect_whole", ""))
             if g is None:
                 return "whole state: missing"
             blob = _unhex(g)
-            have = f"{len(blob)} {hashlib.sha256(blob).hexdigest()}"
-            if have != v:
+            if f"{len(blob)} {hashlib.sha256(blob).hexdigest()}" != v:
                 return f"whole state: sha256 differs; sizes {v.split()[0]} / {len(blob)}"
-            continue
+            return None
         head = v.split()[0] if k != "expect_whole" else ""
         g = got_map.get((k, head))
         if g == v:
-            continue
+            return None
         if g is None:
             return f"{k} {head}: missing"
         if k == "expect_pos":
             return f"positions of seq {head}: {v.split()[1:]} vs {g.split()[1:]}"
-        if k == "expect_rc":
-            return f"result {v} vs {g}"
         blob_w, blob_g = _unhex(v.split()[-1]), _unhex(g.split()[-1])
         what = {"expect_whole": "whole state", "expect_seq": f"seq {head} state",
                 "expect_seq_partial": f"seq {head} PARTIAL_ONLY state"}[k]
@@ -204,7 +202,42 @@ def _compare(want: List[Tuple[str, str]], got: List[Tuple[str, str]], mem: Any, 
         if fmt_want != fmt_got:
             return f"{what}: " + _across_formats(blob_w, blob_g, k != "expect_whole", lay, fmt_want, fmt_got)
         return f"{what}: " + locate(blob_w, blob_g, k != "expect_whole", lay, fmt_want)
-    return None
+
+    first = None
+    for k, v in want:
+        d = one(k, v)
+        if d:
+            if every is None:
+                return d
+            every.append(d)
+            first = first or d
+    return first
+
+
+#: kinds of difference between two builds' recordings (summarised per vector)
+_CLASSES = [("k_rot/v_rot words)", "format words (k_rot/v_rot)"),
+            ("Hadamard rotation", "quantized K/V Hadamard-rotated in b11739 (k_rot/v_rot != 0), not in 0c1e570"),
+            ("row data in", "row data (the models' numerics)"),
+            ("PARTIAL_ONLY of a plain KV", "PARTIAL_ONLY of a plain KV cache: whole sequence (0c1e570) vs none (b11739)"),
+            ("sha256 differs", "")]
+
+
+def _classify(diffs: List[Tuple[int, str]]) -> str:
+    """One line for every kind of difference found (step of its first occurrence); anything
+    unclassified is shown in full."""
+    seen: Dict[str, int] = {}
+    other: List[str] = []
+    for i, d in diffs:
+        hit = [label for key, label in _CLASSES if key in d]
+        for label in hit:
+            if label:
+                seen.setdefault(label, i)
+        if not hit or "then byte" in d:
+            other.append(f"step {i}: {d}")
+    parts = [f"{label} (from step {i})" for label, i in seen.items()]
+    if other:
+        parts.append("OTHER: " + other[0] + (f" (+{len(other) - 1} more)" if len(other) > 1 else ""))
+    return "; ".join(parts) or "identical"
 
 
 def _convert(blob: bytes, seq: bool, lay: Any, fmt_from: int, fmt_to: int) -> bytes:
@@ -231,21 +264,27 @@ def _across_formats(want: bytes, got: bytes, seq: bool, lay: Any, fmt_want: int,
     from .. import _errors
     from . import _regions
 
+    rot = "Hadamard rotation of the quantized cache: k_rot/v_rot != 0 in b11739, none in 0c1e570"
     try:
         conv = _convert(want, seq, lay, fmt_want, fmt_got)
     except _errors.Error as exc:
-        return (f"format {fmt_want} vs {fmt_got} (k_rot/v_rot words): no format-{fmt_got} form of the "
-                f"recording ({str(exc)[:90]})")
-    head = f"format {fmt_want} vs {fmt_got} (k_rot/v_rot words)"
+        if "Hadamard" in str(exc):
+            return rot
+        return f"no format-{fmt_got} form of the recording ({str(exc)[:90]})"
+    parts = [f"format {fmt_want} vs {fmt_got} (k_rot/v_rot words)"] if conv != want else []
     if conv == got:
-        return head + " only"
+        return ", ".join(parts) or "identical after conversion"
     if len(conv) == len(got):
         regs = _regions(conv, seq, lay, fmt_got)
-        meta = [lab for a, b, lab in regs if conv[a:b] != got[a:b] and not lab.endswith(("rows", "columns"))]
-        data = [lab for a, b, lab in regs if conv[a:b] != got[a:b] and lab.endswith(("rows", "columns"))]
-        if not meta and data:
-            return head + f", and row data in {len(data)} layer blocks (the models' numerics; first: {data[0]})"
-    return head + ", then " + locate(conv, got, seq, lay, fmt_got)
+        diff = [lab for a, b, lab in regs if conv[a:b] != got[a:b]]
+        if diff and all("k_rot word" in x or "v_rot word" in x or x.endswith(("rows", "columns")) for x in diff):
+            if any("rot word" in x for x in diff):
+                parts.append(rot)
+            data = [x for x in diff if x.endswith(("rows", "columns"))]
+            if data:
+                parts.append(f"row data in {len(data)} layer blocks (the models' numerics; first: {data[0]})")
+            return ", ".join(parts)
+    return ", ".join(parts + ["then " + locate(conv, got, seq, lay, fmt_got)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +313,7 @@ def _replay(sess: _Session, v: Vector) -> Row:
     fmt_want = int(p.get("format", 11))
     n_seq = int(p["n_seq_max"])
     m = sess.mirror(p)
+    build_diffs: List[Tuple[int, str]] = []
     try:
         for i, (text, expects) in enumerate(v.steps):
             final = i == len(v.steps) - 1
@@ -292,14 +332,21 @@ def _replay(sess: _Session, v: Vector) -> Row:
                 row.build = f"step {i} ({text.split()[0]}): result {res} (recorded {want_rc[0]})"
             want = [(k, x) for k, x in expects if k != "expect_rc"]
             got_b = _observe(m, "build", n_seq, final)
-            if row.build == "identical":
-                d = _compare(want, got_b, m.mem, fmt_want, sess.format)
-                if d:
-                    row.build = f"step {i} ({text.split()[0]}): {d}"
+            if fmt_want == sess.format:      # the same build: the first difference, exactly
+                if row.build == "identical":
+                    d = _compare(want, got_b, m.mem, fmt_want, sess.format)
+                    if d:
+                        row.build = f"step {i} ({text.split()[0]}): {d}"
+            else:                            # another build: every kind of difference
+                found: List[str] = []
+                _compare(want, got_b, m.mem, fmt_want, sess.format, every=found)
+                build_diffs += [(i, d) for d in found]
             if row.pymem == "identical":
                 d = _compare(got_b, _observe(m, "pymem", n_seq, final), m.mem, sess.format, sess.format)
                 if d:
                     row.pymem = f"step {i} ({text.split()[0]}): {d}"
+        if build_diffs:
+            row.build = _classify(build_diffs)
         skipped = {k: c for k, c in m.stats.items() if "skipped" in k}
         row.notes += [f"{k}: {c}" for k, c in skipped.items()]
     finally:
