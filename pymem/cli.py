@@ -453,7 +453,6 @@ def _demo_builds(w: Any) -> list:
 def demo(args: argparse.Namespace) -> int:
     try:
         from .llama import OracleUnavailable, OracleWorker, tinymodels
-        from .llama.mirror import Mirror
     except ImportError as exc:  # pragma: no cover
         raise CLIError(f"the demo needs pymem.llama: {exc}", 2)
     import pymem

@@ -24,13 +24,12 @@ Command line: ``pymem conformance [--llama py-sync|llama-cpp-python] [--json] [-
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .scenarios import SCENARIOS, Scenario
+from .scenarios import SCENARIOS
 
 __all__ = ["BUILDS", "Vector", "Row", "load_vectors", "vector_files", "run", "record", "locate", "SCENARIOS"]
 
