@@ -92,7 +92,7 @@ QUICK = {
 def kv_section(cfg: Config, rng: np.random.Generator) -> bytes:
     """A bare KV memory section (format 11, v_trans=1) in which every stream is full:
     unified: seq k holds cells [k*per, (k+1)*per) at positions 0..per-1; non-unified: stream s
-    holds seq s at positions 0..per-1.  Random F16 K/V rows.  Layout: pymem/_sections.py."""
+    holds seq s at positions 0..per-1.  Random F16 K/V rows.  Layout: pymem/state/sections.py."""
     out = [struct.pack("<I", cfg.n_stream)]
     cc = cfg.per_stream
     for s in range(cfg.n_stream):
@@ -246,7 +246,7 @@ class Llama:
     """Raw cffi calls on one in-process llama.cpp context (no wrapper overhead beyond cffi)."""
 
     def __init__(self, model: Any, cfg: Config) -> None:
-        from pymem.llama import capi
+        from pymem._oracle import capi
         self.capi = capi
         self.ctx = capi.Context(model, n_ctx=cfg.n_ctx, n_seq_max=cfg.n_seq, kv_unified=cfg.unified,
                                 flash_attn=False, n_threads=1, n_batch=512, n_ubatch=512)
@@ -334,7 +334,7 @@ def run_config(cfg: Config, args: argparse.Namespace, model: Any, model_path: Op
     sys.stdout.flush()
 
     def pm_restore() -> None:
-        plib.pm_mem_state_read(pm._handle.ptr, -1, 0, 1, whole_c, nw, False, pm_out64)
+        plib.pm_mem_state_read(pm._guard.live(), -1, 0, 1, whole_c, nw, False, pm_out64)
 
     pm_out64 = pffi.new("uint64_t *")
 
@@ -363,7 +363,7 @@ def run_config(cfg: Config, args: argparse.Namespace, model: Any, model_path: Op
         return row
 
     # ---- Python / cffi floor ---------------------------------------------------------------
-    pptr = pm._handle.ptr
+    pptr = pm._guard.live()
     pos_out = pffi.new("pm_pos *")
     rows.append(Row("cffi floor: empty Python call", *median_pair(lambda: None, lambda: None, R),
                     base="python", note="lambda: None"))
@@ -572,7 +572,7 @@ def run_scaling(args: argparse.Namespace, model: Any, model_path: Optional[str])
         pm.state_read(sec)
         whole = pm.state_write(envelope="llama")
         wc_p = pffi.from_buffer("uint8_t[]", whole)
-        ptr = pm._handle.ptr
+        ptr = pm._guard.live()
         out64 = pffi.new("uint64_t *")
 
         def pm_restore() -> None:
@@ -647,7 +647,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     use_llama = not args.no_llama and llama_available()
     model = model_path = None
     if use_llama:
-        from pymem.llama import capi, tinymodels
+        from pymem._oracle import capi, tinymodels
         model_path = tinymodels.ensure_models(["llama"])["llama"]
         model = capi.Model(model_path)
     print(f"# pymem {pymem.__version__}, kernels available {kernels.available()}, active {kernels.active()}; "

@@ -4,12 +4,15 @@ builds each model from metadata alone and allocates nothing).  Prints a Markdown
 
     python bench/plan_vs_llama.py [SHAPE ...]
 """
+import os
 import sys
 import tempfile
 
 from pymem import shapes
-from pymem.llama import OracleWorker
-from pymem.llama.verify import PLAN_SETTINGS, check_plan, mib
+from pymem._oracle import OracleWorker
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from plancheck import PLAN_SETTINGS, check_plan, mib  # noqa: E402  (tests/plancheck.py)
 
 
 def settings_label(st: dict) -> str:

@@ -85,6 +85,8 @@ def _file_size(path: str) -> int:
 def _load(path: str, args: argparse.Namespace, strict: bool = False) -> Any:
     from . import state
 
+    if path == "-":  # standard input (read until EOF like any stream)
+        path = "/dev/stdin"
     bar = _progress_for(f"reading {os.path.basename(path)}", _file_size(path), getattr(args, "progress", None))
     try:
         return state.load(path, model=args.model, layout=args.layout, kind=args.kind, strict=strict,
@@ -192,6 +194,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise CLIError("nothing to do: give at least one edit (--seq-rm, --seq-cp, --seq-keep, --seq-mv, "
                        "--truncate, --seq-add, --seq-div) or --set-version", 2)
     _check_model(args)
+    if not args.output:
+        raise CLIError("output file name is empty", 2)
     if os.path.isdir(args.output):
         raise CLIError(f"output {args.output} is a directory")
     t0 = time.perf_counter()
@@ -244,7 +248,19 @@ def _bytes_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
     if unit not in _UNITS or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
     return int(value * _UNITS[unit])
+
+
+def _width_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= v <= 100000:
+        raise argparse.ArgumentTypeError(f"{text!r}: the width must be in [1, 100000] characters")
+    return v
 
 
 def _human(n: int) -> str:
@@ -265,7 +281,7 @@ def _layer_ranges(layers: List[int]) -> str:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import gguf, shapes
+    from . import gguf, plan, shapes
 
     if args.list_shapes:
         for name in shapes.names():
@@ -291,8 +307,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             raise
         raise CLIError(f"cannot read {args.model}: {exc}") from None
     if args.budget is not None:
-        n = gguf.max_context(hp, args.budget, **kw)
-        e = gguf.estimate(hp, n, **kw) if n else None
+        n = plan.max_context(hp, args.budget, **kw)
+        e = plan.estimate(hp, n, **kw) if n else None
         if args.json:
             json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
                        "bytes": e.total if e else None}, sys.stdout)
@@ -303,7 +319,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"{label} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
                   f"({_human(e.total)} of memory)")
         return 0
-    e = gguf.estimate(hp, args.n_ctx, **kw)
+    e = plan.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
         json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
@@ -382,7 +398,7 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
     import tempfile
 
     from . import state
-    from .llama.verify import check_session_edit
+    from ._oracle.verify import check_session_edit
 
     failures = 0
     n_seq_max = 4
@@ -431,13 +447,13 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
 def _demo_builds(w: Any) -> list:
     """Every llama.cpp build installed: (name, worker, state format, mirror class). The
     llama-cpp-py-sync wheel (b11739) always; llama-cpp-python 0.3.36 (0c1e570) when found."""
-    from .llama.mirror import Mirror
+    from ._oracle.mirror import Mirror
 
     builds = [("llama.cpp b11739 (llama-cpp-py-sync 0.11739, format 11)", w, 11, Mirror)]
     try:
-        from .llama import _lcp
-        from .llama._lcp_mirror import LcpMirror
-        from .llama._lcp_oracle import LcpWorker
+        from ._oracle.lcp import LcpWorker
+        from ._oracle.lcp_mirror import LcpMirror
+        from .llama import _bridge_lcp as _lcp
 
         if _lcp.locate() is not None:
             lw = LcpWorker()
@@ -452,9 +468,9 @@ def _demo_builds(w: Any) -> list:
 
 def demo(args: argparse.Namespace) -> int:
     try:
-        from .llama import OracleUnavailable, OracleWorker, tinymodels
+        from ._oracle import OracleUnavailable, OracleWorker, tinymodels
     except ImportError as exc:  # pragma: no cover
-        raise CLIError(f"the demo needs pymem.llama: {exc}", 2)
+        raise CLIError(f"the demo needs llama.cpp: {exc}", 2)
     import pymem
 
     configs = [
@@ -632,7 +648,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
                    help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
-    p.add_argument("--width", type=int, default=64, help="width of the occupancy pictures (default 64)")
+    p.add_argument("--width", type=_width_arg, default=64, help="width of the occupancy pictures (default 64)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

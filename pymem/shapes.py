@@ -166,7 +166,7 @@ def path(name: str, cache_dir: Union[str, os.PathLike, None] = None) -> str:
     (default: ``shapes`` in pymem's cache folder, ``$PYMEM_CACHE_DIR`` or ``~/.cache/pymem``)."""
     arch, kv, _ = SHAPES[_check(name)]
     if cache_dir is None:
-        from .llama._loader import cache_root  # pymem's cache folder (does not load llama.cpp)
+        from ._cache import cache_root
 
         cache_dir = cache_root() / "shapes"
     os.makedirs(cache_dir, exist_ok=True)

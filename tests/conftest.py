@@ -30,7 +30,7 @@ needs_oracle = pytest.mark.skipif(not ORACLE, reason="llama-cpp-py-sync==0.11739
 def oracle():
     if not ORACLE:
         pytest.skip("llama-cpp-py-sync==0.11739 is not installed")
-    from pymem.llama import OracleWorker
+    from pymem._oracle import OracleWorker
 
     w = OracleWorker()
     w.start()
@@ -41,7 +41,7 @@ def oracle():
 @pytest.fixture(scope="session")
 def models(oracle):
     """name -> path of every tiny model (generated once, cached across runs)."""
-    from pymem.llama import tinymodels
+    from pymem._oracle import tinymodels
 
     return oracle.ensure_models(tinymodels.names())
 
@@ -50,8 +50,8 @@ def models(oracle):
 def pair(oracle, models):
     """pair(name, n_ctx=256, n_seq_max=4, unified=True, flash_attn=False, type_k="f16",
     type_v="f16") -> Mirror of a fresh llama.cpp context and a matching pymem memory."""
-    from pymem.llama import tinymodels
-    from pymem.llama.mirror import Mirror
+    from pymem._oracle import tinymodels
+    from pymem._oracle.mirror import Mirror
 
     made = []
 
@@ -79,7 +79,7 @@ def pair(oracle, models):
 
 # --- llama-cpp-python 0.3.36 (llama.cpp 0c1e570, state format 10): the second oracle ------------
 def _lcp_where():
-    from pymem.llama import _lcp
+    from pymem.llama import _bridge_lcp as _lcp
 
     return _lcp.locate()
 
@@ -98,10 +98,10 @@ def _lcp_missing():
 
 @pytest.fixture(scope="session")
 def lcp():
-    """A worker process running llama-cpp-python 0.3.36 (pymem.llama._lcp_oracle.LcpWorker)."""
+    """A worker process running llama-cpp-python 0.3.36 (pymem._oracle.lcp.LcpWorker)."""
     if not LCP:
         _lcp_missing()
-    from pymem.llama._lcp_oracle import LcpWorker
+    from pymem._oracle.lcp import LcpWorker
 
     w = LcpWorker()
     w.start()
@@ -114,7 +114,7 @@ def lcp_pair(lcp, models):
     """lcp_pair(name, ...) -> a Mirror of a fresh llama-cpp-python context and a format-10 pymem
     memory (same arguments as ``pair``)."""
     from lcp_support import LcpMirror
-    from pymem.llama import tinymodels
+    from pymem._oracle import tinymodels
 
     made = []
 

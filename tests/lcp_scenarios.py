@@ -9,7 +9,7 @@ import numpy as np
 
 import pymem
 import pymem.state
-from pymem.llama import _lcp
+from pymem.llama import _bridge_lcp as _lcp
 from pymem.llama import bridge
 
 

@@ -9,7 +9,7 @@ llama.cpp's slot head, so the reference A first takes llama.cpp's own whole roun
 the edits only leave trailing holes. Sequence restores move the head, so both contexts get
 the same head reset (see reset_head).
 
-The contexts run in-process (pymem.llama.capi), as a user's would. Subprocess tests import
+The contexts run in-process (pymem._oracle.capi), as a user's would. Subprocess tests import
 ``llama_cpp_py_sync`` as a user does, including on glibc < 2.38 where its libraries only load
 through pymem's patched copy."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ EXTRA = [pytest.param("llama_hd64", True, True, dict(type_k="q8_0", type_v="q8_0
 @pytest.fixture(scope="module")
 def lm():
     """In-process llama.cpp models (name -> capi.Model) and their GGUF paths."""
-    from pymem.llama import capi, tinymodels
+    from pymem._oracle import capi, tinymodels
 
     paths = tinymodels.ensure_models(list(KIND))
     models = {n: capi.Model(p) for n, p in paths.items()}
@@ -52,7 +52,7 @@ def lm():
 
 @pytest.fixture
 def ctx(lm):
-    from pymem.llama import capi
+    from pymem._oracle import capi
 
     made = []
 

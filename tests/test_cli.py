@@ -232,7 +232,7 @@ def test_demo():
 @pytest.mark.oracle
 @pytest.mark.skipif(not ORACLE, reason="llama-cpp-py-sync==0.11739 is not installed")
 def test_demo_fails_on_mismatch(capsys, monkeypatch):
-    from pymem.llama import verify
+    from pymem._oracle import verify
 
     real = verify.check_session_edit
 

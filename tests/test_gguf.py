@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 
 import pymem
+from pymem import _kinds
 from pymem import gguf as pg
-from pymem.llama import _loader, tinymodels
-from pymem.llama.tinymodels import TinySpec
+from pymem._oracle import tinymodels
+from pymem.llama import _loader
+from pymem._oracle.tinymodels import TinySpec
 
 from blobreader import Reader, parse_kv, parse_rec
 
@@ -32,7 +34,7 @@ HAVE_ORACLE = _loader.is_available()
 needs_oracle = pytest.mark.skipif(not HAVE_ORACLE, reason=f"llama-cpp-py-sync is not installed ({_loader.PIP_HINT})")
 
 # ---------------------------------------------------------------------------------------------
-# extra tiny models (not in pymem.llama.tinymodels): more architectures and RoPE variants
+# extra tiny models (not in pymem._oracle.tinymodels): more architectures and RoPE variants
 # ---------------------------------------------------------------------------------------------
 _SSM2 = [("ssm.conv_kernel", "u32", 4), ("ssm.inner_size", "u32", 128), ("ssm.state_size", "u32", 16),
          ("ssm.time_step_rank", "u32", 4), ("ssm.group_count", "u32", 1)]
@@ -116,7 +118,7 @@ def meta_models(tmp_path_factory) -> Dict[str, str]:
 
 _BUILD_EXTRA = r"""
 import json, sys
-from pymem.llama import tinymodels as tm
+from pymem._oracle import tinymodels as tm
 cfg = json.loads(sys.argv[1])
 for item in cfg["specs"]:
     s = tm.TinySpec(item["name"], item["arch"], tuple(tuple(x) for x in item["kv"]), {})
@@ -152,7 +154,7 @@ def _ensure_extra_models() -> Dict[str, str]:
 def worker():
     if not HAVE_ORACLE:
         pytest.skip("llama-cpp-py-sync is not installed")
-    from pymem.llama.worker import OracleWorker
+    from pymem._oracle.worker import OracleWorker
 
     with OracleWorker(timeout=300) as w:
         yield w
@@ -213,7 +215,8 @@ def _skeleton(sec: Dict[str, Any]) -> Dict[str, Any]:
     """A parsed section without offsets (comparable across producers)."""
     out = {k: v for k, v in sec.items() if k not in ("span",)}
     if "streams" in out:
-        out["streams"] = [{k: v for k, v in st.items() if k != "k_off"} for st in out["streams"]]
+        out["streams"] = [{k: v for k, v in st.items() if k not in ("k_off", "v_off", "off")}
+                          for st in out["streams"]]
     return out
 
 
@@ -424,14 +427,9 @@ def test_nbytes_with_padded_v(meta_models):
 def test_from_gguf_other_kinds(meta_models):
     for name in ("gemma2", "mamba", "lfm2", "lfm2_swa"):
         spec = pg.memory_spec(meta_models[name], 256)
-        cls = getattr(pymem, pg._CLASSES[spec.kind], None)
-        if cls is None:
-            with pytest.raises(pymem.UnsupportedError, match="not available yet"):
-                pg.from_gguf(meta_models[name], 256)
-        else:
-            mem = pg.from_gguf(meta_models[name], 256)
-            assert mem.kind == spec.kind
-            mem.close()
+        mem = pg.from_gguf(meta_models[name], 256)
+        assert mem.kind == spec.kind and type(mem) is _kinds.by_name(spec.kind).cls
+        mem.close()
 
 
 # ---------------------------------------------------------------------------------------------

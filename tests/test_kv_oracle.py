@@ -2,7 +2,7 @@
 
 Every test runs the same batches and sequence operations in llama.cpp (a persistent worker
 process) and in pymem, then compares positions, the whole state and every per-sequence
-state byte for byte (see pymem.llama.mirror for how K/V rows of new tokens are carried)."""
+state byte for byte (see pymem._oracle.mirror for how K/V rows of new tokens are carried)."""
 from __future__ import annotations
 
 import numpy as np

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pymem
-from pymem._sections import parse_kv
+from pymem.state.sections import parse_kv
 
 
 def make(**kw) -> pymem.KVCache:

@@ -3,7 +3,7 @@ session (ggsn v10) and sequence (ggsq v3) files and blobs it writes are parsed a
 byte-identically, and every offline edit of test_state_oracle.py is proven the same way:
 llama-cpp-python saves, pymem edits, llama-cpp-python loads the edit and continues, and the
 state, the continuation's logits and the state after it equal a llama-cpp-python run that did
-the same operations itself (pymem.llama.verify, driven through the LcpWorker)."""
+the same operations itself (pymem._oracle.verify, driven through the LcpWorker)."""
 from __future__ import annotations
 
 import pytest
@@ -85,8 +85,8 @@ def _shift_aborts(name):
 def test_lcp_session_edit(lcp, models, tmp_path, name, kind, unified, fa, label, ops, shift):
     if shift and _shift_aborts(name):
         # pymem does the edit; llama-cpp-python cannot apply the same shift (its reference run)
-        from pymem.llama import OracleCrashed
-        from pymem.llama.verify import llama_ops, llama_update
+        from pymem._oracle import OracleCrashed
+        from pymem._oracle.verify import llama_ops, llama_update
 
         c = lcp.context(models[name], **T.ctx_kwargs(unified, fa))
         T.setup(c)

@@ -1,4 +1,4 @@
-"""Tests of the llama.cpp oracle plumbing (pymem.llama): loader, worker, tiny models.
+"""Tests of the llama.cpp oracle plumbing (pymem._oracle, pymem.llama._loader): loader, worker, tiny models.
 
 Needs the real llama.cpp wheel (llama-cpp-py-sync==0.11739); skipped otherwise.
 llama.cpp only runs in child processes here (the worker, or a loader subprocess).
@@ -24,8 +24,8 @@ from pymem.llama import _loader
 if not _loader.is_available():
     pytest.skip(f"llama-cpp-py-sync is not installed ({_loader.PIP_HINT})", allow_module_level=True)
 
-from pymem.llama import tinymodels  # noqa: E402
-from pymem.llama.worker import (  # noqa: E402
+from pymem._oracle import tinymodels  # noqa: E402
+from pymem._oracle.worker import (  # noqa: E402
     OracleCrashed,
     OracleTimeout,
     OracleWorker,

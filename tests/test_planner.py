@@ -18,7 +18,7 @@ import pymem
 from pymem import gguf as pg
 from pymem import shapes
 from pymem.llama import _loader
-from pymem.llama.verify import PLAN_SETTINGS, check_plan, mib
+from plancheck import PLAN_SETTINGS, check_plan, mib
 
 HAVE_ORACLE = _loader.is_available()
 needs_oracle = pytest.mark.skipif(not HAVE_ORACLE, reason=f"llama-cpp-py-sync is not installed ({_loader.PIP_HINT})")
@@ -151,7 +151,7 @@ def test_max_context_fits_in_llama_cpp(oracle, shape_paths, name):
 
 
 def test_plan_row_detects_differences():
-    from pymem.llama.verify import PlanRow, memory_log
+    from plancheck import PlanRow, memory_log
 
     log = ("llama_kv_cache: size = 8704.00 MiB (131072 cells,  32 layers,  4/1 seqs), "
            "K (q8_0): 4352.00 MiB, V (q8_0): 4352.00 MiB\n"

@@ -13,7 +13,7 @@ import pytest
 import pymem
 from pymem import state
 from pymem.state import EditError, Layout, LayoutAmbiguousError, SeqState, Session
-from pymem.llama import tinymodels
+from pymem._oracle import tinymodels
 
 try:
     from hypothesis import given, settings

@@ -3,7 +3,7 @@ inspected and dumped byte-identically; its file-load rules (T-19); states load i
 memories of every type; and every kind of offline edit is proven: llama.cpp saves, pymem
 edits, llama.cpp loads the edit and continues, and the state (after llama.cpp's next
 update), the continuation's logits and the state after it equal a llama.cpp run that did the
-same operations itself (see pymem.llama.verify)."""
+same operations itself (see pymem._oracle.verify)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import pytest
 
 import pymem
 from pymem import state
-from pymem.llama.verify import check_session_edit, llama_ops, llama_update, states_close
+from pymem._oracle.verify import check_session_edit, llama_ops, llama_update, states_close
 from pymem.state import EditError, SeqState, Session
 from conftest import needs_oracle
 
@@ -244,7 +244,7 @@ def test_shift_llama_cannot_do(oracle, models, tmp_path, name, type_k, fa):
     """K-shifts llama.cpp b11739 cannot do (SPEC A-9): a quantized K cache without the
     Hadamard rotation (head size 32; llama.cpp crashes with SIGSEGV) and a BF16 K cache
     (llama.cpp aborts).  pymem refuses the edit."""
-    from pymem.llama import OracleCrashed
+    from pymem._oracle import OracleCrashed
 
     kw = ctx_kwargs(True, fa, type_k=type_k, type_v=type_k if fa else "f16")
     c = oracle.context(models[name], **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import pymem
-from pymem._sections import parse_kv, parse_rec
+from pymem.state.sections import parse_kv, parse_rec
 from conftest import needs_oracle
 
 pytestmark = [needs_oracle, pytest.mark.oracle]

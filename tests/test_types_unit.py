@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pymem
-from pymem._sections import parse_kv, parse_rec
+from pymem.state.sections import parse_kv, parse_rec
 
 
 def kv(**kw):

@@ -3,7 +3,7 @@ build and pymem side by side.
 
 A *vector* (one ``[case]`` of a ``*.txt`` / ``*.txt.gz`` file in ``vectors/``, the line
 grammar of tests/vectors/README.md, "live" cases) names a tiny model
-(:mod:`pymem.llama.tinymodels`), the context parameters, and a list of steps (decodes with
+(:mod:`pymem._oracle.tinymodels`), the context parameters, and a list of steps (decodes with
 explicit tokens, positions and sequences, sequence operations, sequence save/restore), each
 followed by what the recording build reported: positions of every sequence, the whole state
 (``llama_state_get_data``) and, at the end, every sequence state with and without
@@ -12,7 +12,7 @@ followed by what the recording build reported: positions of every sequence, the 
 10), for every memory type.
 
 :func:`run` replays each vector in an installed build (in its worker process) and in a pymem
-memory of that build's format, fed through :class:`pymem.llama.mirror.Mirror` (pymem gets
+memory of that build's format, fed through :class:`pymem._oracle.mirror.Mirror` (pymem gets
 only the K/V rows the build's model computed; placement, operations and state writes are
 its own). Per vector it reports whether the build reproduces the recording, and whether pymem
 reproduces the build, or the first difference: step, which state, section, stream, cell or

@@ -42,7 +42,7 @@ class _Session:
     chosen build's worker runs them."""
 
     def __init__(self, llama: str) -> None:
-        from ..llama import OracleWorker
+        from .._oracle import OracleWorker
 
         if llama not in BUILDS:
             raise ValueError(f"--llama {llama!r}: one of {', '.join(BUILDS)}")
@@ -53,7 +53,7 @@ class _Session:
         if llama == "py-sync":
             self.w = self.gen
         else:
-            from ..llama._lcp_oracle import LcpWorker
+            from .._oracle.lcp import LcpWorker
 
             self.w = LcpWorker()
             self.w.start()
@@ -66,8 +66,8 @@ class _Session:
 
     def mirror(self, params: Dict[str, Any]) -> Any:
         import pymem
-        from ..llama import tinymodels
-        from ..llama.mirror import Mirror
+        from .._oracle import tinymodels
+        from .._oracle.mirror import Mirror
 
         name = params["model"]
         path = self.model(name)
@@ -84,7 +84,7 @@ class _Session:
         args = dict(n_ubatch=ctx.n_ubatch(), n_vocab=tinymodels.layout(name)["n_vocab"], n_seq_max=kw["n_seq_max"])
         if self.llama == "py-sync":
             return Mirror(ctx, mem, **args)
-        from ..llama._lcp_mirror import LcpMirror
+        from .._oracle.lcp_mirror import LcpMirror
 
         return LcpMirror.for_memory(ctx, mem, **args)
 

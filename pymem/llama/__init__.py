@@ -1,37 +1,17 @@
-"""pymem.llama: the real llama.cpp (llama-cpp-py-sync==0.11739, build b11739) as an oracle.
+"""pymem.llama: move state between a live llama.cpp context and pymem memories.
 
-* :mod:`pymem.llama._loader` loads the wheel's libraries (glibc < 2.38 compatibility copy,
-  log capture); :mod:`pymem.llama.capi` wraps the C API in-process;
-  :mod:`pymem.llama.worker` runs it in a crash-isolated persistent child process;
-  :mod:`pymem.llama.tinymodels` generates tiny random-weight GGUF models;
-  :mod:`pymem.llama.bridge` moves state between a live llama.cpp context and pymem memories
-  (``export_state``, ``import_state``, ``memory_for``, ``context_params``, ``llama_cpp``;
-  re-exported here, imported on first use).
+* :mod:`pymem.llama.bridge`: ``export_state``, ``import_state``, ``memory_for``,
+  ``context_params``, ``ContextParams``, ``llama_cpp`` (re-exported here, imported on first use);
+* :mod:`pymem.llama._loader` loads the ``llama-cpp-py-sync==0.11739`` wheel's libraries
+  (glibc < 2.38 compatibility copy, log capture): ``is_available``, ``OracleUnavailable``.
 
-Nothing here imports pymem's C extension, and importing this package does not load llama.cpp.
+Importing this package does not load llama.cpp.  (pymem's own tests run llama.cpp as an oracle
+through the private :mod:`pymem._oracle`.)
 """
 
 from ._loader import PIP_HINT, PINNED_VERSION, OracleUnavailable, is_available
-from .worker import (
-    ContextHandle,
-    ModelHandle,
-    OracleCallError,
-    OracleCrashed,
-    OracleError,
-    OracleTimeout,
-    OracleWorker,
-    StaleHandleError,
-)
 
 __all__ = [
-    "OracleWorker",
-    "ModelHandle",
-    "ContextHandle",
-    "OracleError",
-    "OracleCrashed",
-    "OracleTimeout",
-    "OracleCallError",
-    "StaleHandleError",
     "OracleUnavailable",
     "is_available",
     "PINNED_VERSION",
@@ -47,7 +27,7 @@ __all__ = [
 _BRIDGE = ("export_state", "import_state", "memory_for", "context_params", "ContextParams", "llama_cpp")
 
 
-def __getattr__(name: str):  # PEP 562: the bridge (and pymem's C extension) load on first use
+def __getattr__(name: str):  # PEP 562: the bridge loads on first use
     if name in _BRIDGE:
         from . import bridge
 

@@ -47,6 +47,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Deque, List, Optional, Tuple
 
+from .._cache import cache_root  # noqa: F401  (re-exported)
+
 __all__ = [
     "OracleUnavailable",
     "OracleVersionWarning",
@@ -194,17 +196,6 @@ def needs_glibc_compat() -> bool:
     """True on Linux with glibc < 2.38 (the wheel's libraries need the compatibility copy)."""
     v = glibc_version()
     return sys.platform.startswith("linux") and v is not None and v < (2, 38)
-
-
-def cache_root() -> Path:
-    """pymem's private cache folder ($PYMEM_CACHE_DIR, $XDG_CACHE_HOME/pymem, ~/.cache/pymem)."""
-    env = os.environ.get("PYMEM_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "pymem"
-    return Path.home() / ".cache" / "pymem"
 
 
 def _file_hash(path: Path, n: int = 16) -> str:

@@ -4,7 +4,7 @@ Two llama.cpp builds are supported, each through its own loaded library and with
 state format: the ``llama-cpp-py-sync`` wheel pymem targets (0.11739, llama.cpp b11739, state
 format 11), and llama-cpp-python 0.3.36 (``llama_cpp``, llama.cpp 0c1e570, format 10; its
 ``Llama``, ``LlamaContext`` and raw ``llama_context_p`` pointers, see
-:mod:`pymem.llama._lcp`, which also converts ``LlamaState`` objects). A llama-cpp-python
+:mod:`pymem.llama._bridge_lcp`, which also converts ``LlamaState`` objects). A llama-cpp-python
 release pymem does not know is refused (:class:`pymem.UnsupportedError`).
 
 ::
@@ -32,7 +32,7 @@ A *context* is any of:
 
 Memory layout (:func:`context_params`, :func:`memory_for`)
 --------------------------------------------------------
-pymem builds the memory llama.cpp built (:func:`pymem.gguf.memory_spec`) from the model's GGUF
+pymem builds the memory llama.cpp built (:func:`pymem.plan.memory_spec`) from the model's GGUF
 file and the context parameters. The parameters are recovered like this:
 
 * ``n_ctx``, ``n_ctx_seq``, ``n_seq_max``, ``n_batch``, ``n_ubatch`` and ``n_rs_seq`` come from the C
@@ -289,7 +289,7 @@ _C_DEFAULTS = {"flash_attn": True, "type_k": "f16", "type_v": "f16", "swa_full":
 
 def _created_from_params(p: Dict[str, Any]) -> Dict[str, Any]:
     """Creation parameters recorded by capi.Context.requested / ContextHandle.params."""
-    from ..memory import type_name
+    from ..params import type_name
 
     out: Dict[str, Any] = {}
     if "flash_attn_type" in p:
@@ -484,7 +484,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
         return ctx
     mp = None if model_path is None else os.fspath(model_path)
     E = _E()
-    from . import _lcp  # llama-cpp-python: its own llama.cpp build, its own state format
+    from . import _bridge_lcp as _lcp  # llama-cpp-python: its own llama.cpp build, its own state format
 
     if _lcp.is_lcp_object(ctx):
         return _lcp.LcpLive(ctx, mp)
@@ -547,7 +547,7 @@ def _kv_part_count(kind: str, flags: int) -> int:
 def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool, fmt: int = WHEEL_FORMAT) -> Dict[str, Any]:
     """n_stream of the first KV section, and v_trans / K type / V type of the first KV stream
     that holds cells and layers. Returns what it could read (no copy of any row)."""
-    from ..memory import type_name
+    from ..params import type_name
 
     out: Dict[str, Any] = {}
     mv = memoryview(blob)
@@ -645,8 +645,8 @@ class ContextParams:
         return [k for k, v in self.sources.items() if v == "default"]
 
     def spec(self, format: int = WHEEL_FORMAT) -> Any:
-        """The :class:`pymem.gguf.MemorySpec` of this context's memory."""
-        from ..gguf import memory_spec
+        """The :class:`pymem.plan.MemorySpec` of this context's memory."""
+        from ..plan import memory_spec
 
         hp = self.hparams if self.hparams is not None else _hparams(self.model_path)
         return memory_spec(hp, self.n_ctx, n_seq_max=self.n_seq_max, type_k=self.type_k,
@@ -693,8 +693,8 @@ def _probe_blob(live: _Live, n_seq_max: int) -> _Probe:
 
 
 def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tuple[ContextParams, List[_Probe]]:
-    from ..gguf import memory_spec
-    from ..memory import type_name, type_id
+    from ..plan import memory_spec
+    from ..params import type_id, type_name
 
     E = _E()
     if not live.model_path:
@@ -804,7 +804,7 @@ def context_params(ctx: Any, *, model_path: Any = None, type_k: Optional[str] = 
 
 def _build(live: _Live, params: ContextParams, probes: List[_Probe], format: int) -> Any:
     """Build the memory of ``params`` and check it against the context."""
-    from ..gguf import build_memory
+    from ..plan import build_memory
 
     E = _E()
     spec = params.spec(format)
@@ -1024,19 +1024,19 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
 
 
 # ---------------------------------------------------------------------------------------------
-# llama-cpp-python LlamaState objects (pymem.llama._lcp)
+# llama-cpp-python LlamaState objects (pymem.llama._bridge_lcp)
 # ---------------------------------------------------------------------------------------------
 def from_llama_state(ls: Any, model: Any = None, layout: Any = None) -> Any:
     """A llama-cpp-python ``LlamaState`` as a :class:`pymem.state.Session` (see
-    :func:`pymem.llama._lcp.from_llama_state`)."""
-    from ._lcp import from_llama_state as f
+    :func:`pymem.llama._bridge_lcp.from_llama_state`)."""
+    from ._bridge_lcp import from_llama_state as f
 
     return f(ls, model=model, layout=layout)
 
 
 def to_llama_state(session: Any, like: Any = None, seed: Optional[int] = None) -> Any:
     """A :class:`pymem.state.Session` as a llama-cpp-python ``LlamaState`` that
-    ``Llama.load_state`` accepts (see :func:`pymem.llama._lcp.to_llama_state`)."""
-    from ._lcp import to_llama_state as f
+    ``Llama.load_state`` accepts (see :func:`pymem.llama._bridge_lcp.to_llama_state`)."""
+    from ._bridge_lcp import to_llama_state as f
 
     return f(session, like=like, seed=seed)

@@ -3,7 +3,7 @@
 fuzz seed corpus (tests/fuzz/corpus/fuzz_kv_state/llama_*) from REAL llama.cpp b11739.
 
 Every case runs in llama.cpp (the llama-cpp-py-sync==0.11739 wheel, in the crash-isolated
-pymem.llama.OracleWorker, tiny random-weight models from pymem.llama.tinymodels, n_ctx 256).
+pymem._oracle.OracleWorker, tiny random-weight models from pymem._oracle.tinymodels, n_ctx 256).
 What the vectors expect is what llama.cpp returned and wrote: decode return codes, seq_rm
 results, positions, state blobs, accepted or rejected restores.  pymem contributes only the
 memory parameters (pymem.memory_spec, i.e. the configuration llama.cpp builds for the model)
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # ---------------------------------------------------------------------------------------------
-# an independent reader of llama.cpp's KV state (layout: SPEC 8.2, ORACLE 4.3)
+# llama.cpp's KV state as regen needs it (read by tests/blobreader.py; layout: SPEC 8.2, ORACLE 4.3)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Stream:
@@ -65,63 +65,37 @@ def u32(b: bytes, o: int) -> int:
 
 
 def parse_kv(b: bytes, off: int, rot: bool = True) -> tuple[list, int]:
-    """Streams of the KV section at ``off`` and the offset after it."""
+    """Streams of the KV section at ``off`` and the offset after it (read by tests/blobreader.py,
+    the tests' one independent reader; this adds the row bytes and field offsets)."""
+    from blobreader import Reader
+    from blobreader import parse_kv as read_kv
+
+    r = Reader(b, off)
+    try:
+        sec = read_kv(r, rot=rot)
+    except (struct.error, AssertionError):
+        raise ValueError("truncated KV section") from None
     streams = []
-    n_stream = u32(b, off)
-    first = off
-    off += 4
-    for _ in range(n_stream):
-        st = Stream()
-        st.off["n_stream"] = first
-        st.off["cc"] = off
-        cc = u32(b, off)
-        off += 4
+    for s in sec["streams"]:
+        st = Stream(cells=list(s["cells"]), off=dict(s["off"]))
         streams.append(st)
+        cc = s["cell_count"]
         if cc == 0:
             continue
-        for i in range(cc):
-            pos, n = struct.unpack_from("<iI", b, off)
-            if i == 0:
-                st.off["pos0"], st.off["nid0"], st.off["id0"] = off, off + 4, off + 8
-            ids = struct.unpack_from(f"<{n}i", b, off + 8)
-            st.cells.append((pos, tuple(ids)))
-            off += 8 + 4 * n
-        st.off["v_trans"], st.off["n_layer"] = off, off + 4
-        st.v_trans, n_layer = struct.unpack_from("<II", b, off)
-        off += 8
-        if rot:
-            st.off["k_rot"], st.off["v_rot"] = off, off + 4
-            off += 8
-        for l in range(n_layer):
-            st.off.setdefault("k_type", off)
-            st.off.setdefault("k_row", off + 4)
-            t, row = struct.unpack_from("<iQ", b, off)
-            off += 12
+        st.v_trans = s["v_trans"]
+        for (t, row), o in zip(s["k"], s["k_off"]):
             st.k_row.append(row)
-            st.k.append(b[off:off + row * cc])
-            st.off.setdefault("k_data", off)
-            off += row * cc
-        for l in range(n_layer):
-            st.off.setdefault("v_type", off)
+            st.k.append(b[o:o + row * cc])
+        for v, o in zip(s["v"], s["v_off"]):
             if st.v_trans:
-                st.off.setdefault("v_el", off + 4)
-                st.off.setdefault("v_ne", off + 8)
-                _, el, ne = struct.unpack_from("<iII", b, off)
-                off += 12
+                _, el, ne = v
                 st.v_el.append(el)
                 st.v_ne.append(ne)
-                st.v.append(b[off:off + el * ne * cc])
-                off += el * ne * cc
+                st.v.append(b[o:o + el * ne * cc])
             else:
-                st.off.setdefault("v_row", off + 4)
-                _, row = struct.unpack_from("<iQ", b, off)
-                off += 12
-                st.v_el.append(row)
-                st.v.append(b[off:off + row * cc])
-                off += row * cc
-    if off > len(b):
-        raise ValueError("truncated KV section")
-    return streams, off
+                st.v_el.append(v[1])
+                st.v.append(b[o:o + v[1] * cc])
+    return streams, r.o
 
 
 def envelope_len(blob: bytes, whole: bool) -> int:
@@ -349,7 +323,7 @@ class Rec:
             self.comment(f"llama.cpp aborts on {name}{args}; pymem returns {expect} and changes nothing")
             self.out(f"step = {name} " + " ".join(map(str, args)) + (" -> 1" if name == "seq_rm" else ""))
             self.out(f"expect_error = {expect}")
-            from pymem.llama import OracleCrashed
+            from pymem._oracle import OracleCrashed
 
             try:
                 getattr(self.ctx, name)(*args)
@@ -952,7 +926,7 @@ FUZZ_CONFIGS = {
 # ---------------------------------------------------------------------------------------------
 class Gen:
     def __init__(self, args: argparse.Namespace) -> None:
-        from pymem.llama import OracleWorker, tinymodels
+        from pymem._oracle import OracleWorker, tinymodels
 
         self.args = args
         self.lcp = args.llama == "llama-cpp-python"
@@ -961,7 +935,7 @@ class Gen:
         self.gen_worker.start()
         self.models = self.gen_worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"])
         if self.lcp:
-            from pymem.llama._lcp_oracle import LcpWorker
+            from pymem._oracle.lcp import LcpWorker
 
             self.worker = LcpWorker()
             self.worker.start()

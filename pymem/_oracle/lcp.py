@@ -1,11 +1,11 @@
 """llama-cpp-python (llama.cpp 0c1e570, state format 10) as a second test oracle.
 
-:class:`LcpWorker` is an :class:`pymem.llama.worker.OracleWorker` whose child process imports
+:class:`LcpWorker` is an :class:`pymem._oracle.worker.OracleWorker` whose child process imports
 ``llama_cpp`` (llama-cpp-python) instead of the ``llama-cpp-py-sync`` wheel. The two packages
 ship different builds of ``libllama`` / ``libggml*`` with the same file names, and
 llama-cpp-python loads its libraries ``RTLD_GLOBAL``, so they never share a process. The child
 serves the same protocol: ``model()``, ``context()`` and :class:`ContextHandle` methods (the
-memory, decode and state calls of :class:`pymem.llama.capi.Context`), here through
+memory, decode and state calls of :class:`pymem._oracle.capi.Context`), here through
 llama-cpp-python's ctypes API (:class:`Context` below). Crash isolation, restarts and
 timeouts are the worker's.
 
@@ -14,7 +14,7 @@ llama.cpp in it), so ``worker.call("run", "module:function", *args)`` can run co
 both a live ``llama_cpp.Llama`` and pymem, e.g. the bridge, in the child.
 
 Where llama-cpp-python comes from: an installed ``llama_cpp`` 0.3.36, else the folder
-``tools/build_lcp.sh`` builds (:func:`pymem.llama._lcp.oracle_dir`).
+``tools/build_lcp.sh`` builds (:func:`pymem.llama._bridge_lcp.oracle_dir`).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import _lcp
-from ._loader import OracleUnavailable
+from ..llama import _bridge_lcp as _lcp
+from ..llama._loader import OracleUnavailable
 from .worker import CONTEXT_METHODS, OracleError, OracleWorker, _EOF, _read_frame, _send
 
 __all__ = ["LcpWorker", "Model", "Context", "load", "lcp_available"]
@@ -145,8 +145,8 @@ def _u8(blob: bytes) -> Any:
 
 
 class Context:
-    """A llama-cpp-python context with :class:`pymem.llama.capi.Context`'s methods (those in
-    :data:`pymem.llama.worker.CONTEXT_METHODS`). ``None`` keeps
+    """A llama-cpp-python context with :class:`pymem._oracle.capi.Context`'s methods (those in
+    :data:`pymem._oracle.worker.CONTEXT_METHODS`). ``None`` keeps
     ``llama_context_default_params()``; ``n_threads=1``."""
 
     def __init__(self, model: Model, n_ctx: Optional[int] = None, n_seq_max: Optional[int] = None,
@@ -368,7 +368,7 @@ _BOOTSTRAP = r"""
 import json, sys
 cfg = json.loads(sys.argv[1])
 sys.path[:] = cfg["sys_path"]
-from pymem.llama._lcp_oracle import _child_main
+from pymem._oracle.lcp import _child_main
 _child_main(cfg["rfd"], cfg["wfd"], cfg["echo_log"])
 """
 
@@ -395,7 +395,9 @@ class LcpWorker(OracleWorker):
         env.setdefault("GGML_NO_BACKTRACE", "1")
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self._env_extra)
-        cfg = {"sys_path": list(sys.path), "rfd": p2c_r, "wfd": c2p_w, "echo_log": self._stderr_mode == "capture"}
+        root = str(Path(__file__).resolve().parent.parent.parent)  # the folder holding this pymem
+        cfg = {"sys_path": [root] + [p for p in sys.path if p != root], "rfd": p2c_r, "wfd": c2p_w,
+               "echo_log": self._stderr_mode == "capture"}
         try:
             self._proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(cfg)],
                                           stdin=subprocess.DEVNULL, stdout=err, stderr=err,

@@ -22,7 +22,7 @@ through the ``llama_cpp`` module already loaded in the process, i.e. llama-cpp-p
 :meth:`pymem.state.Session.from_memory`) back into a ``LlamaState`` that ``Llama.load_state``
 accepts, with ``n_tokens``, ``input_ids`` and ``scores`` consistent with the memory.
 
-The test oracle (:mod:`pymem.llama._lcp_oracle`) finds llama-cpp-python 0.3.36 installed, or
+The test oracle (:mod:`pymem._oracle.lcp`) finds llama-cpp-python 0.3.36 installed, or
 in the folder ``tools/build_lcp.sh`` builds (:func:`oracle_dir`).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A :class:`pymem.llama.mirror.Mirror` against llama-cpp-python 0.3.36 (llama.cpp 0c1e570) at
+"""A :class:`pymem._oracle.mirror.Mirror` against llama-cpp-python 0.3.36 (llama.cpp 0c1e570) at
 state format 10, knowing that build's differences from b11739 (the traces, the demo and the
 conformance kit use it)."""
 from __future__ import annotations

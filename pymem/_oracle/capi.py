@@ -5,7 +5,7 @@ bindings of ``llama-cpp-py-sync`` (see :mod:`pymem.llama._loader`). Importing th
 does not load llama.cpp; the first :class:`Model` does.
 
 A ``GGML_ASSERT`` inside llama.cpp aborts the whole process. Scenarios that may assert should
-run in :class:`pymem.llama.worker.OracleWorker`, which isolates llama.cpp in a child process.
+run in :class:`pymem._oracle.worker.OracleWorker`, which isolates llama.cpp in a child process.
 
 Example::
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _loader
+from ..llama import _loader
 
 __all__ = [
     "Model",

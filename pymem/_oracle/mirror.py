@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .. import _errors as E
-from .._sections import KVSection, RecSection, parse_kv, parse_rec
+from ..state.sections import KVSection, RecSection, parse_kv, parse_rec
 from ..batch import Batch
 from ..memory import KVPart, Memory, RecurrentPart
 
@@ -380,7 +380,7 @@ class Mirror:
 
 
 def _k_close(a: bytes, b: bytes, type_id: int, tol: float) -> bool:
-    from ..memory import type_name
+    from ..params import type_name
     from .._native import ffi, lib
 
     name = type_name(type_id)

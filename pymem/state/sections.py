@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ._errors import StateError
+from .._errors import StateError
 
 __all__ = ["KVCell", "KVLayer", "KVStream", "KVSection", "RecSection", "parse_kv", "parse_rec"]
 

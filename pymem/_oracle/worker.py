@@ -15,8 +15,8 @@ pickle frames) and restarts it transparently after a crash:
 Exceptions raised by the child's Python code (ValueError, capi.LlamaError, ...) are re-raised
 in the parent with the same type; the remote traceback is attached as ``__cause__``.
 
-The child imports only ``pymem.llama`` (never pymem's C extension or ``pymem/__init__.py``):
-it is started as ``python -c <bootstrap>`` with a stub ``pymem`` package module.
+The child is started as ``python -c <bootstrap>`` with the parent's ``sys.path`` (the folder
+holding this very ``pymem`` package first) and imports :mod:`pymem._oracle.worker` normally.
 
 Example::
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ._loader import OracleUnavailable
+from ..llama._loader import OracleUnavailable
 
 __all__ = [
     "OracleWorker",
@@ -278,14 +278,10 @@ del _name
 # parent side
 # ----------------------------------------------------------------------------------------
 _BOOTSTRAP = r"""
-import json, sys, types
+import json, sys
 cfg = json.loads(sys.argv[1])
 sys.path[:] = cfg["sys_path"]
-pkg = types.ModuleType("pymem")
-pkg.__path__ = [cfg["pkg_dir"]]
-pkg.__package__ = "pymem"
-sys.modules["pymem"] = pkg  # stub: do not run pymem/__init__.py (C extension) in the oracle
-from pymem.llama.worker import _child_main
+from pymem._oracle.worker import _child_main
 _child_main(cfg["rfd"], cfg["wfd"], cfg["echo_log"])
 """
 
@@ -335,7 +331,7 @@ class OracleWorker:
         return self
 
     def _spawn(self) -> None:
-        pkg_dir = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parent.parent.parent)  # the folder holding this pymem
         c2p_r, c2p_w = os.pipe()
         p2c_r, p2c_w = os.pipe()
         if self._stderr_mode == "capture":
@@ -350,7 +346,7 @@ class OracleWorker:
         env.setdefault("GGML_NO_BACKTRACE", "1")  # no gdb attach on GGML_ABORT
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self._env_extra)
-        cfg = {"sys_path": [p for p in sys.path], "pkg_dir": pkg_dir, "rfd": p2c_r, "wfd": c2p_w,
+        cfg = {"sys_path": [root] + [p for p in sys.path if p != root], "rfd": p2c_r, "wfd": c2p_w,
                "echo_log": self._stderr_mode == "capture"}
         try:
             self._proc = subprocess.Popen(
@@ -582,7 +578,8 @@ class _Server:
     """Executes requests in the child. Public operations are the ``op_*`` methods."""
 
     def __init__(self) -> None:
-        from . import _loader, capi, tinymodels
+        from ..llama import _loader
+        from . import capi, tinymodels
 
         self._loader, self.capi, self.tinymodels = _loader, capi, tinymodels
         self.models: Dict[int, Any] = {}
@@ -683,7 +680,7 @@ class _Server:
 def _child_main(rfd: int, wfd: int, echo_log: bool = True) -> None:
     """Child process entry point (see _BOOTSTRAP)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    from . import _loader
+    from ..llama import _loader
 
     if echo_log:  # into the captured stderr file: context for crash reports
         _loader.set_log_echo(True)

@@ -32,7 +32,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import shapes
-from . import _loader
+from .._cache import cache_dir
+from ..llama import _loader
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -311,7 +312,7 @@ def spec_hash(name: str, seed: int = DEFAULT_SEED) -> str:
 
 def default_cache_dir() -> Path:
     """``<pymem cache>/models``."""
-    return _loader.cache_root() / "models"
+    return cache_dir("models")
 
 
 # ----------------------------------------------------------------------------------------
@@ -427,12 +428,12 @@ def ensure_models(names: Optional[Iterable[str]] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI: ``python -m pymem.llama.tinymodels OUT_DIR [NAME ...]``."""
+    """CLI: ``python -m pymem._oracle.tinymodels OUT_DIR [NAME ...]``."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        print("usage: python -m pymem.llama.tinymodels OUT_DIR [NAME ...]\nmodels: " + " ".join(SPECS))
+        print("usage: python -m pymem._oracle.tinymodels OUT_DIR [NAME ...]\nmodels: " + " ".join(SPECS))
         return 2
     out_dir, wanted = args[0], args[1:] or list(SPECS)
     rc = 0
