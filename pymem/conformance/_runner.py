@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -412,9 +410,8 @@ def record(llama: str, directory: Any, scenarios: Optional[List[Scenario]] = Non
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     out = d / f"{tag}.txt.gz"
-    fd, tmp = tempfile.mkstemp(dir=str(d), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(gzip.compress("\n".join(lines).encode(), mtime=0))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    from ..state.files import atomic_write
+
+    data = gzip.compress("\n".join(lines).encode(), mtime=0)
+    atomic_write(out, [data], len(data))
     return out
