@@ -4,7 +4,7 @@
 # version. Idempotent: a complete folder is reused (a few ms). Prints the folder on stdout.
 #   PYMEM_LCP_DIR   the folder (default ~/.cache/pymem-oracle/llama-cpp-python-0.3.36)
 #   PYTHON          the interpreter whose pip builds it (default python3)
-# The tests find the folder the same way (pymem/llama/_lcp.py); `pip install --target` layout.
+# The tests find the folder the same way (pymem/llama/_bridge_lcp.py: oracle_dir); `pip install --target` layout.
 set -euo pipefail
 VERSION=0.3.36
 DIR=${PYMEM_LCP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pymem-oracle/llama-cpp-python-$VERSION}
