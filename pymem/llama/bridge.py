@@ -25,8 +25,8 @@ A *context* is any of:
 
 * a ``llama_cpp_py_sync.Llama`` object: the high-level class. The bridge uses its ``_ctx``
   pointer and its own loaded library;
-* a :class:`pymem.llama.capi.Context` (in-process), or a
-  :class:`pymem.llama.worker.ContextHandle` (a context in pymem's oracle worker process);
+* a :class:`pymem._oracle.capi.Context` (in-process), or a
+  :class:`pymem._oracle.worker.ContextHandle` (a context in pymem's oracle worker process);
 * a raw cffi ``struct llama_context *`` pointer, with ``model_path=`` (llama.cpp does not keep the
   file name of a model).
 
@@ -389,7 +389,7 @@ class _InProcess(_Live):
 
 
 class _Remote(_Live):
-    """A pymem.llama.worker.ContextHandle (the context lives in the oracle worker)."""
+    """A pymem._oracle.worker.ContextHandle (the context lives in the oracle worker)."""
 
     kind = "ContextHandle"
 
@@ -488,7 +488,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
 
     if _lcp.is_lcp_object(ctx):
         return _lcp.LcpLive(ctx, mp)
-    # pymem.llama.capi.Context
+    # pymem._oracle.capi.Context
     if hasattr(ctx, "requested") and hasattr(ctx, "_lib") and hasattr(ctx, "ptr") and hasattr(ctx, "model"):
         return _InProcess("capi.Context", ctx._ffi, ctx._lib, ctx.ptr, mp or getattr(ctx.model, "path", None),
                           _created_from_params(ctx.requested), dict(_C_DEFAULTS), ctx)
@@ -497,7 +497,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
         _check_wheel_version(ctx)
         d = dict(_C_DEFAULTS, flash_attn=_llama_default_flash())
         return _InProcess("Llama", ctx._ffi, ctx._lib, ctx._ctx, mp or ctx.model_path, {}, d, ctx)
-    # pymem.llama.worker.ContextHandle
+    # pymem._oracle.worker.ContextHandle
     if hasattr(ctx, "many") and hasattr(ctx, "params") and hasattr(ctx, "model") and hasattr(ctx, "generation"):
         return _Remote(ctx, mp)
     # a raw pointer (cdata of any ffi, or an address)
@@ -512,7 +512,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
             ptr = ffi.cast("struct llama_context *", ffi.cast("uintptr_t", ctx))
         return _InProcess("pointer", ffi, lib, ptr, mp, {}, dict(_C_DEFAULTS), ctx)
     raise TypeError(f"not a llama.cpp context: {type(ctx).__name__} (expected llama_cpp_py_sync.Llama, "
-                    "pymem.llama.capi.Context, pymem.llama.worker.ContextHandle or a llama_context pointer)")
+                    "pymem._oracle.capi.Context, pymem._oracle.worker.ContextHandle or a llama_context pointer)")
 
 
 # ---------------------------------------------------------------------------------------------
