@@ -179,3 +179,34 @@ def llama_state_roundtrip(path, logits_all=False):
     else:
         raise AssertionError("a LlamaState with a wrong size was accepted")
     return {"refused": refused, "bytes": len(new.llama_state)}
+
+
+def store_roundtrip(path, directory):
+    """The prompt-cache store with llama_cpp.Llama targets: put from one Llama, restore into a
+    fresh one; the restored sequence is byte-identical, and it continues like the original."""
+    import llama_cpp as L
+    import pymem.store
+
+    toks = [(11 * i + 5) % 100 for i in range(40)]
+    a = _llama(path)
+    a.eval(toks)
+    with pymem.store.open(directory, block_tokens=16) as st:
+        r = st.put(a, toks, seq_id=0)
+        assert r.n_tokens > 0, r
+        b = _llama(path)
+        hit = st.lookup(toks, b)
+        n = st.restore(b, toks, seq_id=0)
+        assert n == hit.n_tokens > 0, (n, hit)
+
+    def seq_state(llm):
+        ptr = llm._ctx.ctx
+        size = L.llama_state_seq_get_size(ptr, 0)
+        buf = (ctypes.c_uint8 * size)()
+        return bytes(buf)[:L.llama_state_seq_get_data(ptr, buf, size, 0)]
+
+    mp = L.llama_get_memory(b._ctx.ctx)
+    assert L.llama_memory_seq_pos_max(mp, 0) == n - 1
+    ref = _llama(path)
+    ref.eval(toks[:n])
+    assert seq_state(b) == seq_state(ref)
+    return n

@@ -64,3 +64,10 @@ def test_unknown_py_sync_build_refused(models, tmp_path):
                          text=True, timeout=120, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("REFUSED") and "0.99999" in out.stdout and "0.11739" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "mamba", "jamba"])
+def test_lcp_prompt_cache_store(lcp, models, tmp_path, name):
+    """pymem.store with llama-cpp-python Llama targets (put / lookup / restore)."""
+    n = lcp.call("run", "lcp_scenarios:store_roundtrip", models[name], str(tmp_path / "store"))
+    assert n > 0

@@ -282,6 +282,14 @@ class LcpLive(_bridge._Live):
         L, p = self.L, self.ptr
         return self._set(blob, lambda b, n: L.llama_state_seq_set_data_ext(p, b, n, seq, flags))
 
+    # what the prompt-cache store asks of contexts it cannot decode in (pymem.store.targets)
+    @property
+    def h(self) -> "LcpLive":
+        return self
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(self.L.llama_memory_seq_rm(self.mem, seq, p0, p1))
+
     def after_import(self) -> None:
         # Llama keeps the tokens it believes are in the memory (n_tokens, input_ids) and reuses
         # their longest common prefix with the next prompt; after an import they are unknown.
