@@ -45,9 +45,12 @@ def _trace(lcp_pair, data, family):
     counts["traces"] += 1
     for i in range(n_steps):
         before = m.llama.state_get()
-        kind = _step(data.draw, m, cfg)
-        note(f"step {i}: {kind}")
+        edges: set = set()
+        kind = _step(data.draw, m, cfg, edges)
+        note(f"step {i}: {kind} {sorted(edges)}")
         counts[kind] += 1
+        for e in edges:
+            counts["edge " + e] += 1
         if m.llama.state_get() != before:
             counts[kind + " (changed state)"] += 1
         m.check()
