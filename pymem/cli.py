@@ -444,10 +444,31 @@ def _demo_states(w: Any, paths: dict, rows: list) -> int:
     return failures
 
 
+def _demo_builds(w: Any) -> list:
+    """Every llama.cpp build installed: (name, worker, state format, mirror class). The
+    llama-cpp-py-sync wheel (b11739) always; llama-cpp-python 0.3.36 (0c1e570) when found."""
+    from ._oracle.mirror import Mirror
+
+    builds = [("llama.cpp b11739 (llama-cpp-py-sync 0.11739, format 11)", w, 11, Mirror)]
+    try:
+        from ._oracle.lcp import LcpWorker
+        from ._oracle.lcp_mirror import LcpMirror
+        from .llama import _bridge_lcp as _lcp
+
+        if _lcp.locate() is not None:
+            lw = LcpWorker()
+            lw.start()
+            builds.append(("llama.cpp 0c1e570 (llama-cpp-python 0.3.36, format 10)", lw, 10, LcpMirror.for_memory))
+        else:
+            print(f"(llama-cpp-python {_lcp.ORACLE_VERSION} not found, its round is skipped: {_lcp.BUILD_HINT})")
+    except Exception as exc:  # the second build is optional
+        print(f"(llama-cpp-python round skipped: {exc})")
+    return builds
+
+
 def demo(args: argparse.Namespace) -> int:
     try:
         from ._oracle import OracleUnavailable, OracleWorker, tinymodels
-        from ._oracle.mirror import Mirror
     except ImportError as exc:  # pragma: no cover
         raise CLIError(f"the demo needs llama.cpp: {exc}", 2)
     import pymem
@@ -469,18 +490,21 @@ def demo(args: argparse.Namespace) -> int:
     failures = 0
     rows = []
     srows: list = []
+    builds = _demo_builds(w)
     with w:
         paths = w.ensure_models(sorted({name for name, _ in configs} | {n for n, _, _ in _STATE_DEMO}))
-        for name, cfg in configs:
+        for build, bw, fmt, mirror in builds:
+          for name, cfg in configs:
             layout = tinymodels.layout(name)
             n_seq_max = 3
-            ctx = w.context(paths[name], n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
+            ctx = bw.context(paths[name], n_ctx=256, n_seq_max=n_seq_max, swa_full=True, **cfg)
             mem = pymem.from_gguf(paths[name], 256, n_seq_max=n_seq_max, unified=cfg["kv_unified"],
-                                  flash_attn=cfg["flash_attn"], swa_full=True)
-            m = Mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
-            label = f"{name} ({mem.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
+                                  flash_attn=cfg["flash_attn"], swa_full=True, format=fmt)
+            m = mirror(ctx, mem, n_ubatch=ctx.n_ubatch(), n_vocab=layout["n_vocab"], n_seq_max=n_seq_max)
+            label = f"{build}: {name} ({mem.kind}), {'unified' if cfg['kv_unified'] else 'per-seq streams'}, " \
                     f"{'flash attn' if cfg['flash_attn'] else 'V transposed'}"
             for what, fn in _demo_steps():
+                skipped = sum(v for k, v in m.stats.items() if "skipped" in k)
                 try:
                     fn(m)
                     bad = m.compare()
@@ -489,15 +513,21 @@ def demo(args: argparse.Namespace) -> int:
                 ok = not bad
                 failures += not ok
                 whole = len(m.mem.state_write(envelope="llama"))
-                rows.append((label, what, whole, "match" if ok else "MISMATCH: " + "; ".join(map(str, bad))[:120]))
+                note = " (skipped on both: this build aborts on it)" \
+                    if sum(v for k, v in m.stats.items() if "skipped" in k) > skipped else ""
+                rows.append((label, what, whole,
+                             "match" + note if ok else "MISMATCH: " + "; ".join(map(str, bad))[:120]))
             ctx.close()
+        for _b, bw, _f, _m in builds[1:]:
+            bw.close()
         t1 = time.perf_counter()
         sfail = _demo_states(w, paths, srows)
         failures += sfail
     print("Part 1: the same operations in llama.cpp and in pymem, states compared byte for byte")
     _table(rows, "state bytes", "result")
     n = len(rows)
-    print(f"\n{n - sum(1 for r in rows if r[3] != 'match')}/{n} steps byte-identical to llama.cpp b11739 "
+    print(f"\n{n - sum(1 for r in rows if not r[3].startswith('match'))}/{n} steps byte-identical to "
+          f"{' and '.join(b for b, _, _, _ in builds)} "
           f"(positions, whole state and every sequence state), {t1 - t0:.1f} s")
     print("\nPart 2: sessions saved by llama.cpp, inspected and edited offline by pymem, loaded back into "
           "llama.cpp;\ncompared with llama.cpp doing the same operations itself (state after its next update, "
@@ -508,6 +538,43 @@ def demo(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
     failures += _demo_store(paths)
     return 1 if failures else 0
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from . import conformance as K
+    from .llama import OracleUnavailable
+
+    try:
+        return _conformance_run(K, args)
+    except OracleUnavailable as exc:
+        raise CLIError(f"conformance needs the llama.cpp build {args.llama!r}: {exc}", 2)
+
+
+def _conformance_run(K: Any, args: argparse.Namespace) -> int:
+    if args.record:
+        try:
+            out = K.record(args.llama, args.record, progress=lambda n: print(f"recording {n}", file=sys.stderr))
+        except RuntimeError as exc:
+            raise CLIError(str(exc), 1)
+        print(f"wrote {out}")
+        return 0
+    rows = K.run(args.llama, args.vectors or None)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.as_dict()))
+    else:
+        label = K.BUILDS[args.llama][0]
+        print(f"conformance vectors replayed in {label} and pymem (state format {K.BUILDS[args.llama][1]})")
+        w = max(len(r.vector) for r in rows)
+        print(f"{'vector':{w}s}  {'memory':11s} {'steps':>5s}  {'recorded':8s}  build vs recording | pymem vs build")
+        for r in rows:
+            print(f"{r.vector:{w}s}  {r.memory:11s} {r.steps:5d}  {r.recorded_by:8s}  {r.build} | {r.pymem}"
+                  + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
+        same = sum(1 for r in rows if r.build == "identical")
+        ok = sum(1 for r in rows if r.pymem == "identical")
+        print(f"\n{same}/{len(rows)} recordings reproduced by the build; pymem identical to the build in "
+              f"{ok}/{len(rows)}")
+    return 0 if all(r.pymem == "identical" for r in rows) else 1
 
 
 def _demo_store(paths: dict) -> int:
@@ -568,6 +635,19 @@ def _parser() -> argparse.ArgumentParser:
                                    "sessions, inspects and edits them offline and loads the edits back into "
                                    "llama.cpp.  Exit status 1 on any mismatch.")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser(
+        "conformance", help="replay the conformance vectors against an installed llama.cpp build and pymem",
+        description="Replays the shipped vectors (every memory type, recorded from llama.cpp b11739 and 0c1e570) "
+                    "in an installed llama.cpp build and in pymem side by side, and prints per vector whether the "
+                    "build reproduces the recording and pymem reproduces the build (or the first difference). "
+                    "--record DIR records a new set from the build instead (refusing what pymem cannot replay).")
+    p.add_argument("--llama", choices=["py-sync", "llama-cpp-python"], default="py-sync",
+                   help="the build to run: the llama-cpp-py-sync wheel (b11739) or llama-cpp-python 0.3.36 (0c1e570)")
+    p.add_argument("--json", action="store_true", help="one JSON object per vector instead of the table")
+    p.add_argument("--record", metavar="DIR", help="record a vector set from the build into DIR")
+    p.add_argument("--vectors", metavar="FILE", nargs="*", help="vector files to replay (default: the shipped set)")
+    p.set_defaults(func=_conformance)
 
     p = sub.add_parser(
         "inspect", help="what a llama.cpp state file or blob holds",

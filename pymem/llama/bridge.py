@@ -1,8 +1,11 @@
 """A bridge between a live llama.cpp context and pymem memories.
 
-The context must come from the ``llama-cpp-py-sync`` wheel pymem targets (0.11739, llama.cpp
-b11739, state format 11). Contexts of other bindings may load another llama.cpp build with
-another state format, and are not supported yet.
+Two llama.cpp builds are supported, each through its own loaded library and with its own
+state format: the ``llama-cpp-py-sync`` wheel pymem targets (0.11739, llama.cpp b11739, state
+format 11), and llama-cpp-python 0.3.36 (``llama_cpp``, llama.cpp 0c1e570, format 10; its
+``Llama``, ``LlamaContext`` and raw ``llama_context_p`` pointers, see
+:mod:`pymem.llama._bridge_lcp`, which also converts ``LlamaState`` objects). A llama-cpp-python
+release pymem does not know is refused (:class:`pymem.UnsupportedError`).
 
 ::
 
@@ -96,6 +99,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -111,6 +115,8 @@ __all__ = [
     "import_state",
     "llama_cpp",
     "WHEEL_FORMAT",
+    "from_llama_state",
+    "to_llama_state",
 ]
 
 #: state format of the llama-cpp-py-sync build pymem targets (b11739)
@@ -143,6 +149,7 @@ class _Live:
     """One llama.cpp context, whatever object holds it."""
 
     kind = "?"
+    format = WHEEL_FORMAT  # the state format of the build that owns the context
     model_path: Optional[str] = None
     #: creation parameters the owning object recorded (flash_attn, type_k, type_v, swa_full, kv_unified)
     created: Dict[str, Any]
@@ -338,17 +345,33 @@ class _Remote(_Live):
         return n, ("" if n else self.h.last_log(6, 4).strip())
 
 
+def _check_wheel_version(obj: Any) -> None:
+    """Refuse a llama_cpp_py_sync object of a release whose state format pymem does not know."""
+    mod = sys.modules.get((type(obj).__module__ or "").split(".")[0])
+    ver = getattr(mod, "__version__", None)
+    if ver is not None and str(ver) != _loader.PINNED_VERSION:
+        raise _E().UnsupportedError(
+            f"llama-cpp-py-sync {ver} bundles a llama.cpp build whose state format pymem does not know; refusing "
+            f"to read or write its states. Known: {_loader.PINNED_VERSION} (llama.cpp {_loader.PINNED_TAG}, format "
+            f"{WHEEL_FORMAT}) and llama-cpp-python 0.3.36 (llama.cpp 0c1e570, format 10)")
+
+
 def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> _Live:
     if isinstance(ctx, _Live):
         return ctx
     mp = None if model_path is None else os.fspath(model_path)
     E = _E()
+    from . import _bridge_lcp as _lcp  # llama-cpp-python: its own llama.cpp build, its own state format
+
+    if _lcp.is_lcp_object(ctx):
+        return _lcp.LcpLive(ctx, mp)
     # pymem._oracle.capi.Context
     if hasattr(ctx, "requested") and hasattr(ctx, "_lib") and hasattr(ctx, "ptr") and hasattr(ctx, "model"):
         return _InProcess("capi.Context", ctx._ffi, ctx._lib, ctx.ptr, mp or getattr(ctx.model, "path", None),
                           _created_from_params(ctx.requested), dict(_C_DEFAULTS), ctx)
     # llama_cpp_py_sync.Llama (high level): its own ffi / lib / context pointer
     if hasattr(ctx, "_ctx") and hasattr(ctx, "_lib") and hasattr(ctx, "_ffi") and hasattr(ctx, "model_path"):
+        _check_wheel_version(ctx)
         d = dict(_C_DEFAULTS, flash_attn=_llama_default_flash())
         return _InProcess("Llama", ctx._ffi, ctx._lib, ctx._ctx, mp or ctx.model_path, {}, d, ctx)
     # pymem._oracle.worker.ContextHandle
@@ -398,7 +421,7 @@ def _kv_part_count(kind: str, flags: int) -> int:
     return 0
 
 
-def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool) -> Dict[str, Any]:
+def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool, fmt: int = WHEEL_FORMAT) -> Dict[str, Any]:
     """n_stream of the first KV section, and v_trans / K type / V type of the first KV stream
     that holds cells and layers. Returns what it could read (no copy of any row)."""
     from ..params import type_name
@@ -434,7 +457,7 @@ def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool) -> Dict[st
                     off += (12 if cell_ext else 0) + 4 * n    # ext, seq ids
                 v_trans = u32()
                 n_layer = u32()
-                off += 8                                      # k_rot, v_rot (format 11)
+                off += 8 if fmt >= 11 else 0                  # k_rot, v_rot (format 11)
                 k_type = None
                 for _ in range(n_layer):
                     t = struct.unpack_from("<i", mv, off)[0]
@@ -490,7 +513,7 @@ def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tu
 
     def scan_all() -> None:
         for blob, seq, flags in probes:
-            f = _scan(blob, seq, flags, kind, cell_ext)
+            f = _scan(blob, seq, flags, kind, cell_ext, live.format)
             for k, v in f.items():
                 facts.setdefault(k, v)
 
@@ -591,7 +614,7 @@ def _build(live: _Live, params: ContextParams, probes: List[_Probe], format: int
             f"pymem's layout gives {spec.can_shift} ({params.describe()})")
     mem = build_memory(spec)
     for blob, seq, flags in probes:
-        if format != WHEEL_FORMAT:
+        if format != live.format:
             break
         try:
             mem.state_check(blob, seq_id=seq, flags=flags, envelope="llama")
@@ -602,7 +625,7 @@ def _build(live: _Live, params: ContextParams, probes: List[_Probe], format: int
     return mem
 
 
-def memory_for(ctx: Any, format: int = WHEEL_FORMAT, *, model_path: Any = None, type_k: Optional[str] = None,
+def memory_for(ctx: Any, format: Optional[int] = None, *, model_path: Any = None, type_k: Optional[str] = None,
                type_v: Optional[str] = None, flash_attn: Optional[bool] = None, kv_unified: Optional[bool] = None,
                swa_full: Optional[bool] = None) -> Any:
     """An empty pymem memory laid out as the memory of the live context ``ctx``, as
@@ -612,7 +635,7 @@ def memory_for(ctx: Any, format: int = WHEEL_FORMAT, *, model_path: Any = None, 
     exchange states with it."""
     live = _live(ctx, model_path)
     params, probes = _resolve(live, [], _overrides(type_k, type_v, flash_attn, kv_unified, swa_full))
-    return _build(live, params, probes, format)
+    return _build(live, params, probes, live.format if format is None else format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +662,7 @@ def _mem_format(mem: Any) -> Optional[int]:
 
 
 def export_state(ctx: Any, mem: Any = None, seq_id: int = -1, dst_seq_id: Optional[int] = None,
-                 flags: int = 0, *, model_path: Any = None, format: int = WHEEL_FORMAT, **params: Any) -> Any:
+                 flags: int = 0, *, model_path: Any = None, format: Optional[int] = None, **params: Any) -> Any:
     """Copy the state of the live context ``ctx`` into a pymem memory and return the memory.
 
     * ``seq_id=-1``: the whole memory (``llama_state_get_data``), restored into ``mem`` as
@@ -675,10 +698,11 @@ def export_state(ctx: Any, mem: Any = None, seq_id: int = -1, dst_seq_id: Option
         ov = _overrides(*(params.get(k) for k in ("type_k", "type_v", "flash_attn", "kv_unified", "swa_full")))
         cp, probes = _resolve(live, [(blob, *probe)], ov)
         # the check in _build reads the blob as it was written (the source sequence id)
-        mem = _build(live, cp, [pr for pr in probes if pr[0] is not blob] + [(blob, *probe)], format)
-    elif _mem_format(mem) not in (None, WHEEL_FORMAT):
+        mem = _build(live, cp, [pr for pr in probes if pr[0] is not blob] + [(blob, *probe)],
+                     live.format if format is None else format)
+    elif _mem_format(mem) not in (None, live.format):
         raise E.StateError(f"the memory uses state format {_mem_format(mem)}; this llama.cpp writes "
-                           f"format {WHEEL_FORMAT}")
+                           f"format {live.format}")
     try:
         mem.state_read(blob, seq_id=dst if seq_id >= 0 else -1, flags=int(flags), envelope="llama")
     except E.StateError as exc:
@@ -687,11 +711,11 @@ def export_state(ctx: Any, mem: Any = None, seq_id: int = -1, dst_seq_id: Option
     return mem
 
 
-def _check_compatible(mem: Any, params: ContextParams) -> None:
+def _check_compatible(mem: Any, params: ContextParams, fmt: int = WHEEL_FORMAT) -> None:
     """Raise StateError (before llama.cpp is touched) if ``mem`` cannot be this context's memory
     in a parameter that is known (not assumed)."""
     E = _E()
-    spec = params.spec(WHEEL_FORMAT)
+    spec = params.spec(fmt)
     problems: List[str] = []
     if getattr(mem, "arch", None) and mem.arch != params.arch:
         problems.append(f"arch {mem.arch!r} (context: {params.arch!r})")
@@ -753,9 +777,9 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
     seq_id = int(seq_id)
     flags = int(flags)
     _check_flags(flags, seq_id)
-    if _mem_format(mem) not in (None, WHEEL_FORMAT):
+    if _mem_format(mem) not in (None, live.format):
         raise E.StateError(f"the memory uses state format {_mem_format(mem)}; this llama.cpp reads "
-                           f"format {WHEEL_FORMAT}")
+                           f"format {live.format}")
     g = live.getters()
     dst = seq_id if dst_seq_id is None else int(dst_seq_id)
     if seq_id < 0:
@@ -768,7 +792,7 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
     params = None
     if check:
         params, _ = _resolve(live, [], {})
-        _check_compatible(mem, params)
+        _check_compatible(mem, params, live.format)
     if update:
         mem.update()
     if seq_id < 0:
@@ -791,3 +815,22 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
         raise E.StateError(f"llama.cpp refused {what}: {why} ({after}).{hint}")
     live.after_import()
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# llama-cpp-python LlamaState objects (pymem.llama._bridge_lcp)
+# ---------------------------------------------------------------------------------------------
+def from_llama_state(ls: Any, model: Any = None, layout: Any = None) -> Any:
+    """A llama-cpp-python ``LlamaState`` as a :class:`pymem.state.Session` (see
+    :func:`pymem.llama._bridge_lcp.from_llama_state`)."""
+    from ._bridge_lcp import from_llama_state as f
+
+    return f(ls, model=model, layout=layout)
+
+
+def to_llama_state(session: Any, like: Any = None, seed: Optional[int] = None) -> Any:
+    """A :class:`pymem.state.Session` as a llama-cpp-python ``LlamaState`` that
+    ``Llama.load_state`` accepts (see :func:`pymem.llama._bridge_lcp.to_llama_state`)."""
+    from ._bridge_lcp import to_llama_state as f
+
+    return f(session, like=like, seed=seed)

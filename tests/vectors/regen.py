@@ -102,8 +102,8 @@ def envelope_len(blob: bytes, whole: bool) -> int:
     return 4 + u32(blob, 0) if whole else 8
 
 
-def parse_blob(blob: bytes, whole: bool) -> list:
-    streams, end = parse_kv(blob, envelope_len(blob, whole))
+def parse_blob(blob: bytes, whole: bool, rot: bool = True) -> list:
+    streams, end = parse_kv(blob, envelope_len(blob, whole), rot)
     assert end == len(blob), "bytes after the KV section"
     return streams
 
@@ -148,6 +148,8 @@ class Rec:
                  n_ubatch: Optional[int] = None, format: int = 11, note: str = "") -> None:
         import pymem
 
+        if gen.lcp:     # llama-cpp-python 0.3.36 (0c1e570) writes format 10 itself
+            format = 10
         self.gen, self.name, self.format = gen, name, format
         type_v = type_v or type_k
         path = gen.models[model]
@@ -165,7 +167,7 @@ class Rec:
         self.lines = [f"[case {name}]"]
         for text in note.strip().splitlines():
             self.lines.append(f"# {text.strip()}")
-        self.lines.append(f"# llama.cpp b11739: model {model}, n_ctx {N_CTX}, n_seq_max {n_seq_max}, kv_unified "
+        self.lines.append(f"# {gen.build}: model {model}, n_ctx {N_CTX}, n_seq_max {n_seq_max}, kv_unified "
                           f"{int(unified)}, flash_attn {int(flash_attn)}, type_k {type_k}, type_v {type_v}"
                           + (f", n_ubatch {n_ubatch}" if n_ubatch else ""))
         ropes = kw["rope"]
@@ -209,7 +211,7 @@ class Rec:
 
     def conv(self, blob: bytes, whole: bool) -> bytes:
         """llama.cpp's bytes in this case's format."""
-        return to_format10(blob, whole) if self.format == 10 else blob
+        return to_format10(blob, whole) if self.format == 10 and not self.gen.lcp else blob
 
     def _live(self) -> None:
         assert self.alive, f"{self.name}: llama.cpp aborted earlier in this case"
@@ -218,8 +220,8 @@ class Rec:
     def whole(self) -> bytes:
         self._live()
         raw = self.ctx.state_get()
-        for st in parse_blob(raw, True):      # the memory spec's k_rot/v_rot are llama.cpp's
-            if st.cells:
+        for st in parse_blob(raw, True, not self.gen.lcp):  # the memory spec's k_rot/v_rot are llama.cpp's
+            if st.cells and not self.gen.lcp:
                 rot = struct.unpack_from("<II", raw, st.off["k_rot"])
                 assert rot == (self.kw["k_rot"], self.kw["v_rot"]), (rot, self.kw)
         b = self.conv(raw, True)
@@ -282,7 +284,8 @@ class Rec:
 
     def _rows(self, items, before: bytes, after: bytes) -> bytes:
         """The K/V rows llama.cpp computed for the batch tokens, in batch order."""
-        sb, sa = parse_blob(before, True), parse_blob(after, True)
+        rot = not self.gen.lcp
+        sb, sa = parse_blob(before, True, rot), parse_blob(after, True, rot)
         per_token = {}
         for st in range(len(sa)):
             old: dict = {}
@@ -888,6 +891,20 @@ FILES: dict[str, list[Callable[["Gen"], Rec]]] = {
     "kv_abort.txt": [case_abort_ops, case_abort_ops2, case_abort_ops3],
 }
 
+# the same cases recorded from llama-cpp-python 0.3.36 (llama.cpp 0c1e570), which writes format 10
+# itself (no k_rot/v_rot words; quantized K is not Hadamard-rotated)
+LCP_FILES = {
+    "kv_0c1e570.txt": [
+        lambda g: case_holes(g, True, False), lambda g: case_holes(g, False, True), case_interleaved,
+        case_wraparound, lambda g: case_kshift(g, "f16", False), lambda g: case_kshift(g, "f16", True),
+        lambda g: case_kshift(g, "f16", False, "llama_neox"), case_kshift_yarn, case_cross_stream,
+        lambda g: case_restore_seq(g, True, False), lambda g: case_restore_seq(g, False, True),
+        lambda g: case_restore_whole(g, True, False), lambda g: case_restore_whole(g, False, True),
+        lambda g: case_types(g, "q8_0", "q8_0", True), lambda g: case_types(g, "q8_0", "q8_0", True, "llama_hd64"),
+        case_clear, case_batches, lambda g: case_full(g, True), case_small_ubatch,
+    ],
+}
+
 # Fuzz seed corpus: (config index of tests/fuzz/fuzz_kv_state.c) for the llama.cpp configurations
 # the vectors use.  Must match CONFIGS in fuzz_kv_state.c.
 FUZZ_CONFIGS = {
@@ -912,9 +929,18 @@ class Gen:
         from pymem._oracle import OracleWorker, tinymodels
 
         self.args = args
-        self.worker = OracleWorker()
-        self.worker.start()
-        self.models = self.worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"])
+        self.lcp = args.llama == "llama-cpp-python"
+        self.build = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)" if self.lcp else "llama.cpp b11739"
+        self.gen_worker = OracleWorker()
+        self.gen_worker.start()
+        self.models = self.gen_worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"])
+        if self.lcp:
+            from pymem._oracle.lcp import LcpWorker
+
+            self.worker = LcpWorker()
+            self.worker.start()
+        else:
+            self.worker = self.gen_worker
         self.model_of: dict[str, str] = {}
         self.seeds: dict[str, bytes] = {}
         self.cur: Optional[Rec] = None
@@ -930,6 +956,8 @@ class Gen:
 
     def corpus(self, r: Rec, blob: bytes, whole: bool, seq: int = 0) -> None:
         """Keep a few real blobs (with a fuzz_kv_state header) as seeds."""
+        if self.lcp:
+            return
         kw = r.kw
         key = (self.model_of[r.name], bool(kw["unified"]), bool(kw["v_trans"]), kw["type_k"], kw["type_v"],
                r.n_seq_max, r.format)
@@ -944,7 +972,9 @@ class Gen:
             self.seeds.setdefault(name, bytes([cfg, mode]) + blob)
 
     def close(self) -> None:
-        self.worker.close()
+        if self.worker is not self.gen_worker:
+            self.worker.close()
+        self.gen_worker.close()
 
 
 def main() -> int:
@@ -952,6 +982,9 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="diff against the committed files, write nothing")
     ap.add_argument("--no-verify", action="store_true", help="write even if pymem does not reproduce a case")
     ap.add_argument("-k", default="", help="only cases whose name contains this (implies no file writes)")
+    ap.add_argument("--llama", choices=["py-sync", "llama-cpp-python"], default="py-sync",
+                    help="record from b11739 (kv_*.txt) or from llama-cpp-python 0.3.36 / 0c1e570 "
+                         "(kv_0c1e570.txt, format 10, written by that build itself)")
     args = ap.parse_args()
     import test_vectors as tv
 
@@ -960,9 +993,12 @@ def main() -> int:
     failed = 0
     n_cases = 0
     try:
-        for fname, builders in FILES.items():
-            parts = [f"# {fname}: generated by tests/vectors/regen.py from llama.cpp b11739 "
-                     f"(llama-cpp-py-sync==0.11739); do not edit.\n# Format: tests/vectors/README.md\n"]
+        files = LCP_FILES if g.lcp else FILES
+        src = ("llama.cpp 0c1e570 (llama-cpp-python==0.3.36, built by tools/build_lcp.sh); regen.py --llama "
+               "llama-cpp-python" if g.lcp else "llama.cpp b11739 (llama-cpp-py-sync==0.11739)")
+        for fname, builders in files.items():
+            parts = [f"# {fname}: generated by tests/vectors/regen.py from {src}; do not edit.\n"
+                     f"# Format: tests/vectors/README.md\n"]
             for build in builders:
                 r = build(g)
                 text = r.done()
@@ -997,6 +1033,8 @@ def main() -> int:
         return 1 if bad else 0
     for f, t in texts.items():
         (HERE / f).write_text(t)
+    if g.lcp:
+        return 0
     CORPUS.mkdir(parents=True, exist_ok=True)
     for old in CORPUS.glob("llama_*"):
         old.unlink()
