@@ -206,29 +206,26 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.set_version is not None:
         if not hasattr(new, "with_version"):
             raise CLIError(f"--set-version applies to session and sequence state files, not to a {obj.what}")
-        new = new.with_version(args.set_version)
-    bar = _progress_for(f"writing {os.path.basename(args.output)}", new.nbytes, args.progress)
-    try:
-        new.save(args.output, progress=bar)
-    finally:
-        if bar:
-            bar.close()
-    if not args.quiet:
-        path = new.edit_path or "none"
-        how = {"model": f"model path: a pymem memory built from {os.path.basename(args.model or '')} "
-                        "(llama.cpp's semantics in pymem's C core)",
-               "structure": "structure path: a pymem memory with the state's own geometry, no model "
-                            "(llama.cpp's semantics in pymem's C core; no K-shifts)"}.get(path, "no edit")
-        print(f"{args.file}: {obj.what}, {obj.nbytes} bytes")
-        print(f"  edits: {', '.join(str(o) for o in ops) or '-'}")
-        print(f"  {how}")
-        for n in new.edit_notes or []:
-            print(f"  {n}")
-        if hasattr(obj, "tokens") and hasattr(new, "tokens") and len(obj.tokens) != len(new.tokens):
-            print(f"  tokens: {len(obj.tokens)} -> {len(new.tokens)}")
-        print(f"  sequences: {_seq_table(obj)} -> {_seq_table(new)}")
-        print(f"wrote {args.output}: {new.nbytes} bytes ({time.perf_counter() - t0:.2f} s)")
-    return 0
+        ver = new.with_version(args.set_version)
+        for a in ("edit_path", "edit_notes", "noop", "token_sync"):
+            setattr(ver, a, getattr(new, a))
+        new = ver
+    def save() -> None:
+        bar = _progress_for(f"writing {os.path.basename(args.output)}", new.nbytes, args.progress)
+        try:
+            new.save(args.output, progress=bar)
+        finally:
+            if bar:
+                bar.close()
+
+    path = new.edit_path or "none"
+    how = {"model": f"model path: a pymem memory built from {os.path.basename(args.model or '')} "
+                    "(llama.cpp's semantics in pymem's C core)",
+           "structure": "structure path: a pymem memory with the state's own geometry, no model "
+                        "(llama.cpp's semantics in pymem's C core; no K-shifts)"}.get(path, "no edit")
+    from . import _editcli
+
+    return _editcli.finish(args, obj, new, ops, t0, save, how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +608,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="accept a session file with trailing bytes (llama.cpp would not load it)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    from . import _editcli
+
+    _editcli.add_args(p)
     p.set_defaults(func=cmd_edit, ops=[])
 
     p = sub.add_parser(

@@ -50,6 +50,8 @@ class _Saved:
         self.trailing = trailing
         self.edit_path: Optional[str] = None   # set by edit(): which way it edited, and notes
         self.edit_notes: List[str] = []
+        self.token_sync: Optional[Dict[str, Any]] = None   # set by edit(): see pymem.state.tokens.follow
+        self.noop: List[str] = []                           # set by edit(): operations that changed nothing
 
     # implemented by subclasses
     def chunks(self) -> Iterator[bytes]:  # pragma: no cover
@@ -178,6 +180,9 @@ class _Saved:
         res = self._rebuild(new_sec, tokens, out_seq)
         res.edit_path = path
         res.edit_notes = notes
+        from .tokens import follow   # the token list follows the cache; no-op and shared-cell notes
+
+        follow(self, res, run, s_id if self.state.scope == "seq" else None, tokens)
         return res
 
     def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "_Saved":  # pragma: no cover
