@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from . import _cliargs
+
 __all__ = ["main"]
 
 _BIG = 50 << 20  # progress bars for files larger than this (when stderr is a terminal)
@@ -105,7 +107,7 @@ def _add_state_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--model", "-m", metavar="M.gguf",
                    help="the model that wrote the state(s): gives the section layout and layer ids, "
                         "and for edit the RoPE parameters of K-shifts")
-    p.add_argument("--layout", metavar="LAYOUT",
+    p.add_argument("--layout", metavar="LAYOUT", type=_cliargs.layout,
                    help="explicit section layout when the bytes are ambiguous and no model is at hand: "
                         "kv | kv+kv | rec:N | kv+rec:N | kv+kv+rec:N (N = recurrent layers), or a memory "
                         "kind (kv, iswa, recurrent:N, hybrid:N, hybrid_iswa:N); @10 for format 10")
@@ -243,7 +245,9 @@ def _bytes_arg(text: str) -> int:
         value = float(num)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
-    if unit not in _UNITS or value < 0:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    if unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     return int(value * _UNITS[unit])
 
@@ -292,18 +296,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             raise
         raise CLIError(f"cannot read {args.model}: {exc}") from None
     if args.budget is not None:
-        n = gguf.max_context(hp, args.budget, **kw)
-        e = gguf.estimate(hp, n, **kw) if n else None
-        if args.json:
-            json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
-                       "bytes": e.total if e else None}, sys.stdout)
-            sys.stdout.write("\n")
-        elif n == 0:
-            print(f"{label} ({hp.arch}): not even 256 cells per stream fit in {_human(args.budget)}")
-        else:
-            print(f"{label} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
-                  f"({_human(e.total)} of memory)")
-        return 0
+        from . import _budget
+
+        return _budget.report(args, hp, kw, label, _human)
     e = gguf.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
@@ -327,6 +322,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"  {d['part']:10s} {d['layer']:5d} {d['n_embd_' + a]:5d}/{d['n_embd_' + b]:<5d} "
                   f"{_human(d[a + '_bytes']):>11s} {_human(d[b + '_bytes']):>11s}")
     print(f"  total {_human(e.total)} ({e.total} bytes)")
+    from . import _budget
+
+    if not _budget.grows_with_context(hp, kw):
+        print("  the memory does not grow with n_ctx (recurrent state: one fixed-size cell per sequence)")
     return 0
 
 
@@ -626,20 +625,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", metavar="NAME",
                    help="a built-in published model shape instead of a file (see --list-shapes)")
     p.add_argument("--list-shapes", action="store_true", help="list the built-in shapes")
-    p.add_argument("--n-ctx", "--ctx", type=int, default=0,
+    p.add_argument("--n-ctx", "--ctx", type=_cliargs.count, default=0,
                    help="context size (default 0: the model's training context)")
-    p.add_argument("--n-seq-max", "--parallel", type=int, default=1, help="parallel sequences")
-    p.add_argument("--type-k", default="f16")
-    p.add_argument("--type-v", default="f16")
-    p.add_argument("--flash-attn", choices=["on", "off", "auto"], nargs="?", const="on", default="off",
-                   help="off: V transposed (pymem's default); --flash-attn alone = on; auto = on for the CPU "
-                        "backend")
+    p.add_argument("--n-seq-max", "--parallel", type=_cliargs.positive, default=1, help="parallel sequences")
+    p.add_argument("--type-k", "--cache-type-k", "-ctk", type=_cliargs.cache_type, default="f16",
+                   help="K cache type (llama.cpp's --cache-type-k): " + ", ".join(_cliargs.CACHE_TYPES) +
+                        " (default f16)")
+    p.add_argument("--type-v", "--cache-type-v", "-ctv", type=_cliargs.cache_type, default="f16",
+                   help="V cache type (llama.cpp's --cache-type-v; quantized V needs flash attention), same "
+                        "choices (default f16)")
+    p.add_argument("--flash-attn", "-fa", choices=["on", "off", "auto"], nargs="?", const="on", default="auto",
+                   help="auto (default, as llama_context_default_params() and llama-cli: on for the CPU backend, "
+                        "V rows not transposed); off: V transposed; --flash-attn alone = on")
     p.add_argument("--layers", action="store_true", help="also print every layer's sizes")
     p.add_argument("--unified", action=argparse.BooleanOptionalAction, default=True,
                    help="one stream for all sequences (default) or one per sequence")
     p.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--n-ubatch", type=int, default=512)
-    p.add_argument("--n-rs-seq", type=int, default=0)
+    p.add_argument("--n-ubatch", type=_cliargs.positive, default=512)
+    p.add_argument("--n-rs-seq", type=_cliargs.count, default=0)
     p.add_argument("--budget", type=_bytes_arg, metavar="BYTES",
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
@@ -658,7 +661,9 @@ def _version() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = _parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_cliargs.join_negative_values(sys.argv[1:] if argv is None else list(argv),
+                                                        ("--budget", "--n-ctx", "--ctx", "--n-seq-max", "--parallel",
+                                                         "--n-ubatch", "--n-rs-seq")))
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return 2

@@ -497,6 +497,7 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
     sequence blob or bare memory sections (``kind``: "session", "seq_file", "context",
     "seq", "sections"; default: recognised from the first bytes)."""
     mv = memoryview(data)
+    auto = kind is None
     if kind is None:
         m = _u32(mv, 0) if len(mv) >= 4 else None
         kind = {MAGIC_SESSION: "session", MAGIC_SEQ_FILE: "seq_file", MAGIC_SEQ_BLOB: "seq"}.get(m) if m is not None else None
@@ -513,6 +514,15 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
     if kind in ("context", "seq"):
         return Blob.parse(mv, model, layout, envelope=kind, name=name)
     if kind == "sections":
+        if auto:
+            try:
+                return Blob.parse(mv, model, layout, envelope=None, name=name)
+            except LayoutAmbiguousError:
+                raise
+            except StateError as exc:
+                raise StateError(f"{name or 'input'}: not a llama.cpp state file (no session 'ggsn' or sequence "
+                                 "'ggsq' magic, no sequence-blob magic, no architecture name at offset 0); read as "
+                                 f"bare memory sections: {exc}") from None
         return Blob.parse(mv, model, layout, envelope=None, name=name)
     raise E.InvalidArgumentError(f"unknown state kind {kind!r}")
 
