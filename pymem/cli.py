@@ -478,6 +478,11 @@ def demo(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         sfail = _demo_states(w, paths, srows)
         failures += sfail
+        kept = None
+        if getattr(args, "keep", None):
+            from . import _demo_keep
+
+            kept = _demo_keep.write(w, w.ensure_models(_demo_keep.KEEP_MODELS), args.keep)
     print("Part 1: the same operations in llama.cpp and in pymem, states compared byte for byte")
     _table(rows, "state bytes", "result")
     n = len(rows)
@@ -490,6 +495,10 @@ def demo(args: argparse.Namespace) -> int:
     ns = len(srows)
     print(f"\n{ns - sum(1 for r in srows if not r[3].startswith('ok'))}/{ns} session checks passed, "
           f"{time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    if kept:
+        print(f"\nkept {len(kept)} files in {args.keep} (see {os.path.join(args.keep, 'README.txt')}); try:\n"
+              f"  cd {args.keep}\n  pymem inspect chat.session --model model.gguf\n"
+              "  pymem edit chat.session -m model.gguf --seq-rm 0:4:12 --seq-add 0:12::-8 -o shifted.session")
     return 1 if failures else 0
 
 
@@ -536,6 +545,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "mirrors their memory in pymem, comparing states byte for byte; then saves "
                                    "sessions, inspects and edits them offline and loads the edits back into "
                                    "llama.cpp.  Exit status 1 on any mismatch.")
+    p.add_argument("--keep", metavar="DIR",
+                   help="leave the tiny models and the files llama.cpp saved (sessions, a llama-server slot file, "
+                        "raw blobs) in DIR, with a README.txt of commands to try")
     p.set_defaults(func=demo)
 
     p = sub.add_parser(

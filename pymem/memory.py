@@ -826,7 +826,7 @@ class KVCache(Memory, KVPart):
     slot search, K-shift, one or many streams, byte-compatible state.
 
     ``layers``, ``n_head_kv``, ``n_embd_head_k``/``n_embd_head_v`` and ``rope`` follow the
-    model's layers (ints apply to every layer).  See DESIGN.md section 3."""
+    model's layers (ints apply to every layer)."""
 
     def __init__(self, n_layer: int, **kwargs: Any) -> None:
         keep: list = []

@@ -1,4 +1,4 @@
-"""Parse and rebuild the memory sections of llama.cpp state blobs (SPEC section 8), in pure
+"""Parse and rebuild the memory sections of llama.cpp state blobs, in pure
 Python, for inspection, diffing, editing and tests.  ``dump(parse(x)) == x`` for every
 well-formed section.
 
