@@ -24,7 +24,6 @@ from . import _cliargs
 
 __all__ = ["main"]
 
-_BIG = 50 << 20  # progress bars for files larger than this (when stderr is a terminal)
 
 
 class CLIError(Exception):
@@ -38,40 +37,11 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------
 # progress
 # ---------------------------------------------------------------------------------------------
-class _Bar:
-    """A minimal stderr progress bar, drawn at most ~10 times a second."""
+def _progress_for(label: str, size: int, force: Optional[bool] = None) -> Any:
+    """A tqdm bar on stderr for work over a second (``--progress`` shows it at once)."""
+    from . import _progress
 
-    def __init__(self, label: str, stream: Any = None) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.last = 0.0
-        self.drawn = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last < 0.1:
-            return
-        self.last = now
-        frac = done / total if total else 1.0
-        width = 30
-        fill = int(frac * width)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% "
-                          f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB")
-        self.stream.flush()
-        self.drawn = True
-        if done >= total:
-            self.stream.write("\n")
-            self.drawn = False
-
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.drawn = False
-
-
-def _progress_for(label: str, size: int, force: Optional[bool] = None) -> Optional[_Bar]:
-    show = force if force is not None else (size > _BIG and sys.stderr.isatty())
-    return _Bar(label) if show else None
+    return _progress.bar(label, force)
 
 
 def _file_size(path: str) -> int:
@@ -114,7 +84,7 @@ def _add_state_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--kind", choices=["session", "seq_file", "context", "seq", "sections"],
                    help="what the file%s holds (default: recognised from the first bytes)" % ("s" if many else ""))
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: for files over 50 MB when stderr is a terminal)")
+                   help="progress bars (default: for work over a second when stderr is a terminal)")
 
 
 # ---------------------------------------------------------------------------------------------

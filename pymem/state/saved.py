@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .. import _errors as E
 from .._errors import StateError
-from . import files
+from . import files, mapped
 from .edit import Op, _build_memory, _convert_format, _seq_scope_ops, _state_read, apply_ops
 from .envelopes import (
     EditError,
@@ -222,7 +222,7 @@ class Session(_Saved):
         where the bytes alone cannot.  ``strict``: reject trailing bytes after the state,
         as llama_state_load_file does ("did not read all of the session file data");
         otherwise keep them in ``trailing``."""
-        return cls.parse(files.read_file(path, progress), model, layout, strict, name=os.fspath(path))
+        return cls.parse(mapped.read(path, progress), model, layout, strict, name=os.fspath(path))
 
     @classmethod
     def parse(cls, data: Any, model: Any = None, layout: Any = None, strict: bool = True,
@@ -328,7 +328,7 @@ class SeqState(_Saved):
              progress: Progress = None) -> "SeqState":
         """Read a sequence state file.  Trailing bytes after the state are kept in
         ``trailing`` (llama_state_seq_load_file ignores them); ``strict`` rejects them."""
-        return cls.parse(files.read_file(path, progress), model, layout, strict, name=os.fspath(path))
+        return cls.parse(mapped.read(path, progress), model, layout, strict, name=os.fspath(path))
 
     @classmethod
     def parse(cls, data: Any, model: Any = None, layout: Any = None, strict: bool = False,
@@ -530,4 +530,4 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
 def load(path: PathLike, model: Any = None, layout: Any = None, kind: Optional[str] = None, strict: bool = True,
          progress: Progress = None) -> Union[Session, SeqState, Blob]:
     """Read and parse any llama.cpp state file (see :func:`parse`)."""
-    return parse(files.read_file(path, progress), layout, model, kind, strict, name=os.fspath(path))
+    return parse(mapped.read(path, progress), layout, model, kind, strict, name=os.fspath(path))
