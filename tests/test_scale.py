@@ -61,3 +61,18 @@ def test_inspect_large_session_peak_memory(tmp_path):
     env = dict(os.environ, PYMEM_NO_MMAP="1")
     whole, _ = peak_kib(tmp_path, "inspect", big, env=env)
     assert (whole - base) * 1024 > size // 2
+
+
+def test_mapped_file_edited_in_place(tmp_path, capsys):
+    from pymem import cli
+    from pymem.state import mapped
+
+    p = tmp_path / "mid.session"
+    size = write_big_session(p, n_cells=640, n_layer=2, row=8192)
+    assert size >= mapped.MAP_MIN
+    assert isinstance(mapped.read(p), __import__("mmap").mmap)
+    rc = cli.main(["edit", str(p), "--truncate", "100", "-o", str(p)])
+    out = capsys.readouterr()
+    assert rc == 0 and "tokens: 640 -> 100" in out.out, out
+    s = state.load(p)
+    assert s.tokens == [i % 100 for i in range(100)] and s.sequences()[0][0].pos_max == 99
