@@ -101,6 +101,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(f"{args.file}:")
         print(obj.describe(width=args.width, cells=args.cells is not False))
+    from . import _inspect_extra
+
+    _inspect_extra.finish(args, obj)
     return 0
 
 
@@ -535,6 +538,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
                    help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
     p.add_argument("--width", type=int, default=64, help="width of the occupancy pictures (default 64)")
+    from . import _inspect_extra
+
+    _inspect_extra.add_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -645,7 +651,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = _parser()
     args = ap.parse_args(_cliargs.join_negative_values(sys.argv[1:] if argv is None else list(argv),
                                                         ("--budget", "--n-ctx", "--ctx", "--n-seq-max", "--parallel",
-                                                         "--n-ubatch", "--n-rs-seq")))
+                                                         "--n-ubatch", "--n-rs-seq", "--seq-rm", "--seq-cp",
+                                                         "--seq-add", "--seq-div", "--seq-keep", "--seq-mv",
+                                                         "--truncate", "--width")))
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return 2

@@ -1,0 +1,38 @@
+"""The additions to ``pymem inspect``: the occupancy picture by position (terminal), ``--html``
+/ ``--png`` files of it, and the tokens as text when ``--model`` has a vocabulary."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--html", metavar="OUT.html", help="write the cell-occupancy picture as an HTML page")
+    p.add_argument("--png", metavar="OUT.png", help="write the cell-occupancy picture as a PNG (needs matplotlib: "
+                                                    "pip install 'pymem[plot]')")
+
+
+def finish(args: argparse.Namespace, obj: Any) -> None:
+    from . import picture
+
+    title = f"{os.path.basename(args.file)}: cell occupancy by position"
+    if not args.json:
+        if getattr(obj, "tokens", None) and args.model:
+            from .state import vocab
+
+            txt = vocab.tokens_text(args.model, obj.tokens, limit=max(40, 2 * (args.width or 64)))
+            if txt is not None:
+                print(f"  tokens as text: {txt}")
+        if args.cells is not False:
+            pic = picture.text(obj, width=args.width if args.width and args.width > 0 else 64)
+            if pic:
+                print("  occupancy by position:")
+                print(pic)
+    if args.html:
+        picture.write_html(obj, args.html, title)
+        sys.stderr.write(f"wrote {args.html}\n")
+    if args.png:
+        picture.write_png(obj, args.png, title)
+        sys.stderr.write(f"wrote {args.png}\n")
