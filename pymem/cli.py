@@ -268,6 +268,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if isinstance(exc, Error):
             raise
         raise CLIError(f"cannot read {args.model}: {exc}") from None
+    if getattr(args, "sweep", False) or getattr(args, "plot", None):
+        from . import sweep
+
+        if not args.sweep:
+            raise CLIError("--plot needs --sweep", 2)
+        return sweep.report(args, hp, kw, label, _human)
     if args.budget is not None:
         from . import _budget
 
@@ -634,6 +640,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_bytes_arg, metavar="BYTES",
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
+    from . import sweep
+
+    sweep.add_args(p)
     p.set_defaults(func=cmd_estimate)
     return ap
 
