@@ -1,0 +1,82 @@
+"""The one narrow interface every prompt-cache backend implements.
+
+A backend stores immutable values under string keys (hex digests of the block hash chain) together
+with a small metadata record (:class:`Entry`), keeps a few atomic counters, and knows nothing about
+llama.cpp: the store (``pymem.store``) decides what a value means, checks its envelope and checksum,
+and applies the byte budget through :meth:`Backend.scan` and :meth:`Backend.delete`.
+
+Contract (every backend, checked by the shared backend tests):
+
+* ``put_if_absent`` is atomic: a reader sees either no value or the whole value, never a prefix,
+  also across processes and after a writer is killed; it returns False (and changes nothing) when the
+  key already exists.  Values are immutable: a key is never overwritten, only deleted.
+* ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``.
+* ``delete`` of absent keys is not an error; it returns how many keys it removed.
+* ``scan`` yields every entry's metadata (no values), in no particular order.
+* Counters are integers kept atomically across processes (hits, misses, tokens_saved, ...).
+* Backend failures raise :class:`pymem.store.StoreError` subclasses, never raw driver exceptions.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, Optional
+
+__all__ = ["Backend", "Entry"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Metadata of one stored value (the value itself is fetched with :meth:`Backend.get`)."""
+
+    key: str                 # hex digest: the chained block key (or a checkpoint / tail key)
+    size: int                # bytes of the stored value
+    kind: str                # "block" | "tail" | "ckpt"
+    n_tokens: int            # the token count this value brings a sequence to
+    parent: Optional[str]    # key of the block this one chains from (None: first block)
+    created: float = 0.0     # unix time of the put
+    last_used: float = 0.0   # unix time of the last get (LRU)
+    pinned: bool = False     # pinned entries are never evicted
+
+
+class Backend(abc.ABC):
+    """Abstract prompt-cache backend; see the module docstring for the contract."""
+
+    url: str = ""
+
+    @abc.abstractmethod
+    def get(self, key: str, *, touch: bool = True) -> Optional[bytes]: ...
+
+    @abc.abstractmethod
+    def entry(self, key: str) -> Optional[Entry]: ...
+
+    @abc.abstractmethod
+    def put_if_absent(self, entry: Entry, value: bytes) -> bool: ...
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> int: ...
+
+    @abc.abstractmethod
+    def scan(self) -> Iterator[Entry]: ...
+
+    @abc.abstractmethod
+    def set_pinned(self, keys: Iterable[str], pinned: bool = True) -> None: ...
+
+    @abc.abstractmethod
+    def incr(self, name: str, n: int = 1) -> int: ...
+
+    @abc.abstractmethod
+    def counters(self) -> Dict[str, int]: ...
+
+    def total_bytes(self) -> int:
+        """Sum of the sizes of all entries (backends may answer from a counter)."""
+        return sum(e.size for e in self.scan())
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections and files; the backend is unusable afterwards."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
