@@ -58,14 +58,3 @@ def join_negative_values(argv: Sequence[str], options: Sequence[str]) -> List[st
         i += 1
     return out
 
-
-def layout(text: str) -> str:
-    """A --layout value, checked before any file is read."""
-    from ._errors import Error
-    from .state import Layout
-
-    try:
-        Layout.coerce(text)
-    except Error as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text

@@ -77,7 +77,7 @@ def _add_state_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--model", "-m", metavar="M.gguf",
                    help="the model that wrote the state(s): gives the section layout and layer ids, "
                         "and for edit the RoPE parameters of K-shifts")
-    p.add_argument("--layout", metavar="LAYOUT", type=_cliargs.layout,
+    p.add_argument("--layout", metavar="LAYOUT",
                    help="explicit section layout when the bytes are ambiguous and no model is at hand: "
                         "kv | kv+kv | rec:N | kv+rec:N | kv+kv+rec:N (N = recurrent layers), or a memory "
                         "kind (kv, iswa, recurrent:N, hybrid:N, hybrid_iswa:N); @10 for format 10")

@@ -88,8 +88,11 @@ def test_clean_argument_errors(meta, capsys, tmp_path):  # noqa: F811
     assert "unknown cache type 'q9_9'; valid: f32, f16, bf16, q8_0" in err
     err = usage_error(capsys, "estimate", meta["llama"], "--parallel", "0")
     assert "must be 1 or more" in err
-    err = usage_error(capsys, "inspect", meta["llama"], "--layout", "kv+rec:abc")
-    assert "--layout: layout 'kv+rec:abc': the recurrent layer count 'abc'" in err
+    f = tmp_path / "s.session"
+    Session.from_memory(filled(meta["llama"]), [1]).save(f)
+    rc, out, err = run(capsys, "inspect", f, "--layout", "kv+rec:abc")
+    assert rc == 1 and err == ("pymem inspect: error: layout 'kv+rec:abc': the recurrent layer count 'abc' after ':' "
+                               "is not a number of layers (e.g. kv+rec:2, hybrid:2)\n")
     with pytest.raises(pymem.InvalidArgumentError, match="format"):
         state.Layout.coerce("kv@x")
     r = subprocess.run([sys.executable, "-m", "pymem", "estimate", "--help"], capture_output=True, text=True,

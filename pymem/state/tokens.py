@@ -17,7 +17,7 @@ core; :func:`follow` cross-checks the model against the state it wrote.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .memstate import MemoryState
 
@@ -201,6 +201,31 @@ def _cells_of(state: MemoryState, seq_hint: Optional[int]) -> Tuple[List[_Cell],
     return out, True
 
 
+def _same_bytes(a: Any, b: Any) -> bool:
+    """Whether two saved states have the same bytes, compared chunk by chunk (no whole copies)."""
+    if a.nbytes != b.nbytes:
+        return False
+
+    def pieces(obj: Any) -> Iterator[memoryview]:
+        for c in obj.chunks():
+            if len(c):
+                yield memoryview(c).cast("B")
+
+    ia, ib = pieces(a), pieces(b)
+    ca = cb = memoryview(b"")
+    while True:
+        if not len(ca):
+            ca = next(ia, memoryview(b""))
+        if not len(cb):
+            cb = next(ib, memoryview(b""))
+        if not len(ca) or not len(cb):
+            return not len(ca) and not len(cb)
+        n = min(len(ca), len(cb))
+        if ca[:n] != cb[:n]:
+            return False
+        ca, cb = ca[n:], cb[n:]
+
+
 # ---------------------------------------------------------------------------------------------
 # the hook used by edit()
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +240,7 @@ def follow(old: Any, new: Any, ops: Sequence[Any], seq: Optional[int], tokens: L
     notes = replay(cells, ops, unified)
     noop = [n for n in notes if " changed nothing: " in n]
     shared = [n for n in notes if n not in noop]
-    changed = new.dump() != old.dump()
+    changed = not _same_bytes(old, new)
     if not changed:
         noop.append("the edit changed nothing: the output equals the input")
     new.noop = noop
