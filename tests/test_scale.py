@@ -30,9 +30,10 @@ def write_big_session(path, n_cells=4096, n_layer=4, row=8192):
     return os.path.getsize(path)
 
 
-PEAK = ("import resource, sys\nfrom pymem import cli\nrc = cli.main(sys.argv[1:])\n"
-        "sys.stdout.flush()\nsys.stderr.write('PEAK %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        "sys.exit(rc)\n")
+# VmHWM: this process's peak resident set (ru_maxrss would carry the forking parent's peak)
+PEAK = ("import sys\nfrom pymem import cli\nrc = cli.main(sys.argv[1:])\nsys.stdout.flush()\n"
+        "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "sys.stderr.write('PEAK %s\\n' % hwm)\nsys.exit(rc)\n")
 
 
 def peak_kib(tmp_path, *argv, env=None):
