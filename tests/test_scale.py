@@ -77,3 +77,19 @@ def test_mapped_file_edited_in_place(tmp_path, capsys):
     assert rc == 0 and "tokens: 640 -> 100" in out.out, out
     s = state.load(p)
     assert s.tokens == [i % 100 for i in range(100)] and s.sequences()[0][0].pos_max == 99
+
+
+def test_diff_large_sessions_no_whole_copies(tmp_path):
+    """diff compares chunk by chunk: besides the two mapped files it holds no copy of them
+    (it used to join every section and dump both files whole: ~5x the file size)."""
+    a, b = tmp_path / "a.session", tmp_path / "b.session"
+    size = write_big_session(a, n_cells=2048, n_layer=2, row=8192)
+    write_big_session(b, n_cells=2048, n_layer=2, row=8192)
+    small = tmp_path / "small.session"
+    write_big_session(small, n_cells=16, n_layer=2, row=256)
+    base, _ = peak_kib(tmp_path, "diff", small, small)
+    peak, out = peak_kib(tmp_path, "diff", a, b)
+    assert out.strip().endswith("identical")
+    grew = (peak - base) * 1024
+    print(f"diff of two {size / 2**20:.0f} MiB sessions: +{grew / 2**20:.0f} MiB")
+    assert grew < 2.5 * size, (grew, size)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from typing import Any
+from typing import Any, Iterator
 
 from . import files
 from .envelopes import PathLike, Progress
 
-__all__ = ["read", "MAP_MIN"]
+__all__ = ["read", "same_bytes", "MAP_MIN"]
 
 #: files from this size on are mapped
 MAP_MIN = 16 << 20
@@ -45,3 +45,28 @@ def read(path: PathLike, progress: Progress = None) -> Any:
     if progress:
         progress(len(m), len(m))
     return m
+
+
+def same_bytes(a: Any, b: Any) -> bool:
+    """Whether two saved states have the same bytes, compared chunk by chunk (no whole copies)."""
+    if a.nbytes != b.nbytes:
+        return False
+
+    def pieces(obj: Any) -> Iterator[memoryview]:
+        for c in obj.chunks():
+            if len(c):
+                yield memoryview(c).cast("B")
+
+    ia, ib = pieces(a), pieces(b)
+    ca = cb = memoryview(b"")
+    while True:
+        if not len(ca):
+            ca = next(ia, memoryview(b""))
+        if not len(cb):
+            cb = next(ib, memoryview(b""))
+        if not len(ca) or not len(cb):
+            return not len(ca) and not len(cb)
+        n = min(len(ca), len(cb))
+        if ca[:n] != cb[:n]:
+            return False
+        ca, cb = ca[n:], cb[n:]

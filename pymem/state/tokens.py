@@ -17,8 +17,9 @@ core; :func:`follow` cross-checks the model against the state it wrote.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from .mapped import same_bytes
 from .memstate import MemoryState
 
 __all__ = ["follow", "mapped_sequence", "replay"]
@@ -201,31 +202,6 @@ def _cells_of(state: MemoryState, seq_hint: Optional[int]) -> Tuple[List[_Cell],
     return out, True
 
 
-def _same_bytes(a: Any, b: Any) -> bool:
-    """Whether two saved states have the same bytes, compared chunk by chunk (no whole copies)."""
-    if a.nbytes != b.nbytes:
-        return False
-
-    def pieces(obj: Any) -> Iterator[memoryview]:
-        for c in obj.chunks():
-            if len(c):
-                yield memoryview(c).cast("B")
-
-    ia, ib = pieces(a), pieces(b)
-    ca = cb = memoryview(b"")
-    while True:
-        if not len(ca):
-            ca = next(ia, memoryview(b""))
-        if not len(cb):
-            cb = next(ib, memoryview(b""))
-        if not len(ca) or not len(cb):
-            return not len(ca) and not len(cb)
-        n = min(len(ca), len(cb))
-        if ca[:n] != cb[:n]:
-            return False
-        ca, cb = ca[n:], cb[n:]
-
-
 # ---------------------------------------------------------------------------------------------
 # the hook used by edit()
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +216,7 @@ def follow(old: Any, new: Any, ops: Sequence[Any], seq: Optional[int], tokens: L
     notes = replay(cells, ops, unified)
     noop = [n for n in notes if " changed nothing: " in n]
     shared = [n for n in notes if n not in noop]
-    changed = not _same_bytes(old, new)
+    changed = not same_bytes(old, new)
     if not changed:
         noop.append("the edit changed nothing: the output equals the input")
     new.noop = noop
