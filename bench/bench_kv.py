@@ -334,7 +334,7 @@ def run_config(cfg: Config, args: argparse.Namespace, model: Any, model_path: Op
     sys.stdout.flush()
 
     def pm_restore() -> None:
-        plib.pm_mem_state_read(pm._handle.ptr, -1, 0, 1, whole_c, nw, False, pm_out64)
+        plib.pm_mem_state_read(pm._guard.live(), -1, 0, 1, whole_c, nw, False, pm_out64)
 
     pm_out64 = pffi.new("uint64_t *")
 
@@ -363,7 +363,7 @@ def run_config(cfg: Config, args: argparse.Namespace, model: Any, model_path: Op
         return row
 
     # ---- Python / cffi floor ---------------------------------------------------------------
-    pptr = pm._handle.ptr
+    pptr = pm._guard.live()
     pos_out = pffi.new("pm_pos *")
     rows.append(Row("cffi floor: empty Python call", *median_pair(lambda: None, lambda: None, R),
                     base="python", note="lambda: None"))
@@ -572,7 +572,7 @@ def run_scaling(args: argparse.Namespace, model: Any, model_path: Optional[str])
         pm.state_read(sec)
         whole = pm.state_write(envelope="llama")
         wc_p = pffi.from_buffer("uint8_t[]", whole)
-        ptr = pm._handle.ptr
+        ptr = pm._guard.live()
         out64 = pffi.new("uint64_t *")
 
         def pm_restore() -> None:

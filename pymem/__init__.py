@@ -21,7 +21,8 @@ from ._errors import (
 from ._native import ffi as _ffi
 from ._native import lib as _lib
 from .batch import Batch, BatchContext, UBatch, seq_set_order
-from .gguf import estimate, from_gguf, max_context, memory_spec, read_hparams
+from .gguf import read_hparams
+from .plan import estimate, from_gguf, max_context, memory_spec
 from .memory import (
     STATE_PARTIAL_ONLY,
     STATE_SWA_ONLY,

@@ -12,24 +12,24 @@ from typing import Any, Callable, Dict
 def grows_with_context(hp: Any, kw: Dict[str, Any]) -> bool:
     """Whether the memory's bytes depend on n_ctx (False for recurrent-only models, and
     hybrid-iSWA models whose attention layers all slide, without swa_full)."""
-    from . import gguf
+    from . import plan
 
     per = 256 * (1 if kw.get("unified", True) else max(1, int(kw.get("n_seq_max", 1))))
-    return gguf.estimate(hp, per, **kw).total != gguf.estimate(hp, 8 * per, **kw).total
+    return plan.estimate(hp, per, **kw).total != plan.estimate(hp, 8 * per, **kw).total
 
 
 def report(args: argparse.Namespace, hp: Any, kw: Dict[str, Any], label: str, human: Callable[[int], str]) -> int:
-    from . import gguf
+    from . import plan
 
-    n_fit = gguf.max_context(hp, args.budget, **kw)
+    n_fit = plan.max_context(hp, args.budget, **kw)
     grows = grows_with_context(hp, kw)
     train = int(getattr(hp, "n_ctx_train", 0) or 0)
     n = n_fit
     capped = False
     if n_fit and train and n_fit > train:
-        n = gguf.estimate(hp, 0, **kw).spec.n_ctx   # llama.cpp's context for n_ctx = 0 (the training one)
+        n = plan.estimate(hp, 0, **kw).spec.n_ctx   # llama.cpp's context for n_ctx = 0 (the training one)
         capped = n < n_fit
-    e = gguf.estimate(hp, n, **kw) if n else None
+    e = plan.estimate(hp, n, **kw) if n else None
     if args.json:
         json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
                    "bytes": e.total if e else None, "n_ctx_train": train or None, "capped_at_n_ctx_train": capped,

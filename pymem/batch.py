@@ -8,15 +8,13 @@ dry-runs their placement; iterating the returned :class:`BatchContext` gives
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from . import _errors as E
+from ._guard import Guard, u32
 from ._native import as_i32, check, ffi, lib
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .memory import Memory
 
 __all__ = ["Batch", "BatchContext", "UBatch", "seq_set_order"]
 
@@ -65,6 +63,7 @@ class Batch:
             n = int(n_tokens)
         if n < 0:
             raise E.InvalidArgumentError("n_tokens must be >= 0")
+        u32(n, "n_tokens", "Batch")
         self._n = n
         pos_arr = None
         n_pos = 0
@@ -136,13 +135,19 @@ class Batch:
 
 class UBatch:
     """One ubatch of a :class:`BatchContext`: apply it, then read its cells, store its K/V
-    rows and compute its KQ mask."""
+    rows and compute its KQ mask.  Every call checks that the memory is still open."""
 
     def __init__(self, ctx: "BatchContext", index: int) -> None:
+        if not isinstance(ctx, BatchContext):
+            raise TypeError(f"UBatch needs a pymem.BatchContext, not {type(ctx).__name__}")
+        index = u32(index, "index", "UBatch")
+        n_ub = ctx._n_ubatch
+        if index >= n_ub:
+            raise E.InvalidArgumentError(f"UBatch: index {index} out of range (the context has {n_ub} ubatches)")
         self._ctx = ctx
         self.index = index
         info = ffi.new("pm_ubatch_info *")
-        check(lib.pm_mctx_ubatch_info(ctx._ptr, index, info), "ubatch")
+        ctx._call("ubatch", lib.pm_mctx_ubatch_info, index, info)
         self.n_tokens: int = info.n_tokens
         self.n_seq_tokens: int = info.n_seq_tokens
         self.n_seqs: int = info.n_seqs
@@ -154,30 +159,19 @@ class UBatch:
         self.pos = np.empty(n, np.int32)
         self.seq = np.empty(n, np.int32)
         self.output = np.empty(n, np.int8)
-        check(
-            lib.pm_mctx_ubatch_tokens(
-                ctx._ptr, index,
-                ffi.from_buffer("uint32_t[]", self.batch_idx, require_writable=True),
-                ffi.from_buffer("pm_pos[]", self.pos, require_writable=True),
-                ffi.from_buffer("pm_seq_id[]", self.seq, require_writable=True),
-                ffi.from_buffer("int8_t[]", self.output, require_writable=True),
-            ),
-            "ubatch",
-        )
+        ctx._call("ubatch", lib.pm_mctx_ubatch_tokens, index,
+                  ffi.from_buffer("uint32_t[]", self.batch_idx, require_writable=True),
+                  ffi.from_buffer("pm_pos[]", self.pos, require_writable=True),
+                  ffi.from_buffer("pm_seq_id[]", self.seq, require_writable=True),
+                  ffi.from_buffer("int8_t[]", self.output, require_writable=True))
 
     def _cells(self, part: int) -> tuple[np.ndarray, np.ndarray]:
         ns = max(self.n_stream, 1)
         streams = np.empty(ns, np.uint32)
         cells = np.empty(self.n_tokens, np.uint32)
-        with self._ctx._mem._lock:
-            check(
-                lib.pm_mctx_cells(
-                    self._ctx._ptr, self.index, part,
-                    ffi.from_buffer("uint32_t[]", streams, require_writable=True),
-                    ffi.from_buffer("uint32_t[]", cells, require_writable=True),
-                ),
-                "cells",
-            )
+        self._ctx._call("cells", lib.pm_mctx_cells, self.index, part,
+                        ffi.from_buffer("uint32_t[]", streams, require_writable=True),
+                        ffi.from_buffer("uint32_t[]", cells, require_writable=True))
         return streams, cells.astype(np.int32).reshape(ns, self.n_tokens // ns)
 
     @property
@@ -191,20 +185,19 @@ class UBatch:
         """The stream of each row of :attr:`cells`."""
         return self._cells(0)[0]
 
+    def _info(self) -> Any:
+        info = ffi.new("pm_ubatch_info *")
+        self._ctx._call("ubatch", lib.pm_mctx_ubatch_info, self.index, info)
+        return info
+
     @property
     def applied(self) -> bool:
-        info = ffi.new("pm_ubatch_info *")
-        with self._ctx._mem._lock:    # apply() changes the context under this lock
-            check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
-        return bool(info.applied)
+        return bool(self._info().applied)
 
     @property
     def n_kv(self) -> int:
         """Cells the attention looks at (llama.cpp's padded n_kv), after apply."""
-        info = ffi.new("pm_ubatch_info *")
-        with self._ctx._mem._lock:
-            check(lib.pm_mctx_ubatch_info(self._ctx._ptr, self.index, info))
-        return int(info.n_kv)
+        return int(self._info().n_kv)
 
     @property
     def rec_range(self) -> tuple[int, int]:
@@ -212,8 +205,7 @@ class UBatch:
         cell head + s."""
         head = ffi.new("uint32_t *")
         n = ffi.new("uint32_t *")
-        with self._ctx._mem._lock:
-            check(lib.pm_mctx_rec_range(self._ctx._ptr, self.index, head, n), "rec_range")
+        self._ctx._call("rec_range", lib.pm_mctx_rec_range, self.index, head, n)
         return int(head[0]), int(n[0])
 
     def store_state(self, layer: int, r: np.ndarray | bytes | None = None, s: np.ndarray | bytes | None = None) -> None:
@@ -223,21 +215,14 @@ class UBatch:
         sb, _ = _rows(s)
         rb = None if rb is None else np.ascontiguousarray(rb).view(np.uint8)
         sb = None if sb is None else np.ascontiguousarray(sb).view(np.uint8)
-        mem = self._ctx._mem
         layer = _layer_id(layer)
-        with mem._lock:
-            mem._live()
-            check(lib.pm_mctx_store_rs(self._ctx._ptr, self.index, layer,
-                                       ffi.from_buffer(rb) if rb is not None else ffi.NULL, 0 if rb is None else rb.nbytes,
-                                       ffi.from_buffer(sb) if sb is not None else ffi.NULL, 0 if sb is None else sb.nbytes),
-                  "store_state")
+        self._ctx._call("store_state", lib.pm_mctx_store_rs, self.index, layer,
+                        ffi.from_buffer(rb) if rb is not None else ffi.NULL, 0 if rb is None else rb.nbytes,
+                        ffi.from_buffer(sb) if sb is not None else ffi.NULL, 0 if sb is None else sb.nbytes)
 
     def apply(self) -> None:
         """Place the ubatch in the memory (ubatches must be applied in order)."""
-        mem = self._ctx._mem
-        with mem._lock:
-            mem._live()
-            check(lib.pm_mctx_apply(self._ctx._ptr, self.index), "apply")
+        self._ctx._call("apply", lib.pm_mctx_apply, self.index)
 
     def store(self, layer: int, k: np.ndarray | None = None, v: np.ndarray | None = None) -> None:
         """Store the K and V rows of this ubatch's tokens for MODEL layer ``layer``.
@@ -250,23 +235,18 @@ class UBatch:
         if k is not None and v is not None and kf != vf:
             raise E.InvalidArgumentError("k and v must both be float32 or both raw rows")
         is_f32 = kf if k is not None else vf
-        mem = self._ctx._mem
         layer = _layer_id(layer)
-        with mem._lock:
-            mem._live()
-            check(
-                lib.pm_mctx_store(
-                    self._ctx._ptr, self.index, layer,
-                    ffi.from_buffer(kb) if kb is not None else ffi.NULL, 0 if kb is None else kb.nbytes,
-                    ffi.from_buffer(vb) if vb is not None else ffi.NULL, 0 if vb is None else vb.nbytes,
-                    bool(is_f32),
-                ),
-                "store",
-            )
+        self._ctx._call("store", lib.pm_mctx_store, self.index, layer,
+                        ffi.from_buffer(kb) if kb is not None else ffi.NULL, 0 if kb is None else kb.nbytes,
+                        ffi.from_buffer(vb) if vb is not None else ffi.NULL, 0 if vb is None else vb.nbytes,
+                        bool(is_f32))
 
     def __repr__(self) -> str:
-        return (f"UBatch({self.index}, n_tokens={self.n_tokens}, n_seqs={self.n_seqs}, "
-                f"n_stream={self.n_stream}, applied={self.applied})")
+        if self._ctx._guard.closed:
+            return f"<UBatch {self.index}: {self.n_tokens} tokens, memory closed>"
+        return (f"<UBatch {self.index}: {self.n_tokens} tokens, {self.n_seqs} sequence sets, "
+                f"{self.n_stream} stream{'s' if self.n_stream != 1 else ''}, "
+                f"{'applied' if self.applied else 'not applied'}>")
 
 
 def _layer_id(layer: object) -> int:
@@ -290,12 +270,19 @@ def _rows(x: object) -> tuple[np.ndarray | None, bool]:
 
 
 class BatchContext:
-    """The ubatches of one batch, ready to apply (llama.cpp's memory context)."""
+    """The ubatches of one batch, ready to apply (llama.cpp's memory context).  It belongs to
+    the memory that made it: it uses the memory's guard (lock, open check) for every call."""
 
-    def __init__(self, mem: "Memory", ptr: object) -> None:
-        self._mem = mem
+    def __init__(self, guard: Guard, ptr: Any) -> None:
+        if not isinstance(guard, Guard):
+            raise TypeError("BatchContext objects come from Memory.init_batch() / Memory.decode()")
+        self._guard = guard
         self._ptr = ffi.gc(ptr, lib.pm_mctx_free)
-        self.ubatches = [UBatch(self, i) for i in range(lib.pm_mctx_n_ubatch(self._ptr))]
+        self._n_ubatch = int(lib.pm_mctx_n_ubatch(self._ptr))
+        self.ubatches = [UBatch(self, i) for i in range(self._n_ubatch)]
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        return self._guard.call_on(self._ptr, what, fn, *args)
 
     def __len__(self) -> int:
         return len(self.ubatches)
@@ -312,4 +299,4 @@ class BatchContext:
             ub.apply()
 
     def __repr__(self) -> str:
-        return f"BatchContext({len(self)} ubatches)"
+        return f"<BatchContext: {len(self)} ubatch{'es' if len(self) != 1 else ''}>"

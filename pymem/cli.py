@@ -222,7 +222,19 @@ def _bytes_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     if unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
     return int(value * _UNITS[unit])
+
+
+def _width_arg(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= v <= 100000:
+        raise argparse.ArgumentTypeError(f"{text!r}: the width must be in [1, 100000] characters")
+    return v
 
 
 def _human(n: int) -> str:
@@ -243,7 +255,7 @@ def _layer_ranges(layers: List[int]) -> str:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import gguf, shapes
+    from . import gguf, plan, shapes
 
     if args.list_shapes:
         for name in shapes.names():
@@ -278,7 +290,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from . import _budget
 
         return _budget.report(args, hp, kw, label, _human)
-    e = gguf.estimate(hp, args.n_ctx, **kw)
+    e = plan.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
         json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "kind": spec.kind, "n_ctx": spec.n_ctx,
@@ -543,7 +555,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
                    help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
-    p.add_argument("--width", type=int, default=64, help="width of the occupancy pictures (default 64)")
+    p.add_argument("--width", type=_width_arg, default=64, help="width of the occupancy pictures (default 64)")
     from . import _inspect_extra
 
     _inspect_extra.add_args(p)

@@ -59,7 +59,7 @@ def default_contexts(n_ctx_train: int, points: int = 8) -> List[int]:
 
 def sweep(hp: Any, contexts: Sequence[int], types: Sequence[str], **kw: Any) -> Dict[str, List[Optional[int]]]:
     """``{type: [bytes at each context, or None where llama.cpp refuses the type]}``."""
-    from . import gguf
+    from . import plan
 
     kw = {k: v for k, v in kw.items() if k not in ("type_k", "type_v")}
     out: Dict[str, List[Optional[int]]] = {}
@@ -67,7 +67,7 @@ def sweep(hp: Any, contexts: Sequence[int], types: Sequence[str], **kw: Any) -> 
         row: List[Optional[int]] = []
         for n in contexts:
             try:
-                row.append(gguf.estimate(hp, int(n), type_k=t, type_v=t, **kw).total)
+                row.append(plan.estimate(hp, int(n), type_k=t, type_v=t, **kw).total)
             except (E.UnsupportedError, E.InvalidArgumentError):
                 row.append(None)
         out[t] = row

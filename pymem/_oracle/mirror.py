@@ -380,7 +380,7 @@ class Mirror:
 
 
 def _k_close(a: bytes, b: bytes, type_id: int, tol: float) -> bool:
-    from ..memory import type_name
+    from ..params import type_name
     from .._native import ffi, lib
 
     name = type_name(type_id)

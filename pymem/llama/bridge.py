@@ -29,7 +29,7 @@ A *context* is any of:
 
 Memory layout (:func:`context_params`, :func:`memory_for`)
 --------------------------------------------------------
-pymem builds the memory llama.cpp built (:func:`pymem.gguf.memory_spec`) from the model's GGUF
+pymem builds the memory llama.cpp built (:func:`pymem.plan.memory_spec`) from the model's GGUF
 file and the context parameters. The parameters are recovered like this:
 
 * ``n_ctx``, ``n_ctx_seq``, ``n_seq_max``, ``n_batch``, ``n_ubatch`` and ``n_rs_seq`` come from the C
@@ -283,7 +283,7 @@ _C_DEFAULTS = {"flash_attn": True, "type_k": "f16", "type_v": "f16", "swa_full":
 
 def _created_from_params(p: Dict[str, Any]) -> Dict[str, Any]:
     """Creation parameters recorded by capi.Context.requested / ContextHandle.params."""
-    from ..memory import type_name
+    from ..params import type_name
 
     out: Dict[str, Any] = {}
     if "flash_attn_type" in p:
@@ -525,7 +525,7 @@ def _kv_part_count(kind: str, flags: int) -> int:
 def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool) -> Dict[str, Any]:
     """n_stream of the first KV section, and v_trans / K type / V type of the first KV stream
     that holds cells and layers. Returns what it could read (no copy of any row)."""
-    from ..memory import type_name
+    from ..params import type_name
 
     out: Dict[str, Any] = {}
     mv = memoryview(blob)
@@ -623,8 +623,8 @@ class ContextParams:
         return [k for k, v in self.sources.items() if v == "default"]
 
     def spec(self, format: int = WHEEL_FORMAT) -> Any:
-        """The :class:`pymem.gguf.MemorySpec` of this context's memory."""
-        from ..gguf import memory_spec
+        """The :class:`pymem.plan.MemorySpec` of this context's memory."""
+        from ..plan import memory_spec
 
         hp = self.hparams if self.hparams is not None else _hparams(self.model_path)
         return memory_spec(hp, self.n_ctx, n_seq_max=self.n_seq_max, type_k=self.type_k,
@@ -671,8 +671,8 @@ def _probe_blob(live: _Live, n_seq_max: int) -> _Probe:
 
 
 def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tuple[ContextParams, List[_Probe]]:
-    from ..gguf import memory_spec
-    from ..memory import type_name, type_id
+    from ..plan import memory_spec
+    from ..params import type_id, type_name
 
     E = _E()
     if not live.model_path:
@@ -782,7 +782,7 @@ def context_params(ctx: Any, *, model_path: Any = None, type_k: Optional[str] = 
 
 def _build(live: _Live, params: ContextParams, probes: List[_Probe], format: int) -> Any:
     """Build the memory of ``params`` and check it against the context."""
-    from ..gguf import build_memory
+    from ..plan import build_memory
 
     E = _E()
     spec = params.spec(format)

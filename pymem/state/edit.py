@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import _errors as E
+from .. import _kinds as kinds
 from .._errors import StateError
 from .sections import KVSection
 from .envelopes import EditError, _MAX_SEQ
@@ -108,8 +109,8 @@ def _build_memory(state: MemoryState, model: Any, arch: Optional[str], extra_ids
         p["n_seq_max"] = max(p["n_seq_max"], int(n_seq_max))
     if model is None:
         return _geometry_memory(state, p, arch)
-    from ..gguf import build_memory, memory_spec
-    from ..memory import type_name
+    from ..plan import build_memory, memory_spec
+    from ..params import type_name
 
     hp = _hparams(model)
     if arch is not None and hp.arch != arch:
@@ -134,8 +135,6 @@ def _geometry_memory(state: MemoryState, p: Dict[str, Any], arch: Optional[str])
     RoPE (it cannot shift), no sliding window.  KV layers get model ids 0, 1, ... in section
     order; the recurrent layers the last ids of the model layer count the REC section
     records."""
-    from ..memory import HybridISWAMemory, HybridMemory, KVCache, KVCacheISWA, RecurrentMemory
-
     g = state.geometry()
     rec = g["rec"]
     kvs = g["kv"]
@@ -181,20 +180,15 @@ def _geometry_memory(state: MemoryState, p: Dict[str, Any], arch: Optional[str])
             tr, ts = rt, st_
         rec_args = dict(n_layer=n_model, layers=layers, n_embd_r=rr, n_embd_s=ss, n_embd_p=pp,
                         size=max(1, n_seq_max), n_seq_max=n_seq_max, type_r=tr, type_s=ts, n_rs_seq=0, arch=arch)
-    pat = state.layout.pattern
-    try:
-        if pat == ("kv",):
-            return KVCache(**kv_args[0])
-        if pat == ("kv", "kv"):
-            return KVCacheISWA(base=kv_args[0], swa=kv_args[1])
-        if pat == ("rec",):
-            return RecurrentMemory(**rec_args)
-        if pat == ("kv", "rec"):
-            return HybridMemory(attn=kv_args[0], recurrent=rec_args)
-        if pat == ("kv", "kv", "rec"):
-            return HybridISWAMemory(attn={"base": kv_args[0], "swa": kv_args[1]}, recurrent=rec_args)
-    except E.Error as exc:
-        raise EditError(f"cannot build a memory shaped like this state: {exc}") from None
+    kind = kinds.by_pattern(state.layout.pattern)
+    if kind is not None:
+        parts = dict(zip(kind.kv_parts, kv_args))
+        if rec_args is not None:
+            parts["recurrent"] = rec_args
+        try:
+            return kind.cls._from_parts(parts)
+        except E.Error as exc:
+            raise EditError(f"cannot build a memory shaped like this state: {exc}") from None
     raise EditError(f"no memory has the layout {state.layout.describe()}")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .. import _errors as E
+from .. import _kinds as kinds
 from .._errors import StateError
 from .envelopes import PathLike
 
@@ -36,7 +37,7 @@ def _tname(t: Optional[int]) -> str:
         return "-"
     if _type_info(t) is None:
         return f"type{t}"
-    from ..memory import type_name
+    from ..params import type_name
 
     return type_name(t)
 
@@ -77,18 +78,11 @@ class SectionSpec:
         return f"{self.name}: {what}" if self.name else what
 
 
-_KIND_SECTIONS = {
-    "kv": ("kv",), "iswa": ("base", "swa"), "recurrent": ("recurrent",),
-    "hybrid": ("attn", "recurrent"), "hybrid_iswa": ("base", "swa", "recurrent"),
-}
-
-
-_PATTERN_KINDS = {
-    ("kv",): "kv (or the PARTIAL_ONLY part of an iSWA)",
-    ("kv", "kv"): "iswa",
-    ("rec",): "recurrent (or the PARTIAL_ONLY part of a hybrid)",
-    ("kv", "rec"): "hybrid (or the PARTIAL_ONLY part of a hybrid-iSWA)",
-    ("kv", "kv", "rec"): "hybrid_iswa",
+#: what a bare section pattern may be (a whole state, or the PARTIAL_ONLY part of a bigger kind)
+_PATTERN_NOTES = {
+    "kv": "kv (or the PARTIAL_ONLY part of an iSWA)",
+    "recurrent": "recurrent (or the PARTIAL_ONLY part of a hybrid)",
+    "hybrid": "hybrid (or the PARTIAL_ONLY part of a hybrid-iSWA)",
 }
 
 
@@ -112,9 +106,7 @@ class Layout:
     def of_kind(cls, kind: str, n_recurrent: int = 0, format: Optional[int] = None, partial: bool = False,
                 cell_ext: bool = False) -> "Layout":
         """The layout of a memory kind (kv, iswa, recurrent, hybrid, hybrid_iswa)."""
-        if kind not in _KIND_SECTIONS:
-            raise E.InvalidArgumentError(f"unknown memory kind {kind!r} (one of {', '.join(_KIND_SECTIONS)})")
-        names = list(_KIND_SECTIONS[kind])
+        names = list(kinds.by_name(kind).parts)
         secs = tuple(SectionSpec("rec", n, n_recurrent=int(n_recurrent)) if n == "recurrent"
                      else SectionSpec("kv", n, cell_ext=cell_ext, swa=n == "swa") for n in names)
         if any(s.kind == "rec" for s in secs) and n_recurrent <= 0:
@@ -124,7 +116,7 @@ class Layout:
     @classmethod
     def from_spec(cls, spec: Any, partial: bool = False, format: Optional[int] = None,
                   source: str = "") -> "Layout":
-        """The layout of a :class:`pymem.gguf.MemorySpec`."""
+        """The layout of a :class:`pymem.plan.MemorySpec`."""
         secs = []
         for p in spec.parts:
             kw = p.kwargs
@@ -146,7 +138,7 @@ class Layout:
     @classmethod
     def from_model(cls, model: PathLike, partial: bool = False, format: Optional[int] = None) -> "Layout":
         """The layout of the memory llama.cpp creates for a GGUF model."""
-        from ..gguf import memory_spec
+        from ..plan import memory_spec
 
         hp = _hparams(model)
         spec = memory_spec(hp, 256)
@@ -157,20 +149,18 @@ class Layout:
     def from_memory(cls, mem: Any, partial: bool = False) -> "Layout":
         """The layout of a pymem memory's state."""
         secs = []
-        names = list(_KIND_SECTIONS[mem.kind])
+        names = list(kinds.by_name(mem.kind).kv_parts)
         fmt = None
         for name, kv in zip(names, mem.kv_parts()):
             fmt = kv.format
-            has_v = all(kv._layer(il)[1].n_embd_v_gqa > 0 for il in kv.layers) if kv.layers else True
-            secs.append(SectionSpec("kv", name, cell_ext=kv.cell_ext, has_v=has_v, layers=tuple(kv.layers),
+            secs.append(SectionSpec("kv", name, cell_ext=kv.cell_ext, has_v=kv.has_v, layers=tuple(kv.layers),
                                     swa=kv.swa_type != "none"))
         rec = getattr(mem, "recurrent", None)
         if rec is not None:
-            ple = tuple(bool(li.row_bytes[2]) for _, li in (rec._layers[il] for il in rec.layers))
-            info = _rec_info(mem)
+            ple = rec.has_p
             secs.append(SectionSpec("rec", "recurrent", n_recurrent=len(rec.layers),
                                     ple=ple if any(ple) else None, layers=tuple(rec.layers),
-                                    n_layer_model=info))
+                                    n_layer_model=rec.n_layer_model))
         return cls(_partial(secs) if partial else tuple(secs), fmt, mem.kind, bool(partial),
                    f"memory ({mem.kind})")
 
@@ -181,7 +171,7 @@ class Layout:
         if x is None or isinstance(x, Layout):
             return x
         if isinstance(x, str):
-            if x in _KIND_SECTIONS and x not in ("recurrent", "hybrid", "hybrid_iswa"):
+            if x in kinds.KINDS and not kinds.KINDS[x].recurrent:
                 return cls.of_kind(x)
             return cls.parse_text(x)
         secs = []
@@ -214,7 +204,7 @@ class Layout:
         if n and not (n.strip().isdigit() and int(n) <= 4096):
             raise E.InvalidArgumentError(f"layout {text!r}: the recurrent layer count {n!r} after ':' is not a "
                                          "number of layers (e.g. kv+rec:2, hybrid:2)")
-        if head in _KIND_SECTIONS:
+        if head in kinds.KINDS:
             return replace(cls.of_kind(head, int(n or 0), fmt), source=f"explicit ({text})")
         secs = []
         parts = head.split("+")
@@ -244,8 +234,9 @@ class Layout:
         txt = " + ".join(parts) or "(no memory)"
         if self.kind:
             txt += f" [{self.kind}{', PARTIAL_ONLY' if self.partial else ''}]"
-        elif self.pattern in _PATTERN_KINDS:
-            txt += f" [{_PATTERN_KINDS[self.pattern]}]"
+        elif kinds.by_pattern(self.pattern) is not None:
+            k = kinds.by_pattern(self.pattern).name  # type: ignore[union-attr]
+            txt += f" [{_PATTERN_NOTES.get(k, k)}]"
         if self.format:
             txt += f", format {self.format}"
         return txt
@@ -290,11 +281,3 @@ def _hparams(model: Any) -> Any:
         raise
     except Exception as exc:  # a foreign or broken GGUF
         raise StateError(f"cannot read the model {os.fspath(model)!s}: {exc}") from None
-
-
-def _rec_info(mem: Any) -> int:
-    from .._native import ffi, lib
-
-    info = ffi.new("pm_rec_info *")
-    lib.pm_rec_info_get(mem._live(), info)
-    return int(info.n_layer_model)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .. import _kinds as kinds
 from .._errors import StateError
 from .sections import KVSection, RecSection, parse_kv, parse_rec
 from .envelopes import _MAX_SEQ
@@ -333,9 +334,8 @@ def _finish(lay: Layout, secs: List[Any], offs: List[int], fmt: int, scope: Opti
         scope = "seq" if rec is not None and rec.cells and all(not c.seq_ids for c in rec.cells) else "whole"
     if scope == "whole" and lay.kind is None:
         # a whole state has every section of its memory: the pattern names the kind
-        kinds = {("kv",): "kv", ("kv", "kv"): "iswa", ("rec",): "recurrent", ("kv", "rec"): "hybrid",
-                 ("kv", "kv", "rec"): "hybrid_iswa"}
-        lay = replace(lay, kind=kinds.get(lay.pattern))
+        k = kinds.by_pattern(lay.pattern)
+        lay = replace(lay, kind=k.name if k is not None else None)
     if scope == "seq":
         if seq_id is None:
             seq_id = _seq_of_cells(secs, lay.sections)

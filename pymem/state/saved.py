@@ -96,7 +96,10 @@ class _Saved:
         return {}
 
     def describe(self, width: int = 64, cells: bool = True) -> str:
-        """A readable multi-line summary with a picture of cell occupancy per stream."""
+        """A readable multi-line summary with a picture of cell occupancy per stream (``width``
+        characters wide, at least 1)."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise E.InvalidArgumentError(f"describe: width must be an integer >= 1, got {width!r}")
         return _describe(self, width, cells)
 
     # -- memory ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 # ---------------------------------------------------------------------------------------------
-# an independent reader of llama.cpp's KV state (layout: SPEC 8.2, ORACLE 4.3)
+# llama.cpp's KV state as regen needs it (read by tests/blobreader.py; layout: SPEC 8.2, ORACLE 4.3)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Stream:
@@ -65,63 +65,37 @@ def u32(b: bytes, o: int) -> int:
 
 
 def parse_kv(b: bytes, off: int, rot: bool = True) -> tuple[list, int]:
-    """Streams of the KV section at ``off`` and the offset after it."""
+    """Streams of the KV section at ``off`` and the offset after it (read by tests/blobreader.py,
+    the tests' one independent reader; this adds the row bytes and field offsets)."""
+    from blobreader import Reader
+    from blobreader import parse_kv as read_kv
+
+    r = Reader(b, off)
+    try:
+        sec = read_kv(r, rot=rot)
+    except (struct.error, AssertionError):
+        raise ValueError("truncated KV section") from None
     streams = []
-    n_stream = u32(b, off)
-    first = off
-    off += 4
-    for _ in range(n_stream):
-        st = Stream()
-        st.off["n_stream"] = first
-        st.off["cc"] = off
-        cc = u32(b, off)
-        off += 4
+    for s in sec["streams"]:
+        st = Stream(cells=list(s["cells"]), off=dict(s["off"]))
         streams.append(st)
+        cc = s["cell_count"]
         if cc == 0:
             continue
-        for i in range(cc):
-            pos, n = struct.unpack_from("<iI", b, off)
-            if i == 0:
-                st.off["pos0"], st.off["nid0"], st.off["id0"] = off, off + 4, off + 8
-            ids = struct.unpack_from(f"<{n}i", b, off + 8)
-            st.cells.append((pos, tuple(ids)))
-            off += 8 + 4 * n
-        st.off["v_trans"], st.off["n_layer"] = off, off + 4
-        st.v_trans, n_layer = struct.unpack_from("<II", b, off)
-        off += 8
-        if rot:
-            st.off["k_rot"], st.off["v_rot"] = off, off + 4
-            off += 8
-        for l in range(n_layer):
-            st.off.setdefault("k_type", off)
-            st.off.setdefault("k_row", off + 4)
-            t, row = struct.unpack_from("<iQ", b, off)
-            off += 12
+        st.v_trans = s["v_trans"]
+        for (t, row), o in zip(s["k"], s["k_off"]):
             st.k_row.append(row)
-            st.k.append(b[off:off + row * cc])
-            st.off.setdefault("k_data", off)
-            off += row * cc
-        for l in range(n_layer):
-            st.off.setdefault("v_type", off)
+            st.k.append(b[o:o + row * cc])
+        for v, o in zip(s["v"], s["v_off"]):
             if st.v_trans:
-                st.off.setdefault("v_el", off + 4)
-                st.off.setdefault("v_ne", off + 8)
-                _, el, ne = struct.unpack_from("<iII", b, off)
-                off += 12
+                _, el, ne = v
                 st.v_el.append(el)
                 st.v_ne.append(ne)
-                st.v.append(b[off:off + el * ne * cc])
-                off += el * ne * cc
+                st.v.append(b[o:o + el * ne * cc])
             else:
-                st.off.setdefault("v_row", off + 4)
-                _, row = struct.unpack_from("<iQ", b, off)
-                off += 12
-                st.v_el.append(row)
-                st.v.append(b[off:off + row * cc])
-                off += row * cc
-    if off > len(b):
-        raise ValueError("truncated KV section")
-    return streams, off
+                st.v_el.append(v[1])
+                st.v.append(b[o:o + v[1] * cc])
+    return streams, r.o
 
 
 def envelope_len(blob: bytes, whole: bool) -> int:
