@@ -136,6 +136,10 @@ class _Saved:
         """A new object of the same type with ``ops`` applied in order (see :class:`Op`).
         ``model`` (GGUF path) selects the model path; without it the structure path runs
         (no seq_add / seq_div on attention caches).  ``result.edit_path`` says which ran.
+        The token list of a session / sequence file follows the cache when it maps to it
+        (one sequence at positions 0..n-1, as llama-cli and llama-server write them):
+        ``result.token_sync`` says whether it did and why not; ``result.noop`` lists the
+        operations that changed nothing (see :mod:`pymem.state.tokens`).
         Raises :class:`EditError` for an edit llama.cpp would refuse."""
         ops = [Op.coerce(o) for o in ops]
         tokens = list(getattr(self, "tokens", []) or [])
