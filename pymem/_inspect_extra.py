@@ -5,13 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Dict
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="OUT.html", help="write the cell-occupancy picture as an HTML page")
     p.add_argument("--png", metavar="OUT.png", help="write the cell-occupancy picture as a PNG (needs matplotlib: "
                                                     "pip install 'pymem[plot]')")
+
+
+def json_extra(args: argparse.Namespace, obj: Any) -> Dict[str, Any]:
+    """``occupancy`` (per stream: cells, highest position, each sequence's position ranges,
+    holes) and, with a model that has a vocabulary, ``tokens_text``."""
+    from . import picture
+
+    d: Dict[str, Any] = {"occupancy": [
+        {"where": o.label, "cells": o.n_cells, "pos_max": o.pos_max, "holes": o.n_holes,
+         "hole_ranges": o.hole_ranges() if o.n_holes else None,
+         "sequences": {str(q): o.ranges(q) for q in o.held}} for o in picture.occupancy(obj)]}
+    if getattr(obj, "tokens", None) and args.model:
+        from .state import vocab
+
+        txt = vocab.tokens_text(args.model, obj.tokens, limit=1 << 20)
+        if txt is not None:
+            d["tokens_text"] = txt
+    return d
 
 
 def finish(args: argparse.Namespace, obj: Any) -> None:

@@ -96,6 +96,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         d = obj.summary(cells=args.cells)
         d["file"] = args.file
+        from . import _inspect_extra
+
+        d.update(_inspect_extra.json_extra(args, obj))
         json.dump(d, sys.stdout, indent=1 if args.pretty else None)
         sys.stdout.write("\n")
     else:

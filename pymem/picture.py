@@ -11,7 +11,7 @@ of them are held.  The ``holes`` row marks positions no sequence holds.
 from __future__ import annotations
 
 import html as _html
-import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,49 +23,101 @@ COLORS = {OWN: "#2b6cb0", SHARED: "#dd6b20", NONE: "#e2e8f0", "hole": "#c53030"}
 
 @dataclass
 class Occupancy:
-    """One stream: ``label``, ``n_cells``, ``pos_max``, per sequence the state of each
-    position 0..pos_max (OWN / SHARED / NONE), and the hole positions."""
+    """One stream: ``label``, ``n_cells``, ``pos_max``; per sequence the sorted positions it
+    holds and the sorted positions among them in shared cells; the sorted positions of all
+    cells.  Sparse: a corrupt position of 2**31 costs nothing."""
 
     label: str
     n_cells: int
     pos_max: int
-    rows: Dict[int, List[int]] = field(default_factory=dict)
-    holes: List[int] = field(default_factory=list)
+    held: Dict[int, List[int]] = field(default_factory=dict)
+    shared: Dict[int, List[int]] = field(default_factory=dict)
+    cells_at: List[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> Dict[int, List[int]]:
+        return self.held
+
+    def state(self, q: int, p: int) -> int:
+        """OWN, SHARED or NONE for sequence ``q`` at position ``p``."""
+        h, s = self.held.get(q, []), self.shared.get(q, [])
+        if _count(s, p, p + 1):
+            return SHARED
+        return OWN if _count(h, p, p + 1) else NONE
+
+    def column(self, q: int, a: int, b: int) -> Tuple[int, bool]:
+        """(positions of [a, b) that ``q`` holds, whether any is in a shared cell)."""
+        return _count(self.held.get(q, []), a, b), _count(self.shared.get(q, []), a, b) > 0
+
+    def holes_in(self, a: int, b: int) -> int:
+        return (b - a) - _count(self.cells_at, a, b)
+
+    @property
+    def n_holes(self) -> int:
+        return self.holes_in(0, self.pos_max + 1) if self.pos_max >= 0 else 0
+
+    def hole_runs(self) -> List[Tuple[int, int]]:
+        """(start, length) of every run of positions 0..pos_max without a cell."""
+        out, nxt = [], 0
+        for p in self.cells_at:
+            if p > nxt:
+                out.append((nxt, p - nxt))
+            nxt = p + 1
+        return out
+
+    def runs(self, q: int, kind: int) -> List[Tuple[int, int]]:
+        """(start, length) runs of the positions of ``q`` in own (OWN) or shared (SHARED) cells."""
+        sh = set(self.shared.get(q, []))
+        pos = [p for p in self.held.get(q, []) if (p in sh) == (kind == SHARED)]
+        return _runs_of(pos)
 
     def ranges(self, q: int) -> str:
-        held = [p for p, v in enumerate(self.rows[q]) if v]
-        return _ranges(held)
+        return _ranges(self.held.get(q, []))
+
+    def hole_ranges(self) -> str:
+        return ", ".join(str(a) if n == 1 else f"{a}..{a + n - 1}" for a, n in self.hole_runs()[:4]) + \
+            (f", ... ({len(self.hole_runs())} runs)" if len(self.hole_runs()) > 4 else "")
+
+
+def _count(sorted_pos: List[int], a: int, b: int) -> int:
+    return bisect_left(sorted_pos, b) - bisect_left(sorted_pos, a)
+
+
+def _runs_of(pos: Sequence[int]) -> List[Tuple[int, int]]:
+    out: List[List[int]] = []
+    for p in pos:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return [(a, n) for a, n in out]
 
 
 def _ranges(pos: Sequence[int]) -> str:
-    out: List[List[int]] = []
-    for p in pos:
-        if out and out[-1][1] == p - 1:
-            out[-1][1] = p
-        else:
-            out.append([p, p])
-    txt = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in out[:4])
-    return (txt + (f", ... ({len(out)} runs)" if len(out) > 4 else "")) or "-"
+    runs = _runs_of(pos)
+    txt = ", ".join(str(a) if n == 1 else f"{a}..{a + n - 1}" for a, n in runs[:4])
+    return (txt + (f", ... ({len(runs)} runs)" if len(runs) > 4 else "")) or "-"
 
 
 def _stream(label: str, cells: List[Any], seq_default: Optional[int] = None) -> Occupancy:
     pos_max = max((c.pos for c in cells), default=-1)
     occ = Occupancy(label, len(cells), pos_max)
-    if pos_max < 0:
-        return occ
-    n = pos_max + 1
-    ids = sorted({q for c in cells for q in (c.seq_ids or ([seq_default] if seq_default is not None else []))})
-    rows = {q: [NONE] * n for q in ids}
-    any_cell = [False] * n
+    held: Dict[int, set] = {}
+    shared: Dict[int, set] = {}
+    at = set()
     for c in cells:
         if c.pos < 0:
             continue
         seqs = c.seq_ids or ([seq_default] if seq_default is not None else [])
-        any_cell[c.pos] = any_cell[c.pos] or bool(seqs)
+        if seqs:
+            at.add(c.pos)
         for q in seqs:
-            rows[q][c.pos] = SHARED if len(seqs) > 1 or rows[q][c.pos] == SHARED else OWN
-    occ.rows = rows
-    occ.holes = [p for p in range(n) if not any_cell[p]]
+            held.setdefault(q, set()).add(c.pos)
+            if len(seqs) > 1:
+                shared.setdefault(q, set()).add(c.pos)
+    occ.held = {q: sorted(v) for q, v in sorted(held.items())}
+    occ.shared = {q: sorted(shared.get(q, ())) for q in occ.held}
+    occ.cells_at = sorted(at)
     return occ
 
 
@@ -96,11 +148,12 @@ def _columns(n: int, width: int) -> List[Tuple[int, int]]:
     return [(k * n // width, max((k + 1) * n // width, k * n // width + 1)) for k in range(width)]
 
 
-def _char(vals: Sequence[int]) -> str:
-    if not any(vals):
+def _char(occ: Occupancy, q: int, a: int, b: int) -> str:
+    n, sh = occ.column(q, a, b)
+    if not n:
         return "."
-    if all(vals):
-        return "=" if SHARED in vals else "#"
+    if n == b - a:
+        return "=" if sh else "#"
     return "+"
 
 
@@ -120,16 +173,16 @@ def text(obj: Any, width: int = 64) -> str:
             if k + len(lab) <= len(cols):
                 ruler[k:k + len(lab)] = lab
         lines.append(f"    {'pos':>8}  {''.join(ruler)}")
-        for q, row in list(occ.rows.items())[:16]:
-            bar = "".join(_char(row[a:b]) for a, b in cols)
+        for q in list(occ.held)[:16]:
+            bar = "".join(_char(occ, q, a, b) for a, b in cols)
             lines.append(f"    {'seq ' + str(q):>8} |{bar}| {occ.ranges(q)}")
-        if len(occ.rows) > 16:
-            lines.append(f"    ... {len(occ.rows) - 16} more sequences")
-        if occ.holes:
-            hs = set(occ.holes)
-            bar = "".join("o" if any(p in hs for p in range(a, b)) else " " for a, b in cols)
-            lines.append(f"    {'holes':>8} |{bar}| {len(occ.holes)} position{'s' if len(occ.holes) > 1 else ''} "
-                         f"without a cell: {_ranges(occ.holes)}")
+        if len(occ.held) > 16:
+            lines.append(f"    ... {len(occ.held) - 16} more sequences")
+        nh = occ.n_holes
+        if nh:
+            bar = "".join("o" if occ.holes_in(a, b) else " " for a, b in cols)
+            lines.append(f"    {'holes':>8} |{bar}| {nh} position{'s' if nh > 1 else ''} "
+                         f"without a cell: {occ.hole_ranges()}")
     if lines:
         lines.append("    # own cell   = cell shared with another sequence   + partly held   . not held   o hole")
     return "\n".join(lines)
@@ -168,19 +221,18 @@ def write_html(obj: Any, path: str, title: str = "", max_cols: int = 1024) -> No
             parts.append(f"<tr><td class=l>{_html.escape(label)}</td><td style='width:{min(1024, 8 * len(cols))}px'>"
                          f"<div class=row>{''.join(spans)}</div></td><td class=r>{_html.escape(note)}</td></tr>")
 
-        for q, vals in occ.rows.items():
+        for q in occ.held:
             spans = []
             for a, b in cols:
-                grp = vals[a:b]
-                v = SHARED if SHARED in grp else OWN if OWN in grp else NONE
+                cnt, sh = occ.column(q, a, b)
+                v = SHARED if sh else OWN if cnt else NONE
                 where = f"{a}" if b - a == 1 else f"{a}..{b - 1}"
                 spans.append(f"<span style='background:{COLORS[v]}' title='seq {q}, pos {where}: {name[v]}'></span>")
             row(f"seq {q}", spans, occ.ranges(q))
-        if occ.holes:
-            hs = set(occ.holes)
-            spans = [f"<span style='background:{COLORS['hole'] if any(p in hs for p in range(a, b)) else '#fff'}'"
+        if occ.n_holes:
+            spans = [f"<span style='background:{COLORS['hole'] if occ.holes_in(a, b) else '#fff'}'"
                      f" title='pos {a}..{b - 1}'></span>" for a, b in cols]
-            row("holes", spans, f"{len(occ.holes)} without a cell: {_ranges(occ.holes)}")
+            row("holes", spans, f"{occ.n_holes} without a cell: {occ.hole_ranges()}")
         parts.append("</table>")
     data = "\n".join(parts).encode()
     atomic_write(path, [data], len(data))
@@ -211,7 +263,7 @@ def write_png(obj: Any, path: str, title: str = "") -> None:
     from matplotlib.ticker import MaxNLocator
 
     occs = occupancy(obj)
-    heights = [max(1, len(o.rows) + (1 if o.holes else 0)) for o in occs] or [1]
+    heights = [max(1, len(o.held) + (1 if o.n_holes else 0)) for o in occs] or [1]
     fig, axes = plt.subplots(len(heights), 1, figsize=(10, 0.9 + 0.45 * sum(heights) + 0.5 * len(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, occ in zip(axes[:, 0], occs or [None]):
@@ -220,17 +272,16 @@ def write_png(obj: Any, path: str, title: str = "") -> None:
             ax.set_axis_off()
             continue
         labels = []
-        for y, (q, vals) in enumerate(occ.rows.items()):
+        for y, q in enumerate(occ.held):
             for kind in (OWN, SHARED):
-                runs = _runs([v == kind for v in vals])
+                runs = occ.runs(q, kind)
                 if runs:
                     ax.broken_barh(runs, (y - 0.4, 0.8), facecolors=COLORS[kind])
             ax.broken_barh([(0, occ.pos_max + 1)], (y - 0.4, 0.8), facecolors=COLORS[NONE], zorder=0)
             labels.append(f"seq {q}")
-        if occ.holes:
+        if occ.n_holes:
             y = len(labels)
-            ax.broken_barh(_runs([p in set(occ.holes) for p in range(occ.pos_max + 1)]), (y - 0.4, 0.8),
-                           facecolors=COLORS["hole"])
+            ax.broken_barh(occ.hole_runs(), (y - 0.4, 0.8), facecolors=COLORS["hole"])
             labels.append("holes")
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels)
@@ -251,16 +302,4 @@ def write_png(obj: Any, path: str, title: str = "") -> None:
 
     data = buf.getvalue()
     atomic_write(path, [data], len(data))
-
-
-def _runs(flags: Sequence[bool]) -> List[Tuple[int, int]]:
-    out: List[Tuple[int, int]] = []
-    start = None
-    for p, f in enumerate(list(flags) + [False]):
-        if f and start is None:
-            start = p
-        elif not f and start is not None:
-            out.append((start, p - start))
-            start = None
-    return out
 

@@ -49,10 +49,10 @@ def test_occupancy_model(holed):
     assert len(occ) == 1 and occ[0].n_cells == len(cells)
     o = occ[0]
     for q, held in want.items():
-        for p, v in enumerate(o.rows[q]):
+        for p in range(o.pos_max + 1):
             exp = picture.NONE if p not in held else picture.SHARED if held[p] else picture.OWN
-            assert v == exp, (q, p)
-    assert o.holes == [4, 5, 6, 7]
+            assert o.state(q, p) == exp, (q, p)
+    assert o.n_holes == 4 and o.hole_runs() == [(4, 4)] and o.hole_ranges() == "4..7"
     assert o.ranges(1) == "0..3, 8..19" and o.ranges(2) == "0..3"
 
 
@@ -82,9 +82,28 @@ def test_inspect_picture_html_png(holed, tmp_path, capsys):
 
     img = mpimg.imread(str(png))
     assert img.shape[0] > 200 and img.shape[1] > 600
+    rc, out, _ = run(capsys, "inspect", p, "--json")
+    occ = json.loads(out)["occupancy"][0]
+    assert occ["holes"] == 4 and occ["hole_ranges"] == "4..7" and occ["sequences"]["1"] == "0..3, 8..19"
     # a narrow terminal picture groups positions
     rc, out, _ = run(capsys, "inspect", p, "--width", "10")
     assert "1 column ~ 2.0 positions" in out
+
+
+def test_far_positions_cost_nothing(meta, tmp_path, capsys):  # noqa: F811
+    """A (corrupt or real) position near 2**31 must not make the picture allocate per position."""
+    import time
+
+    mem = pymem.from_gguf(meta["llama"], 256, n_seq_max=2)
+    mem.decode(pymem.Batch(tokens=[1, 2], pos=[0, 2 ** 31 - 100], seq_ids=[[0], [1]]))
+    f = tmp_path / "far.session"
+    Session.from_memory(mem, []).save(f)
+    t0 = time.perf_counter()
+    for fmt in ([], ["--json"]):
+        rc, out, _ = run(capsys, "inspect", f, *fmt, "--html", tmp_path / "far.html")
+        assert rc == 0
+    assert time.perf_counter() - t0 < 10
+    assert json.loads(out)["occupancy"][0]["holes"] == 2 ** 31 - 100 - 1
 
 
 def test_png_without_matplotlib_says_how(holed, tmp_path, capsys, monkeypatch):
@@ -103,6 +122,8 @@ def test_tokens_as_text(meta, tmp_path, capsys):  # noqa: F811
     assert rc == 0 and "tokens as text: 'tok_5tok_6tok_7'" in out
     rc, out, _ = run(capsys, "inspect", f)
     assert "tokens as text" not in out
+    rc, out, _ = run(capsys, "inspect", f, "--model", meta["llama"], "--json")
+    assert json.loads(out)["tokens_text"] == "'tok_5tok_6tok_7'"
 
 
 def test_sweep(meta, tmp_path, capsys):  # noqa: F811
