@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence
 
-__all__ = ["count", "positive", "cache_type", "CACHE_TYPES", "join_negative_values"]
+__all__ = ["count", "positive", "cache_type", "out_file", "CACHE_TYPES", "join_negative_values"]
 
 #: the cache types llama.cpp accepts for --cache-type-k / --cache-type-v (and pymem implements)
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -58,3 +58,16 @@ def join_negative_values(argv: Sequence[str], options: Sequence[str]) -> List[st
         i += 1
     return out
 
+
+def out_file(text: str) -> str:
+    """An output file name whose folder exists (checked before any work is done)."""
+    import os
+
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name")
+    d = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(d):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {d} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    return text

@@ -9,8 +9,10 @@ from typing import Any, Dict
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--html", metavar="OUT.html", help="write the cell-occupancy picture as an HTML page")
-    p.add_argument("--png", metavar="OUT.png", help="write the cell-occupancy picture as a PNG (needs matplotlib: "
+    from ._cliargs import out_file
+
+    p.add_argument("--html", metavar="OUT.html", type=out_file, help="write the cell-occupancy picture as an HTML page")
+    p.add_argument("--png", metavar="OUT.png", type=out_file, help="write the cell-occupancy picture as a PNG (needs matplotlib: "
                                                     "pip install 'pymem[plot]')")
 
 

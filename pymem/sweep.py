@@ -26,7 +26,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the context lengths (default: doublings up to the training context)")
     g.add_argument("--sweep-types", metavar="T,T,...", type=_type_list, default=list(DEFAULT_TYPES),
                    help="cache types to compare (default f16,q8_0,q4_0; valid: " + ", ".join(_cliargs.CACHE_TYPES) + ")")
-    g.add_argument("--plot", metavar="OUT.png", help="with --sweep: also write a chart (needs matplotlib: "
+    g.add_argument("--plot", metavar="OUT.png", type=_cliargs.out_file, help="with --sweep: also write a chart (needs matplotlib: "
                                                      "pip install 'pymem[plot]')")
 
 
@@ -68,8 +68,10 @@ def sweep(hp: Any, contexts: Sequence[int], types: Sequence[str], **kw: Any) -> 
         for n in contexts:
             try:
                 row.append(plan.estimate(hp, int(n), type_k=t, type_v=t, **kw).total)
-            except (E.UnsupportedError, E.InvalidArgumentError):
+            except E.UnsupportedError:   # e.g. a quantized V cache without flash attention
                 row.append(None)
+            except E.InvalidArgumentError as exc:
+                raise E.InvalidArgumentError(f"--sweep-ctx {n}: {exc}") from None
         out[t] = row
     return out
 

@@ -148,3 +148,8 @@ def test_sweep(meta, tmp_path, capsys):  # noqa: F811
     assert "unknown cache type" in capsys.readouterr().err
     rc, _, err = run(capsys, "estimate", meta["llama"], "--plot", png)
     assert rc == 2 and "--plot needs --sweep" in err
+    rc, _, err = run(capsys, "estimate", meta["llama"], "--sweep", "--sweep-ctx", "1024,99999999999")
+    assert rc == 1 and "--sweep-ctx 99999999999: " in err, err
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", str(png), "--html", str(tmp_path / "nofolder" / "x.html")])
+    assert "does not exist" in capsys.readouterr().err
