@@ -72,3 +72,17 @@ def test_readme_commands_run_on_the_kept_files(kept, oracle, monkeypatch, capsys
     ok, toks = c.state_load_file(kept / "shifted.session")
     assert ok and toks == s.tokens and c.decode([(1, len(toks), [0])]) == 0
     assert re.search(r"\| slot file", readme) and "LlamaState.llama_state" in first
+
+
+def test_readme_state_example_runs_on_the_kept_files(kept, oracle, monkeypatch, capsys):
+    """The README's pymem.state example, as written, on the kept files; its output file loads in
+    llama.cpp, which continues at n_past = len(tokens)."""
+    monkeypatch.chdir(kept)
+    with open(README) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    code = next(b for b in blocks if "state.Session.load" in b)
+    exec(compile(code, "README.md", "exec"), {})
+    assert "24 -> 16" in capsys.readouterr().out
+    c = oracle.context(str(kept / "model.gguf"), n_ctx=256)
+    ok, toks = c.state_load_file(kept / "chat-shifted.session")
+    assert ok and len(toks) == 16 and c.decode([(1, 16, [0])]) == 0
