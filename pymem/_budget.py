@@ -18,6 +18,13 @@ def grows_with_context(hp: Any, kw: Dict[str, Any]) -> bool:
     return plan.estimate(hp, per, **kw).total != plan.estimate(hp, 8 * per, **kw).total
 
 
+def fixed_size_note(hp: Any) -> str:
+    """Why a memory that does not grow with n_ctx does not."""
+    if getattr(hp, "memory_kind", "") == "recurrent":
+        return "the memory does not grow with n_ctx (recurrent state: one fixed-size cell per sequence)"
+    return "the memory does not grow with n_ctx (recurrent state and sliding-window caches of fixed size)"
+
+
 def report(args: argparse.Namespace, hp: Any, kw: Dict[str, Any], label: str, human: Callable[[int], str]) -> int:
     from . import plan
 
@@ -41,9 +48,8 @@ def report(args: argparse.Namespace, hp: Any, kw: Dict[str, Any], label: str, hu
         return 0
     head = f"{label} ({hp.arch}): "
     if not grows:
-        print(head + f"the memory ({human(e.total)}) does not grow with the context (recurrent state: one "
-              f"fixed-size cell per sequence), so it fits at any n_ctx; the model's training context is "
-              f"{train or '?'}: n_ctx {n}")
+        print(head + f"{fixed_size_note(hp).replace('the memory', f'the memory ({human(e.total)})')}, so it fits at "
+              f"any n_ctx; the model's training context is {train or '?'}: n_ctx {n}")
     elif capped:
         print(head + f"largest n_ctx within {human(args.budget)}: {n} = the model's training context "
               f"({human(e.total)} of memory); the budget would hold {n_fit}, past what the model was trained for "

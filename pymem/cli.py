@@ -319,7 +319,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from . import _budget
 
     if not _budget.grows_with_context(hp, kw):
-        print("  the memory does not grow with n_ctx (recurrent state: one fixed-size cell per sequence)")
+        print("  " + _budget.fixed_size_note(hp))
     return 0
 
 

@@ -80,6 +80,7 @@ def report(args: argparse.Namespace, hp: Any, kw: Dict[str, Any], label: str, hu
     ctxs = list(args.sweep_ctx or default_contexts(getattr(hp, "n_ctx_train", 0)))
     types = list(args.sweep_types)
     table = sweep(hp, ctxs, types, **kw)
+    from . import _budget
     from ._budget import grows_with_context
 
     grows = grows_with_context(hp, kw)
@@ -99,7 +100,7 @@ def report(args: argparse.Namespace, hp: Any, kw: Dict[str, Any], label: str, hu
         if any(v is None for r in table.values() for v in r):
             print("  - : llama.cpp refuses this type here (a quantized V cache needs flash attention)")
         if not grows:
-            print("  the memory does not grow with n_ctx (recurrent state: one fixed-size cell per sequence)")
+            print("  " + _budget.fixed_size_note(hp))
         train = getattr(hp, "n_ctx_train", 0)
         if train and max(ctxs) > train:
             print(f"  the model was trained for {train} tokens")
