@@ -1,6 +1,6 @@
 /* batch.c - decode batches: llama.cpp's sequence-id order, validation
  * (llama_batch_allocr::init) and the ubatch splits (SPEC section 9). */
-#include "memory/mem_internal.h"
+#include "memory/memory.h"
 
 #include <stdlib.h>
 
@@ -86,26 +86,37 @@ pm_status pm_batch_new(uint32_t n_tokens, const pm_token *tokens, const pm_pos *
     if (n_tokens > (1u << 28)) {
         return pmi_fail(PM_E_INVALID_ARG, "too many tokens (%u)", n_tokens);
     }
+    if (seq_id == NULL && n_seq_id != NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "n_seq_id given without seq_id");
+    }
+    /* Every caller array is read once (the GIL is released: another thread may rewrite
+     * them): the id counts are copied into seq_off as prefix sums, validated there, and the
+     * second pass uses only those. */
+    size_t nt = n_tokens ? n_tokens : 1;
+    uint32_t *pre = malloc(sizeof(uint32_t) * (nt + 1));
+    if (pre == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory");
+    }
     uint64_t total = 0;
+    pre[0] = 0;
     for (uint32_t i = 0; i < n_tokens; ++i) {
         int32_t n = n_seq_id ? n_seq_id[i] : 1;
         if (n < 1 || n > PM_MAX_SEQ) {
+            free(pre);
             return pmi_fail(PM_E_INVALID_ARG, "token %u has %d sequence ids (need 1..%d)", i, n,
                             PM_MAX_SEQ);
         }
         total += (uint64_t)n;
-    }
-    if (seq_id == NULL && n_seq_id != NULL) {
-        return pmi_fail(PM_E_INVALID_ARG, "n_seq_id given without seq_id");
+        pre[i + 1] = (uint32_t)total; /* n_tokens <= 2^28, n <= 256: no wrap */
     }
     pm_batch *b = calloc(1, sizeof(*b));
     if (b == NULL) {
+        free(pre);
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
     b->n_tokens = n_tokens;
     b->n_pos = pos ? n_pos : 0;
-    size_t nt = n_tokens ? n_tokens : 1;
-    b->seq_off = malloc(sizeof(uint32_t) * (nt + 1));
+    b->seq_off = pre;
     b->seq_id = malloc(sizeof(pm_seq_id) * (total ? total : 1));
     b->first_id = malloc(sizeof(pm_seq_id) * nt);
     b->output = malloc(nt);
@@ -128,16 +139,18 @@ pm_status pm_batch_new(uint32_t n_tokens, const pm_token *tokens, const pm_pos *
     }
     uint32_t off = 0, src = 0;
     for (uint32_t i = 0; i < n_tokens; ++i) {
+        uint32_t n = pre[i + 1] - src; /* the validated count (pre[i + 1] not yet overwritten) */
         b->seq_off[i] = off;
         if (seq_id == NULL) {
             b->seq_id[off++] = 0;
             b->first_id[i] = 0;
         } else {
-            uint32_t n = n_seq_id ? (uint32_t)n_seq_id[i] : 1;
-            b->first_id[i] = seq_id[src];
-            off += pm_seq_set_order(seq_id + src, n, b->seq_id + off);
-            src += n;
+            pm_seq_id ids[PM_MAX_SEQ];
+            memcpy(ids, seq_id + src, sizeof(pm_seq_id) * n);
+            b->first_id[i] = ids[0];
+            off += pm_seq_set_order(ids, n, b->seq_id + off);
         }
+        src += n;
         b->output[i] = output ? (output[i] != 0) : (i + 1 == n_tokens);
     }
     b->seq_off[n_tokens] = off;

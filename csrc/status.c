@@ -35,8 +35,11 @@ const char *pm_status_str(pm_status status) {
 /* The message recorded by the last failing call on this thread; "" when none. */
 const char *pm_last_error(void) { return g_err; }
 
-/* Library version, "MAJOR.MINOR.PATCH". */
-const char *pm_version(void) { return "0.1.0"; }
+/* Library version, "MAJOR.MINOR.PATCH": pyproject.toml's, passed in by CMake. */
+#ifndef PM_VERSION_STRING
+#error "PM_VERSION_STRING is defined by CMakeLists.txt from pyproject.toml's version"
+#endif
+const char *pm_version(void) { return PM_VERSION_STRING; }
 
 /* Record a formatted message for pm_last_error() and return st. */
 pm_status pmi_fail(pm_status st, const char *fmt, ...) {

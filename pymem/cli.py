@@ -489,11 +489,25 @@ def demo(args: argparse.Namespace) -> int:
     ns = len(srows)
     print(f"\n{ns - sum(1 for r in srows if not r[3].startswith('ok'))}/{ns} session checks passed, "
           f"{time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    failures += _demo_store(paths)
     if kept:
         print(f"\nkept {len(kept)} files in {args.keep} (see {os.path.join(args.keep, 'README.txt')}); try:\n"
               f"  cd {args.keep}\n  pymem inspect chat.session --model model.gguf\n"
               "  pymem edit chat.session -m model.gguf --seq-rm 0:4:12 --seq-add 0:12::-8 -o shifted.session")
     return 1 if failures else 0
+
+
+def _demo_store(paths: dict) -> int:
+    """Part 3: the prompt cache, prefilled in one process and restored in a new one."""
+    from .store.demo import run as store_round
+
+    t = time.perf_counter()
+    rows, failures = store_round(paths)
+    print("\nPart 3: the prompt cache (pymem.store): prefill P in one process, then P + 9 tokens in a new "
+          "process\nfrom the same embedded store; next-token logits compared with a full decode")
+    _table(rows, "stored bytes", "result")
+    print(f"\n{len(rows) - failures}/{len(rows)} store steps passed, {time.perf_counter() - t:.1f} s")
+    return failures
 
 
 def _table(rows: list, size_head: str, result_head: str) -> None:
@@ -531,7 +545,8 @@ def _parser() -> argparse.ArgumentParser:
         description="llama.cpp's inference memory module, byte-compatible, from Python: run the demo, "
                     "inspect, compare and edit saved llama.cpp states, estimate memory sizes.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=f"pymem {_version()}")
+    ap.add_argument("--version", action="version", version=_version(),
+                    help="pymem's version, the llama.cpp builds it conforms to, the active SIMD kernel")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run tiny models of all five memory types in real llama.cpp next to pymem",
@@ -659,16 +674,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep.add_args(p)
     p.set_defaults(func=cmd_estimate)
+
+    from .store.cli import add_parser as _add_store_parser  # pymem store stats|ls|verify|gc URL
+
+    _add_store_parser(sub)
     return ap
 
 
 def _version() -> str:
     try:
-        import pymem
+        from . import _build
 
-        return pymem.__version__
-    except Exception:  # pragma: no cover
-        return "?"
+        return _build.version_text()
+    except Exception as exc:  # pragma: no cover - a broken install still gets its commands
+        return f"pymem ? ({exc})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

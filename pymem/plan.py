@@ -13,6 +13,7 @@ Target: llama.cpp b11739 (the ``llama-cpp-py-sync==0.11739`` wheel).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -408,7 +409,9 @@ def from_gguf(
     spec = memory_spec(read_hparams(path), n_ctx, n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
                        flash_attn=flash_attn, unified=unified, swa_full=swa_full, n_ubatch=n_ubatch,
                        n_rs_seq=n_rs_seq, format=format)
-    return build_memory(spec)
+    mem = build_memory(spec)
+    mem.model_path = os.path.abspath(os.fspath(path))  # the prompt-cache store fingerprints this file
+    return mem
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,7 +207,10 @@ def test_params_recovered_from_a_raw_pointer(ctx, lm, name, kw):
     if "swa_full" in kw:
         assert p.swa_full is kw["swa_full"] and p.sources["swa_full"] == "can_shift"
     mem = B.memory_for(c.ptr, model_path=lm[1][name])
-    assert mem.can_shift == c.can_shift()
+    # llama.cpp answers true for a quantized K without a Hadamard rotation, then crashes in the
+    # shift; pymem's can_shift tells the truth (issue 15 item 10)
+    shiftable = all(not (p.type_k.startswith("q") and p.k_rot == 0) for p in mem.kv_parts())
+    assert mem.can_shift == (c.can_shift() and shiftable)
     B.export_state(c.ptr, mem, model_path=lm[1][name])
     assert mem.state_write(envelope="llama") == bytes(c.state_get())
     if name == "lfm2":

@@ -601,7 +601,10 @@ def test_spec_matches_llama_cpp(worker, models, name):
         except pymem.UnsupportedError:
             assert spec.kind != "kv", where
             continue
-        assert mem.can_shift == spec.can_shift, where
+        # llama.cpp's can_shift is true for a quantized K without a Hadamard rotation (it then
+        # crashes in the shift); pymem's tells the truth (issue 15 item 10)
+        shiftable = all(not (p.type_k.startswith("q") and p.k_rot == 0) for p in mem.kv_parts())
+        assert mem.can_shift == (spec.can_shift and shiftable), where
         _replay(mem, decodes, spec.n_ubatch)
         mine = mem.state_write(envelope="llama")
         assert len(mine) == len(blob), where

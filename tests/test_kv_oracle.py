@@ -132,11 +132,11 @@ def test_k_shift_quantized_without_rotation_is_an_error(pair):
     m = pair("llama", n_seq_max=1, unified=True, flash_attn=True, type_k="q8_0", type_v="f16")
     assert m.mem.k_rot == 0
     fill(m, 0, 4)
-    m.mem.seq_add(0, 0, -1, 2)              # (llama.cpp would crash at the next decode)
+    assert not m.mem.can_shift              # llama.cpp says true, then crashes at the next decode
     before = m.mem.state_write()
-    with pytest.raises(pymem.ShiftError):
-        m.mem.update()
-    assert m.mem.state_write() == before and m.mem.update_pending
+    with pytest.raises(pymem.UnsupportedError, match="K-shift"):
+        m.mem.seq_add(0, 0, -1, 2)          # refused up front: never accepted, then wedged
+    assert m.mem.state_write() == before and not m.mem.update_pending
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)

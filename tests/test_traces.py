@@ -5,7 +5,8 @@ sequence, and PARTIAL_ONLY for composites) after every step.
 
 Traces per run: PYMEM_TRACES for the plain KV cache (default 120), PYMEM_TRACES_TYPE for
 each other memory type (default 30).  At the end the test prints, per type, how many steps
-of each kind ran and how many of them actually changed the state."""
+of each kind ran, how many of them actually changed the state, and how many reached each
+edge case the generators lean toward ("edge ..." lines)."""
 from __future__ import annotations
 
 import collections
@@ -59,14 +60,18 @@ def configs(draw, family):
     return cfg
 
 
-def _step(draw, m, cfg):
+def _step(draw, m, cfg, edges):
     """Draw and run one step; returns its kind.  Arguments are drawn around the memory's
     actual contents so most steps do something; llama.cpp-aborting arguments are avoided
-    (pymem's errors for those are tested elsewhere)."""
+    (pymem's errors for those are tested elsewhere).  The draws lean toward edge cases
+    (empty copy sources, gaps in a batch's sequence ids over a live sequence, range bounds at
+    a sequence's first / last / next position, position 0, the sliding-window edge); each
+    edge reached is added to ``edges``."""
     n = cfg["n_seq_max"]
     mem = m.mem
     spans = {s: (mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in range(n)}
     live = [s for s in range(n) if spans[s][1] >= 0] or list(range(n))
+    empty = [s for s in range(n) if spans[s][1] < 0]
     seq = st.sampled_from(live) if draw(st.integers(0, 3)) else st.integers(0, n - 1)
     top = max([mx for _, mx in spans.values()] + [0]) + 3
     pos = st.one_of(st.just(-1), st.integers(0, top))
@@ -81,6 +86,12 @@ def _step(draw, m, cfg):
         items = []
         n_tok = draw(st.integers(1, 40))
         seqs = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=min(n, 3), unique=True))
+        gaps = [(a, c) for a in range(n) for c in range(a + 2, n)
+                if any(spans[b][1] >= 0 for b in range(a + 1, c))]
+        if gaps and draw(st.integers(0, 3)) == 0:  # e.g. seqs 0 and 2 while seq 1 is live
+            seqs = list(draw(st.sampled_from(gaps)))
+        if any(b not in seqs and spans[b][1] >= 0 and min(seqs) < b < max(seqs) for b in range(n)):
+            edges.add("decode: seq-id gap over a live sequence")
         nxt = {s: spans[s][1] + 1 for s in range(n)}
         jump = draw(st.sampled_from([0] * 30 + [1, -1, 5]))
         for i in range(n_tok):
@@ -93,6 +104,8 @@ def _step(draw, m, cfg):
             for t in ids:
                 nxt[t] = max(nxt[t], p + 1)
             items.append((draw(st.integers(0, 127)), max(0, p + (jump if i == 0 else 0)), ids))
+        if any(spans[t][1] < 0 for it in items for t in it[2]):
+            edges.add("decode: a sequence starts (position 0 or a jump)")
         note(f"decode {items}")
         rc = m.decode(items)
         return f"decode rc={rc}"
@@ -101,24 +114,40 @@ def _step(draw, m, cfg):
     lo, hi = spans[s]
     a, b = sorted((max(0, lo), max(0, hi + 1)))  # a hybrid's min can exceed its max (T-20)
     inner = st.integers(a, b) if hi >= 0 else pos
-    rng = st.one_of(pos, inner)
+    bounds = [0, -1] + ([lo, lo + 1, hi, hi + 1] if hi >= 0 else [])
+    n_swa = max([p.n_swa for p in kv_parts if p.swa_type != "none"] + [0])
+    if n_swa and hi >= 0:
+        bounds += [max(0, hi - n_swa), max(0, hi - n_swa + 1)]
+    rng = st.one_of(pos, inner, st.sampled_from(bounds), st.sampled_from(bounds))
     if kind == "seq_rm":
         if draw(st.integers(0, 5)) == 0:
-            m.seq_rm(-1, draw(rng), draw(rng))
+            s, p0, p1 = -1, draw(rng), draw(rng)
         elif mem.kind != "kv" and hi >= 0 and draw(st.booleans()):
-            m.seq_rm(s, max(0, hi - draw(st.integers(0, 3))), -1)  # suffix: rollback or refusal
+            p0, p1 = max(0, hi - draw(st.integers(0, 3))), -1  # suffix: rollback or refusal
+            if cfg.get("n_rs_seq") and p0 > 0:
+                edges.add(f"seq_rm: rollback of {hi - p0 + 1} (bound {cfg['n_rs_seq']})")
         else:
-            m.seq_rm(s, draw(rng), draw(rng))
+            p0, p1 = draw(rng), draw(rng)
+        _range_edges(edges, "seq_rm", spans.get(s, (-1, -1)), p0, p1, n_swa)
+        m.seq_rm(s, p0, p1)
     elif kind == "seq_cp":
         b = draw(st.integers(0, n - 1))
+        if empty and draw(st.booleans()):
+            s = draw(st.sampled_from(empty))
+        if spans[s][1] < 0 and s != b:
+            edges.add("seq_cp: empty source" + (" onto a live sequence" if spans[b][1] >= 0 else ""))
         if cfg["unified"] or not kv_parts:
-            m.seq_cp(s, b, draw(rng), draw(rng))
+            p0, p1 = draw(rng), draw(rng)
+            _range_edges(edges, "seq_cp", spans[s], p0, p1, n_swa)
+            m.seq_cp(s, b, p0, p1)
         else:
             m.seq_cp(s, b, -1, -1)  # partial cross-stream copies abort llama.cpp
     elif kind == "seq_keep":
         m.seq_keep(s)
     elif kind == "seq_add":
-        m.seq_add(s, draw(rng), draw(rng), draw(st.integers(-40, 40)))
+        p0, p1 = draw(rng), draw(rng)
+        _range_edges(edges, "seq_add", spans[s], p0, p1, n_swa)
+        m.seq_add(s, p0, p1, draw(st.integers(-40, 40)))
     elif kind == "seq_div":
         m.seq_div(s, draw(rng), draw(rng), draw(st.integers(1, 4)))
     elif kind == "restore_seq":
@@ -131,6 +160,19 @@ def _step(draw, m, cfg):
     return kind
 
 
+def _range_edges(edges, op, span, p0, p1, n_swa):
+    lo, hi = span
+    if hi < 0:
+        return
+    for name, bound, at in (("p0 at the first position", p0, lo), ("p0 at the last position", p0, hi),
+                            ("p0 = 0", p0, 0), ("p1 at the last position", p1, hi),
+                            ("p1 just past the last position", p1, hi + 1), ("p1 at the first position", p1, lo)):
+        if bound == at:
+            edges.add(f"{op}: {name}")
+    if n_swa and p0 >= 0 and p0 in (hi - n_swa, hi - n_swa + 1):
+        edges.add(f"{op}: p0 at the window edge")
+
+
 def _trace(pair, data, family):
     cfg = data.draw(configs(family), label="config")
     m = pair(**cfg)
@@ -141,9 +183,12 @@ def _trace(pair, data, family):
     counts["traces"] += 1
     for i in range(n_steps):
         before = m.llama.state_get()
-        kind = _step(data.draw, m, cfg)
-        note(f"step {i}: {kind}")
+        edges: set = set()
+        kind = _step(data.draw, m, cfg, edges)
+        note(f"step {i}: {kind} {sorted(edges)}")
         counts[kind] += 1
+        for e in edges:
+            counts["edge " + e] += 1
         if m.llama.state_get() != before:
             counts[kind + " (changed state)"] += 1
         m.check()
@@ -171,6 +216,6 @@ def test_trace_coverage_report(capsys):
         pytest.skip("no traces ran")
     with capsys.disabled():
         for family, counts in COUNTS.items():
-            lines = [f"{k:34s} {v}" for k, v in sorted(counts.items())]
+            lines = [f"{k:60s} {v}" for k, v in sorted(counts.items())]
             print(f"\nrandom {family} traces against llama.cpp b11739:\n  " + "\n  ".join(lines))
     assert all(c["traces"] >= 1 for c in COUNTS.values())

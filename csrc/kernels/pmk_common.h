@@ -6,7 +6,7 @@
 #ifndef PMK_COMMON_H
 #define PMK_COMMON_H
 
-#include "pm_internal.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 

@@ -8,7 +8,7 @@
  *   hybrid        attn, rec        rec, then attn        max / min          equal(!unified, tail) / seq
  *   hybrid-iSWA   base, swa, rec   rec, then base & swa  max / min (swa)    equal(!unified, tail) / seq
  */
-#include "mem_internal.h"
+#include "memory/memory.h"
 
 #include <stdlib.h>
 

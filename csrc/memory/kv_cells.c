@@ -6,7 +6,7 @@
  * range queries never scan the cells.  An optional journal records the first change of
  * each cell so that a failed composite operation can be undone exactly.
  */
-#include "mem_internal.h"
+#include "memory/seq_index.h"
 
 #include <stdlib.h>
 
@@ -14,252 +14,10 @@ static const pmi_ext EXT_RESET = {0, 0, -1};
 
 /* ---- per-sequence treap ------------------------------------------------------------- */
 
-static int cmp_u64(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
-
-static inline uint64_t key_of(pm_pos pos, uint32_t cell) {
-    return ((uint64_t)((uint32_t)pos ^ 0x80000000u) << 32) | cell;
-}
-
-/* The heap priority of a node is a hash of its cell (the low half of the key) alone, kept
- * in nprio: every cell is at most once in a sequence's index, so priorities are distinct
- * (fmix32 is a bijection), the shape is a pure function of the set of cells, and a node keeps
- * its place in the heap order when its position changes (seq_add / seq_div rewrite keys in
- * place). */
-static inline uint32_t prio_of(uint64_t key) {
-    uint32_t k = (uint32_t)key;
-    k ^= k >> 16;
-    k *= 0x85ebca6bu;
-    k ^= k >> 13;
-    k *= 0xc2b2ae35u;
-    return k ^ (k >> 16);
-}
-
-static uint32_t node_new(pmi_cells *c, uint64_t key) {
-    uint32_t n = c->nfree;
-    c->nfree = c->nl[n];
-    c->nkey[n] = key;
-    c->nprio[n] = prio_of(key);
-    c->nl[n] = PMI_NONE;
-    c->nr[n] = PMI_NONE;
-    c->nlive++;
-    return n;
-}
-
-static void node_free(pmi_cells *c, uint32_t n) {
-    c->nl[n] = c->nfree;
-    c->nfree = n;
-    c->nlive--;
-}
-
-/* keys < key go to *lo, the others to *hi */
-static void tr_split(pmi_cells *c, uint32_t t, uint64_t key, uint32_t *lo, uint32_t *hi) {
-    if (t == PMI_NONE) {
-        *lo = *hi = PMI_NONE;
-    } else if (c->nkey[t] < key) {
-        tr_split(c, c->nr[t], key, &c->nr[t], hi);
-        *lo = t;
-    } else {
-        tr_split(c, c->nl[t], key, lo, &c->nl[t]);
-        *hi = t;
-    }
-}
-
-static uint32_t tr_merge(pmi_cells *c, uint32_t a, uint32_t b) {
-    if (a == PMI_NONE) {
-        return b;
-    }
-    if (b == PMI_NONE) {
-        return a;
-    }
-    if (c->nprio[a] > c->nprio[b]) {
-        c->nr[a] = tr_merge(c, c->nr[a], b);
-        return a;
-    }
-    c->nl[b] = tr_merge(c, a, c->nl[b]);
-    return b;
-}
-
-static uint32_t tr_insert(pmi_cells *c, uint32_t t, uint32_t n) {
-    if (t == PMI_NONE) {
-        return n;
-    }
-    uint64_t k = c->nkey[n];
-    if (c->nprio[n] > c->nprio[t]) {
-        tr_split(c, t, k, &c->nl[n], &c->nr[n]);
-        return n;
-    }
-    if (k < c->nkey[t]) {
-        c->nl[t] = tr_insert(c, c->nl[t], n);
-    } else {
-        c->nr[t] = tr_insert(c, c->nr[t], n);
-    }
-    return t;
-}
-
-static uint32_t tr_erase(pmi_cells *c, uint32_t t, uint64_t key) {
-    if (t == PMI_NONE) {
-        return t;
-    }
-    if (c->nkey[t] == key) {
-        uint32_t r = tr_merge(c, c->nl[t], c->nr[t]);
-        node_free(c, t);
-        return r;
-    }
-    if (key < c->nkey[t]) {
-        c->nl[t] = tr_erase(c, c->nl[t], key);
-    } else {
-        c->nr[t] = tr_erase(c, c->nr[t], key);
-    }
-    return t;
-}
-
-/* the union of two treaps with disjoint key sets */
-static uint32_t tr_union(pmi_cells *c, uint32_t a, uint32_t b) {
-    if (a == PMI_NONE) {
-        return b;
-    }
-    if (b == PMI_NONE) {
-        return a;
-    }
-    if (c->nprio[a] < c->nprio[b]) {
-        uint32_t t = a;
-        a = b;
-        b = t;
-    }
-    uint32_t lo, hi;
-    tr_split(c, b, c->nkey[a], &lo, &hi);
-    c->nl[a] = tr_union(c, c->nl[a], lo);
-    c->nr[a] = tr_union(c, c->nr[a], hi);
-    return a;
-}
-
-static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32_t n);
-static uint32_t tr_build(pmi_cells *c, const uint32_t *nodes, uint32_t n);
-
-static uint64_t tr_min_key(const pmi_cells *c, uint32_t t) {
-    while (c->nl[t] != PMI_NONE) {
-        t = c->nl[t];
-    }
-    return c->nkey[t];
-}
-
-static uint64_t tr_max_key(const pmi_cells *c, uint32_t t) {
-    while (c->nr[t] != PMI_NONE) {
-        t = c->nr[t];
-    }
-    return c->nkey[t];
-}
-
-/* The index of one sequence joined with the sorted new nodes nodes[0..m) (which may be
- * c->tmp): a merge when the key ranges do not overlap, the recursive union when one side is
- * much smaller, else a linear merge of both node lists and a rebuild. */
-static uint32_t tr_join(pmi_cells *c, uint32_t a, const uint32_t *nodes, uint32_t m) {
-    if (m == 0) {
-        return a;
-    }
-    if (a == PMI_NONE) {
-        return tr_build(c, nodes, m);
-    }
-    if (tr_max_key(c, a) < c->nkey[nodes[0]]) {
-        return tr_merge(c, a, tr_build(c, nodes, m));
-    }
-    if (c->nkey[nodes[m - 1]] < tr_min_key(c, a)) {
-        return tr_merge(c, tr_build(c, nodes, m), a);
-    }
-    uint32_t *xa = c->tmp + 2 * (size_t)c->size, *xb = c->tmp + 3 * (size_t)c->size;
-    uint32_t na = tr_collect(c, a, xa, 0);
-    if (na > 16 * (uint64_t)m || m > 16 * (uint64_t)na) {
-        return tr_union(c, a, tr_build(c, nodes, m));
-    }
-    memmove(xb, nodes, sizeof(uint32_t) * m);
-    uint32_t i = 0, j = 0, k = 0;
-    while (i < na || j < m) { /* na + m <= size: both are cells of this stream */
-        c->tmp[k++] = (j >= m || (i < na && c->nkey[xa[i]] < c->nkey[xb[j]])) ? xa[i++] : xb[j++];
-    }
-    return tr_build(c, c->tmp, k);
-}
-
-/* the nodes of subtree t in key order, appended to out[n..]; returns the new count */
-static uint32_t tr_collect(const pmi_cells *c, uint32_t t, uint32_t *out, uint32_t n) {
-    while (t != PMI_NONE) {
-        n = tr_collect(c, c->nl[t], out, n);
-        out[n++] = t;
-        t = c->nr[t];
-    }
-    return n;
-}
-
-/* one node onto the right spine of a Cartesian tree under construction (keys ascending) */
-static inline void cart_push(pmi_cells *c, uint32_t nd, uint32_t *stack, uint32_t *sp) {
-    uint32_t pr = c->nprio[nd];
-    uint32_t last = PMI_NONE;
-    while (*sp > 0 && c->nprio[stack[*sp - 1]] < pr) {
-        last = stack[--*sp];
-    }
-    c->nl[nd] = last;
-    c->nr[nd] = PMI_NONE;
-    if (*sp > 0) {
-        c->nr[stack[*sp - 1]] = nd;
-    }
-    stack[(*sp)++] = nd;
-}
-
-/* the treap of nodes[0..n) (ascending keys) in linear time; nodes may alias c->tmp */
-static uint32_t tr_build(pmi_cells *c, const uint32_t *nodes, uint32_t n) {
-    uint32_t *stack = c->tmp + c->size, sp = 0;
-    for (uint32_t j = 0; j < n; ++j) {
-        cart_push(c, nodes[j], stack, &sp);
-    }
-    return sp > 0 ? stack[0] : PMI_NONE;
-}
-
 static inline void bound_shift(pmi_cells *c, int32_t v) {
     uint32_t a = v < 0 ? (uint32_t)(-(int64_t)v) : (uint32_t)v;
     if (a > c->shift_bound) {
         c->shift_bound = a;
-    }
-}
-
-/* every index empty, every node free */
-static void idx_clear(pmi_cells *c) {
-    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        c->root[s] = PMI_NONE;
-        c->cnt[s] = 0;
-    }
-    for (uint32_t n = 0; n < c->ncap; ++n) {
-        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
-    }
-    c->nfree = 0;
-    c->nlive = 0;
-}
-
-static void idx_add(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
-    uint32_t n = node_new(c, key_of(pos, i));
-    c->root[s] = tr_insert(c, c->root[s], n);
-    c->cnt[s]++;
-}
-
-static void idx_rm(pmi_cells *c, pm_seq_id s, pm_pos pos, uint32_t i) {
-    c->root[s] = tr_erase(c, c->root[s], key_of(pos, i));
-    c->cnt[s]--;
-}
-
-static void idx_all(pmi_cells *c, uint32_t i, bool add) {
-    const uint64_t *w = c->seq + (size_t)i * PMI_SEQ_WORDS;
-    for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
-        uint64_t bits = w[k];
-        while (bits) {
-            pm_seq_id s = (pm_seq_id)(k * 64 + (uint32_t)__builtin_ctzll(bits));
-            bits &= bits - 1;
-            if (add) {
-                idx_add(c, s, c->pos[i], i);
-            } else {
-                idx_rm(c, s, c->pos[i], i);
-            }
-        }
     }
 }
 
@@ -382,27 +140,7 @@ pm_seq_id pmi_cells_seq_get(const pmi_cells *c, uint32_t i) {
     return -1;
 }
 
-pm_pos pmi_cells_seq_pos_min(const pmi_cells *c, pm_seq_id s) {
-    uint32_t t = c->root[s];
-    if (t == PMI_NONE) {
-        return -1;
-    }
-    while (c->nl[t] != PMI_NONE) {
-        t = c->nl[t];
-    }
-    return (pm_pos)((uint32_t)(c->nkey[t] >> 32) ^ 0x80000000u);
-}
-
-pm_pos pmi_cells_seq_pos_max(const pmi_cells *c, pm_seq_id s) {
-    uint32_t t = c->root[s];
-    if (t == PMI_NONE) {
-        return -1;
-    }
-    while (c->nr[t] != PMI_NONE) {
-        t = c->nr[t];
-    }
-    return (pm_pos)((uint32_t)(c->nkey[t] >> 32) ^ 0x80000000u);
-}
+/* ---- queries -------------------------------------------------------------------------- */
 
 uint32_t pmi_cells_used_max_p1(const pmi_cells *c) {
     for (uint32_t w = c->nwords; w-- > 0;) {
@@ -413,59 +151,8 @@ uint32_t pmi_cells_used_max_p1(const pmi_cells *c) {
     return 0;
 }
 
-static uint32_t tr_range(const pmi_cells *c, uint32_t t, uint64_t lo, uint64_t hi,
-                         uint32_t *out, uint32_t n) {
-    while (t != PMI_NONE) {
-        uint64_t k = c->nkey[t];
-        if (k < lo) {
-            t = c->nr[t];
-        } else if (k >= hi) {
-            t = c->nl[t];
-        } else {
-            n = tr_range(c, c->nl[t], lo, hi, out, n);
-            out[n++] = (uint32_t)k;
-            t = c->nr[t];
-        }
-    }
-    return n;
-}
-
-uint32_t pmi_cells_seq_range(const pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1,
-                             uint32_t *out) {
-    if (p0 >= p1) {
-        return 0;
-    }
-    return tr_range(c, c->root[s], key_of(p0, 0), key_of(p1, 0), out, 0);
-}
-
-pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p) {
-    /* the largest key <= (p, max cell) */
-    uint64_t bound = key_of(p, UINT32_MAX);
-    uint32_t t = c->root[s], best = PMI_NONE;
-    while (t != PMI_NONE) {
-        if (c->nkey[t] <= bound) {
-            best = t;
-            t = c->nr[t];
-        } else {
-            t = c->nl[t];
-        }
-    }
-    return best == PMI_NONE ? -1 : c->ext[(uint32_t)c->nkey[best]].tok;
-}
-
 /* ---- journal ------------------------------------------------------------------------------ */
 
-static inline void jtouch(pmi_cells *c, uint32_t i) {
-    if (c->jon && c->jmark[i] != c->jepoch) {
-        c->jmark[i] = c->jepoch;
-        pmi_jrec *r = &c->jrec[c->jn++];
-        r->idx = i;
-        r->pos = c->pos[i];
-        r->shift = c->shift[i];
-        r->ext = c->ext[i];
-        memcpy(r->seq, c->seq + (size_t)i * PMI_SEQ_WORDS, sizeof(r->seq));
-    }
-}
 
 pm_status pmi_cells_tx_begin(pmi_cells *c) {
     if (c->jmark == NULL) {
@@ -496,17 +183,6 @@ void pmi_cells_tx_commit(pmi_cells *c) {
     c->jn = 0;
 }
 
-static inline void used_set(pmi_cells *c, uint32_t i, bool on) {
-    uint64_t bit = 1ULL << (i & 63);
-    bool was = (c->used_bits[i >> 6] & bit) != 0;
-    if (on && !was) {
-        c->used_bits[i >> 6] |= bit;
-        c->used++;
-    } else if (!on && was) {
-        c->used_bits[i >> 6] &= ~bit;
-        c->used--;
-    }
-}
 
 void pmi_cells_tx_rollback(pmi_cells *c) {
     c->jon = false;
@@ -515,7 +191,7 @@ void pmi_cells_tx_rollback(pmi_cells *c) {
     for (uint32_t k = c->jn; k-- > 0;) {
         uint32_t i = c->jrec[k].idx;
         if (c->pos[i] != -1) {
-            idx_all(c, i, false);
+            pmi_idx_all(c, i, false);
         }
     }
     for (uint32_t k = c->jn; k-- > 0;) {
@@ -525,9 +201,9 @@ void pmi_cells_tx_rollback(pmi_cells *c) {
         c->shift[i] = r->shift;
         c->ext[i] = r->ext;
         memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, r->seq, sizeof(r->seq));
-        used_set(c, i, r->pos != -1);
+        pmi_cells_used_set(c, i, r->pos != -1);
         if (r->pos != -1) {
-            idx_all(c, i, true);
+            pmi_idx_all(c, i, true);
         }
     }
     c->has_shift = c->j_has_shift;
@@ -548,13 +224,13 @@ void pmi_cells_reset(pmi_cells *c) {
         for (uint32_t w = 0; w < c->nwords; ++w) {
             uint64_t bits = c->used_bits[w];
             while (bits) {
-                jtouch(c, w * 64 + (uint32_t)__builtin_ctzll(bits));
+                pmi_cells_jtouch(c, w * 64 + (uint32_t)__builtin_ctzll(bits));
                 bits &= bits - 1;
             }
         }
         for (uint32_t i = 0; i < c->size; ++i) {
             if (c->shift[i] != 0 || memcmp(&c->ext[i], &EXT_RESET, sizeof(pmi_ext)) != 0) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
             }
         }
     }
@@ -568,14 +244,14 @@ void pmi_cells_reset(pmi_cells *c) {
     c->used = 0;
     c->has_shift = false;
     c->shift_bound = 0;
-    idx_clear(c);
+    pmi_idx_clear(c);
 }
 
 void pmi_cells_reset_shift(pmi_cells *c) {
     if (c->jon) {
         for (uint32_t i = 0; i < c->size; ++i) {
             if (c->shift[i] != 0) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
             }
         }
     }
@@ -589,12 +265,12 @@ static void make_empty(pmi_cells *c, uint32_t i) {
     c->pos[i] = -1;
     c->ext[i] = EXT_RESET;
     c->shift[i] = 0;
-    used_set(c, i, false);
+    pmi_cells_used_set(c, i, false);
 }
 
 void pmi_cells_rm(pmi_cells *c, uint32_t i) {
-    jtouch(c, i);
-    idx_all(c, i, false);
+    pmi_cells_jtouch(c, i);
+    pmi_idx_all(c, i, false);
     seq_clear(c, i);
     make_empty(c, i);
 }
@@ -603,25 +279,16 @@ void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s) {
     if (pmi_cells_seq_has(c, i, s)) {
         return;
     }
-    jtouch(c, i);
+    pmi_cells_jtouch(c, i);
     c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
-    idx_add(c, s, c->pos[i], i);
+    pmi_idx_add(c, s, c->pos[i], i);
 }
 
-void pmi_cells_pos_set(pmi_cells *c, uint32_t i, pm_pos p) {
-    jtouch(c, i);
-    c->pos[i] = p;
-    used_set(c, i, true);
-}
 
-void pmi_cells_ext_set(pmi_cells *c, uint32_t i, pmi_ext e) {
-    jtouch(c, i);
-    c->ext[i] = e;
-}
 
 bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
-    jtouch(c, i);
-    idx_all(c, i, false);
+    pmi_cells_jtouch(c, i);
+    pmi_idx_all(c, i, false);
     c->pos[i] += d;
     c->shift[i] += d;
     c->has_shift = true;
@@ -630,10 +297,10 @@ bool pmi_cells_pos_add(pmi_cells *c, uint32_t i, pm_pos d) {
         seq_clear(c, i);
         c->pos[i] = -1;
         c->shift[i] = 0;
-        used_set(c, i, false);
+        pmi_cells_used_set(c, i, false);
         return true; /* ext deliberately kept (llama.cpp) */
     }
-    idx_all(c, i, true);
+    pmi_idx_all(c, i, true);
     return false;
 }
 
@@ -649,77 +316,17 @@ void pmi_cells_snap(const pmi_cells *c, const uint32_t *idxs, uint32_t n, pmi_ce
 void pmi_cells_set(pmi_cells *c, const uint32_t *idxs, uint32_t n, const pmi_cellsnap *snap) {
     for (uint32_t j = 0; j < n; ++j) {
         uint32_t i = idxs[j];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         if (c->pos[i] != -1) {
-            idx_all(c, i, false);
+            pmi_idx_all(c, i, false);
         }
         c->pos[i] = snap[j].pos;
         c->ext[i] = snap[j].ext;
         memcpy(c->seq + (size_t)i * PMI_SEQ_WORDS, snap[j].seq, sizeof(snap[j].seq));
-        used_set(c, i, snap[j].pos != -1);
+        pmi_cells_used_set(c, i, snap[j].pos != -1);
         if (snap[j].pos != -1) {
-            idx_all(c, i, true);
+            pmi_idx_all(c, i, true);
         }
-    }
-}
-
-/* ---- bulk index build ------------------------------------------------------------------------ */
-
-void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
-    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
-}
-
-/* Build the index of every sequence from the cells' bits (the trees must be empty): gather
- * each sequence's keys, sort them (already sorted for packed restores), and build the treap
- * as the Cartesian tree of the priorities with a stack, in linear time. */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
-    uint32_t cnt[PM_MAX_SEQ] = {0}, at[PM_MAX_SEQ];
-    for (uint32_t w = 0; w < c->nwords; ++w) {
-        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
-            const uint64_t *sw = c->seq + (size_t)(w * 64 + (uint32_t)__builtin_ctzll(bits)) * PMI_SEQ_WORDS;
-            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
-                for (uint64_t b = sw[k]; b; b &= b - 1) {
-                    cnt[k * 64 + (uint32_t)__builtin_ctzll(b)]++;
-                }
-            }
-        }
-    }
-    uint32_t o = 0;
-    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        at[s] = o;
-        o += cnt[s];
-    }
-    /* one pass: every membership's key into its sequence's slice, in cell order */
-    for (uint32_t w = 0; w < c->nwords; ++w) {
-        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
-            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
-            const uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
-            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
-                for (uint64_t b = sw[k]; b; b &= b - 1) {
-                    keys[at[k * 64 + (uint32_t)__builtin_ctzll(b)]++] = key_of(c->pos[i], i);
-                }
-            }
-        }
-    }
-    uint32_t off = 0; /* an offset, not a pointer: keys may be NULL when nothing is a member */
-    for (uint32_t s = 0; s < PM_MAX_SEQ; off += cnt[s], ++s) {
-        uint32_t n = cnt[s];
-        if (n == 0) {
-            continue;
-        }
-        uint64_t *ks = keys + off;
-        for (uint32_t j = 1; j < n; ++j) {
-            if (ks[j] < ks[j - 1]) {
-                qsort(ks, n, sizeof(uint64_t), cmp_u64);
-                break;
-            }
-        }
-        uint32_t sp = 0;
-        for (uint32_t j = 0; j < n; ++j) {
-            cart_push(c, node_new(c, ks[j]), stack, &sp);
-        }
-        c->root[s] = stack[0];
-        c->cnt[s] = n;
     }
 }
 
@@ -731,8 +338,8 @@ void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint32_t *stack) {
 
 static void detach(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, uint32_t *lo, uint32_t *mid,
                    uint32_t *hi) {
-    tr_split(c, c->root[s], key_of(p0, 0), lo, mid);
-    tr_split(c, *mid, key_of(p1, 0), mid, hi);
+    pmi_tr_split(c, c->root[s], key_of(p0, 0), lo, mid);
+    pmi_tr_split(c, *mid, key_of(p1, 0), mid, hi);
 }
 
 /* every sequence of cell i other than s in or out of its index (the cell's pos as it is now) */
@@ -745,9 +352,9 @@ static void idx_others(pmi_cells *c, uint32_t i, pm_seq_id s, bool add) {
                 continue;
             }
             if (add) {
-                idx_add(c, o, c->pos[i], i);
+                pmi_idx_add(c, o, c->pos[i], i);
             } else {
-                idx_rm(c, o, c->pos[i], i);
+                pmi_idx_rm(c, o, c->pos[i], i);
             }
         }
     }
@@ -759,12 +366,12 @@ uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1)
         return head;
     }
     detach(c, s, p0, p1, &lo, &mid, &hi);
-    uint32_t n = tr_collect(c, mid, c->tmp, 0);
+    uint32_t n = pmi_tr_collect(c, mid, c->tmp, 0);
     const uint32_t wq = (uint32_t)s >> 6;
     const uint64_t bit = 1ULL << ((uint32_t)s & 63);
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         c->seq[(size_t)i * PMI_SEQ_WORDS + wq] &= ~bit;
         if (pmi_cells_seq_none(c, i)) {
             make_empty(c, i);
@@ -775,7 +382,7 @@ uint32_t pmi_cells_seq_rm_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1)
         node_free(c, t);
     }
     c->cnt[s] -= n;
-    c->root[s] = tr_merge(c, lo, hi);
+    c->root[s] = pmi_tr_merge(c, lo, hi);
     return head;
 }
 
@@ -789,12 +396,12 @@ void pmi_cells_seq_cp_range(pmi_cells *c, pm_seq_id a, pm_seq_id b, pm_pos p0, p
         if (*w & bit) {
             continue;
         }
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         *w |= bit;
         c->tmp[m++] = node_new(c, key_of(c->pos[i], i)); /* m <= k: in place */
     }
     c->cnt[b] += m;
-    c->root[b] = tr_join(c, c->root[b], c->tmp, m);
+    c->root[b] = pmi_tr_join(c, c->root[b], c->tmp, m);
 }
 
 uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos p1, pm_pos d,
@@ -804,10 +411,10 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
         return head;
     }
     detach(c, s, p0, p1, &lo, &mid, &hi);
-    uint32_t n = tr_collect(c, mid, c->tmp, 0), m = 0;
+    uint32_t n = pmi_tr_collect(c, mid, c->tmp, 0), m = 0;
     for (uint32_t k = 0; k < n; ++k) {
         uint32_t t = c->tmp[k], i = (uint32_t)c->nkey[t];
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         bool shared = pmi_cells_seq_multi(c, i);
         if (shared) {
             idx_others(c, i, s, false);
@@ -821,7 +428,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
             seq_clear(c, i);
             c->pos[i] = -1;
             c->shift[i] = 0;
-            used_set(c, i, false); /* ext deliberately kept (llama.cpp) */
+            pmi_cells_used_set(c, i, false); /* ext deliberately kept (llama.cpp) */
             if (i < head) {
                 head = i;
             }
@@ -846,7 +453,7 @@ uint32_t pmi_cells_seq_shift_range(pmi_cells *c, pm_seq_id s, pm_pos p0, pm_pos 
         }
     }
     c->cnt[s] -= n - m;
-    c->root[s] = tr_join(c, tr_merge(c, lo, hi), c->tmp, m);
+    c->root[s] = pmi_tr_join(c, pmi_tr_merge(c, lo, hi), c->tmp, m);
     return head;
 }
 
@@ -860,12 +467,12 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
             uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
             if (sw[wq] & bit) {
                 if (pmi_cells_seq_multi(c, i)) {
-                    jtouch(c, i);
+                    pmi_cells_jtouch(c, i);
                     seq_clear(c, i);
                     sw[wq] = bit;
                 }
             } else if (!pmi_cells_seq_none(c, i)) {
-                jtouch(c, i);
+                pmi_cells_jtouch(c, i);
                 seq_clear(c, i);
                 make_empty(c, i);
                 if (head == PMI_NONE) {
@@ -875,25 +482,17 @@ uint32_t pmi_cells_seq_keep_all(pmi_cells *c, pm_seq_id s) {
         }
     }
     /* only s keeps an index: rebuild it in a fresh node pool */
-    uint32_t n = tr_collect(c, c->root[s], c->tmp, 0);
+    uint32_t n = pmi_tr_collect(c, c->root[s], c->tmp, 0);
     for (uint32_t k = 0; k < n; ++k) {
         c->tmp[k] = (uint32_t)c->nkey[c->tmp[k]]; /* the cell */
     }
-    idx_clear(c);
+    pmi_idx_clear(c);
     for (uint32_t k = 0; k < n; ++k) {
         c->tmp[k] = node_new(c, key_of(c->pos[c->tmp[k]], c->tmp[k]));
     }
     c->cnt[s] = n;
-    c->root[s] = tr_build(c, c->tmp, n);
+    c->root[s] = pmi_tr_build(c, c->tmp, n);
     return head;
-}
-
-uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out) {
-    uint32_t n = tr_collect(c, c->root[s], out, 0);
-    for (uint32_t k = 0; k < n; ++k) {
-        out[k] = (uint32_t)c->nkey[out[k]];
-    }
-    return n;
 }
 
 void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, uint32_t n) {
@@ -908,18 +507,18 @@ void pmi_cells_seq_add_many(pmi_cells *c, pm_seq_id s, const uint32_t *cells, ui
         if (*w & bit) {
             continue;
         }
-        jtouch(c, i);
+        pmi_cells_jtouch(c, i);
         *w |= bit;
         keys[m] = key_of(c->pos[i], i);
         sorted = sorted && (m == 0 || keys[m] > keys[m - 1]);
         m++;
     }
     if (!sorted) {
-        qsort(keys, m, sizeof(uint64_t), cmp_u64);
+        qsort(keys, m, sizeof(uint64_t), pmi_cmp_u64);
     }
     for (uint32_t j = 0; j < m; ++j) {
         c->tmp[j] = node_new(c, keys[j]);
     }
     c->cnt[s] += m;
-    c->root[s] = tr_join(c, c->root[s], c->tmp, m);
+    c->root[s] = pmi_tr_join(c, c->root[s], c->tmp, m);
 }

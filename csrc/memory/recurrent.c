@@ -8,32 +8,13 @@
  * Applying a ubatch does what llama.cpp's memory and graph inputs do to the rows: find_slot,
  * then zero the rs_z row and gather every cell of the range from its staged source
  * (s_copy, which consumes pending rollbacks).  The model's new states are stored by the
- * caller (pm_mctx_store_rs).
+ * caller (pm_mctx_store_rs).  The state section is in state/rec_state.c.
  */
-#include "mem_internal.h"
+#include "memory/recurrent.h"
 
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
-
-static inline bool rc_has(const pmi_rcell *c, pm_seq_id s) {
-    return s >= 0 && s < PM_MAX_SEQ && ((c->seq[(uint32_t)s >> 6] >> ((uint32_t)s & 63)) & 1u);
-}
-static inline void rc_set(pmi_rcell *c, pm_seq_id s) { c->seq[(uint32_t)s >> 6] |= 1ULL << ((uint32_t)s & 63); }
-static inline void rc_clr(pmi_rcell *c, pm_seq_id s) { c->seq[(uint32_t)s >> 6] &= ~(1ULL << ((uint32_t)s & 63)); }
-static inline bool rc_empty(const pmi_rcell *c) { return !(c->seq[0] | c->seq[1] | c->seq[2] | c->seq[3]); }
-static inline uint32_t rc_count(const pmi_rcell *c) {
-    return pmi_popcount64(c->seq[0]) + pmi_popcount64(c->seq[1]) + pmi_popcount64(c->seq[2]) +
-           pmi_popcount64(c->seq[3]);
-}
-static inline pm_seq_id rc_first(const pmi_rcell *c) {
-    for (uint32_t k = 0; k < 4; ++k) {
-        if (c->seq[k]) {
-            return (pm_seq_id)(k * 64 + (uint32_t)__builtin_ctzll(c->seq[k]));
-        }
-    }
-    return -1;
-}
 
 static void norm_range(pm_pos *p0, pm_pos *p1) {
     if (*p0 < 0) {
@@ -46,7 +27,7 @@ static void norm_range(pm_pos *p0, pm_pos *p1) {
 
 /* ---- construction ------------------------------------------------------------------------ */
 
-pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
+static pm_status rec_create(const pm_rec_params *p, pmi_rec **out) {
     *out = NULL;
     if (p == NULL) {
         return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
@@ -109,20 +90,22 @@ pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
     for (uint32_t l = 0; l < r->n_layer; ++l) {
         pmi_rec_layer *L = &r->layers[l];
         L->il = p->layers[l].il;
-        L->row[0] = pmi_row_size(r->type_r, p->layers[l].n_embd_r);
-        L->row[1] = pmi_row_size(r->type_s, p->layers[l].n_embd_s);
-        L->row[2] = p->layers[l].n_embd_p ? pmi_row_size(r->type_r, p->layers[l].n_embd_p) : 0;
+        L->row[PMI_REC_R] = pmi_row_size(r->type_r, p->layers[l].n_embd_r);
+        L->row[PMI_REC_S] = pmi_row_size(r->type_s, p->layers[l].n_embd_s);
+        L->row[PMI_REC_P] = p->layers[l].n_embd_p ? pmi_row_size(r->type_r, p->layers[l].n_embd_p) : 0;
         L->has_p = p->layers[l].n_embd_p > 0;
-        for (int t = 0; t < 3; ++t) {
-            if (t == 2 && !L->has_p) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
+            if (t == PMI_REC_P && !L->has_p) {
                 continue;
             }
             uint64_t nb = L->row[t] * r->n_rows;
             if (nb > 0) {
                 L->data[t] = pmi_aligned_calloc(nb);
                 if (L->data[t] == NULL) {
+                    uint32_t il = L->il; /* r (and L with it) is freed first */
                     pmi_rec_destroy(r);
-                    return pmi_fail(PM_E_NOMEM, "out of memory for recurrent layer %u", L->il);
+                    return pmi_fail(PM_E_NOMEM, "out of memory for recurrent layer %u (%llu bytes)", il,
+                                    (unsigned long long)nb);
                 }
             }
         }
@@ -137,7 +120,7 @@ void pmi_rec_destroy(pmi_rec *r) {
     }
     if (r->layers) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
+            for (int t = 0; t < PMI_REC_NROW; ++t) {
                 pmi_aligned_free(r->layers[l].data[t]);
             }
         }
@@ -153,7 +136,7 @@ void pmi_rec_destroy(pmi_rec *r) {
 uint64_t pmi_rec_nbytes(const pmi_rec *r) {
     uint64_t n = sizeof(*r) + (uint64_t)r->size * 2 * sizeof(pmi_rcell) + (uint64_t)r->n_seq_max * 8;
     for (uint32_t l = 0; l < r->n_layer; ++l) {
-        n += (r->layers[l].row[0] + r->layers[l].row[1] + r->layers[l].row[2]) * r->n_rows;
+        n += (r->layers[l].row[PMI_REC_R] + r->layers[l].row[PMI_REC_S] + r->layers[l].row[PMI_REC_P]) * r->n_rows;
     }
     return n;
 }
@@ -191,7 +174,7 @@ void pmi_rec_clear(pmi_rec *r, bool data) {
     r->used = 0;
     if (data) {
         for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
+            for (int t = 0; t < PMI_REC_NROW; ++t) {
                 if (r->layers[l].data[t]) {
                     memset(r->layers[l].data[t], 0, (size_t)(r->layers[l].row[t] * r->n_rows));
                 }
@@ -586,7 +569,7 @@ void pmi_rec_move_states(pmi_rec *r, uint8_t *tmp) {
     }
     for (uint32_t l = 0; l < r->n_layer; ++l) {
         pmi_rec_layer *L = &r->layers[l];
-        for (int t = 0; t < 3; ++t) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
             uint8_t *d = L->data[t];
             uint64_t row = L->row[t];
             if (d == NULL || row == 0) {
@@ -610,288 +593,31 @@ void pmi_rec_move_states(pmi_rec *r, uint8_t *tmp) {
 uint64_t pmi_rec_max_row(const pmi_rec *r) {
     uint64_t m = 1;
     for (uint32_t l = 0; l < r->n_layer; ++l) {
-        for (int t = 0; t < 3; ++t) {
+        for (int t = 0; t < PMI_REC_NROW; ++t) {
             m = PMI_MAX(m, r->layers[l].row[t]);
         }
     }
     return m;
 }
 
-/* ---- state ---------------------------------------------------------------------------------------- */
-
-pm_status pmi_rec_state_write(const pmi_rec *r, pmi_writer *w, pm_seq_id seq) {
-    uint32_t rows[PM_MAX_SEQ], cells[PM_MAX_SEQ], cc = 0;
-    for (uint32_t i = 0; i < r->size; ++i) {
-        const pmi_rcell *c = &r->cells[i];
-        if (!((seq == -1 && !rc_empty(c)) || rc_has(c, seq))) {
-            continue;
-        }
-        uint32_t plane = 0;
-        if (r->n_rs_seq != 0) {
-            if (seq != -1) {
-                if ((uint32_t)seq >= r->n_seq_max) {
-                    return pmi_fail(PM_E_STATE, "seq %d has no rollback index", seq);
-                }
-                plane = r->rs_idx[seq];
-            } else {
-                bool have = false;
-                for (pm_seq_id q = 0; q < PM_MAX_SEQ; ++q) {
-                    if (!rc_has(c, q)) {
-                        continue;
-                    }
-                    if ((uint32_t)q >= r->n_seq_max) {
-                        return pmi_fail(PM_E_STATE, "seq %d has no rollback index", q);
-                    }
-                    if (!have) {
-                        plane = r->rs_idx[q];
-                        have = true;
-                    } else if (plane != r->rs_idx[q]) {
-                        return pmi_fail(PM_E_STATE,
-                                        "cannot write shared recurrent state with different rollback indices");
-                    }
-                }
-            }
-        }
-        cells[cc] = i;
-        rows[cc] = plane * r->size + (c->src >= 0 ? (uint32_t)c->src : i);
-        cc++;
+/* The parameters (and their layer array) are the caller's memory, read while the GIL is
+ * released: validate and build from one snapshot, never from a second read. */
+pm_status pmi_rec_create(const pm_rec_params *p, pmi_rec **out) {
+    *out = NULL;
+    if (p == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "params is NULL");
     }
-    pmi_w_u32(w, cc);
-    for (uint32_t k = 0; k < cc; ++k) {
-        const pmi_rcell *c = &r->cells[cells[k]];
-        pmi_w_i32(w, c->pos);
-        if (seq == -1) {
-            pmi_w_u32(w, rc_count(c));
-            for (pm_seq_id q = 0; q < PM_MAX_SEQ; ++q) {
-                if (rc_has(c, q)) {
-                    pmi_w_i32(w, q);
-                }
-            }
-        } else {
-            pmi_w_u32(w, 0);
+    pm_rec_params snap = *p;
+    pm_rec_layer *layers = NULL;
+    if (snap.n_layer > 0 && snap.layers != NULL && snap.n_layer <= snap.n_layer_model) { /* else refused unread */
+        layers = malloc(sizeof(pm_rec_layer) * (size_t)snap.n_layer);
+        if (layers == NULL) {
+            return pmi_fail(PM_E_NOMEM, "out of memory");
         }
+        memcpy(layers, snap.layers, sizeof(pm_rec_layer) * (size_t)snap.n_layer);
+        snap.layers = layers;
     }
-    pmi_w_u32(w, 0); /* s_trans */
-    pmi_w_u32(w, r->n_layer_model);
-    for (int pass = 0; pass < 2; ++pass) {
-        for (uint32_t l = 0; l < r->n_layer; ++l) {
-            const pmi_rec_layer *L = &r->layers[l];
-            for (int t = pass == 0 ? 0 : 1; t < 3; t += 2) {
-                /* pass 0: r (t = 0) then p (t = 2); pass 1: s (t = 1) */
-                if (t == 2 && !L->has_p) {
-                    continue;
-                }
-                if (t == 2) {
-                    pmi_w_u64(w, L->row[2]);
-                } else {
-                    pmi_w_i32(w, t == 0 ? r->type_r : r->type_s);
-                    pmi_w_u64(w, L->row[t]);
-                }
-                uint8_t *dst = pmi_w_reserve(w, L->row[t] * cc);
-                if (dst != NULL) {
-                    for (uint32_t k = 0; k < cc; ++k) {
-                        if (L->row[t]) {
-                            memcpy(dst + k * L->row[t], L->data[t] + (uint64_t)rows[k] * L->row[t],
-                                   (size_t)L->row[t]);
-                        }
-                    }
-                }
-                if (pass == 1) {
-                    break;
-                }
-            }
-        }
-    }
-    return PM_OK;
-}
-
-/* Parse and validate one REC section; fills plan (pointers into the reader's buffer). */
-pm_status pmi_rec_state_parse(const pmi_rec *r, pmi_reader *rd, pm_seq_id seq, pmi_rec_plan *plan) {
-    char what[80];
-    memset(plan, 0, sizeof(*plan));
-    plan->seq = seq;
-    plan->rows = calloc((size_t)(r->n_layer ? r->n_layer : 1) * 3, sizeof(uint8_t *));
-    if (plan->rows == NULL) {
-        return pmi_fail(PM_E_NOMEM, "out of memory");
-    }
-    if (seq != -1 && (uint32_t)seq >= r->size) {
-        /* llama.cpp: seq_rm refuses, find_slot fails: the restore fails */
-        return pmi_fail(PM_E_INVALID_ARG, "state_read: seq_id %d is not in [0, %u)", seq, r->size);
-    }
-    if (!pmi_r_u32(rd, &plan->cc, "recurrent cell_count")) {
-        return PM_E_FORMAT;
-    }
-    if (plan->cc > r->size) {
-        return pmi_fail(PM_E_FORMAT, "recurrent section: %u cells do not fit in %u (offset %llu)", plan->cc,
-                        r->size, (unsigned long long)(rd->off - 4));
-    }
-    uint64_t seen[4] = {0, 0, 0, 0};
-    plan->meta = rd->buf + rd->off;
-    for (uint32_t i = 0; i < plan->cc; ++i) {
-        int32_t pos;
-        uint32_t nid;
-        snprintf(what, sizeof what, "recurrent cell %u", i);
-        if (!pmi_r_i32(rd, &pos, what) || !pmi_r_u32(rd, &nid, what)) {
-            return PM_E_FORMAT;
-        }
-        if (seq != -1) {
-            if (nid != 0) {
-                return pmi_fail(PM_E_FORMAT, "%s: a sequence blob has n_seq_id 0, not %u (offset %llu)", what, nid,
-                                (unsigned long long)(rd->off - 4));
-            }
-            plan->last_pos = pos;
-            continue;
-        }
-        if ((uint64_t)nid * 4 > rd->len - rd->off) {
-            return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what, nid,
-                            (unsigned long long)rd->off);
-        }
-        for (uint32_t q = 0; q < nid; ++q) {
-            int32_t id = pmi_rd_i32(rd->buf + rd->off + 4ull * q);
-            if (id < 0 || (uint32_t)id >= r->n_seq_max || (uint32_t)id >= r->size) {
-                return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what, id,
-                                PMI_MIN(r->n_seq_max, r->size), (unsigned long long)(rd->off + 4ull * q));
-            }
-            if ((seen[id >> 6] >> (id & 63)) & 1) {
-                return pmi_fail(PM_E_FORMAT, "%s: duplicate tail for seq id %d (offset %llu)", what, id,
-                                (unsigned long long)(rd->off + 4ull * q));
-            }
-            seen[id >> 6] |= 1ULL << (id & 63);
-        }
-        rd->off += 4ull * nid;
-    }
-    uint32_t s_trans, n_layer;
-    if (!pmi_r_u32(rd, &s_trans, "recurrent s_trans") || !pmi_r_u32(rd, &n_layer, "recurrent n_layer")) {
-        return PM_E_FORMAT;
-    }
-    if (n_layer != r->n_layer_model) {
-        return pmi_fail(PM_E_FORMAT, "recurrent section: %u layers, the model has %u (offset %llu)", n_layer,
-                        r->n_layer_model, (unsigned long long)(rd->off - 4));
-    }
-    if (s_trans != 0) {
-        return pmi_fail(PM_E_FORMAT, "recurrent section: transposed s (s_trans %u) is not supported (offset %llu)",
-                        s_trans, (unsigned long long)(rd->off - 8));
-    }
-    for (int pass = 0; pass < 2; ++pass) {
-        for (uint32_t l = 0; l < r->n_layer; ++l) {
-            const pmi_rec_layer *L = &r->layers[l];
-            for (int t = pass == 0 ? 0 : 1; t < 3; t += 2) {
-                if (t == 2 && !L->has_p) {
-                    continue;
-                }
-                const char *nm = t == 0 ? "r" : t == 1 ? "s" : "p";
-                snprintf(what, sizeof what, "recurrent layer %u %s", L->il, nm);
-                if (t != 2) {
-                    int32_t type;
-                    if (!pmi_r_i32(rd, &type, what)) {
-                        return PM_E_FORMAT;
-                    }
-                    int32_t want = t == 0 ? r->type_r : r->type_s;
-                    if (type != want) {
-                        return pmi_fail(PM_E_FORMAT, "%s: type %d, this memory has %d (offset %llu)", what, type,
-                                        want, (unsigned long long)(rd->off - 4));
-                    }
-                }
-                uint64_t row;
-                if (!pmi_r_u64(rd, &row, what)) {
-                    return PM_E_FORMAT;
-                }
-                if (row != L->row[t]) {
-                    return pmi_fail(PM_E_FORMAT, "%s: row size %llu, this memory has %llu (offset %llu)", what,
-                                    (unsigned long long)row, (unsigned long long)L->row[t],
-                                    (unsigned long long)(rd->off - 8));
-                }
-                if (!pmi_r_span(rd, row * plan->cc, &plan->rows[l * 3 + t], what)) {
-                    return PM_E_FORMAT;
-                }
-                if (pass == 1) {
-                    break;
-                }
-            }
-        }
-    }
-    return PM_OK;
-}
-
-pm_status pmi_rec_state_meta(pmi_rec *r, pmi_rec_plan *plan) {
-    if (plan->seq != -1) {
-        pmi_rec_seq_rm(r, plan->seq, -1, -1);
-        if (plan->cc == 0) {
-            return PM_OK;
-        }
-        pmi_ubatch ub;
-        pm_status st = pmi_ubatch_reserve(&ub, plan->cc, 1, plan->seq);
-        if (st != PM_OK) {
-            return st;
-        }
-        const uint8_t *p = plan->meta;
-        for (uint32_t i = 0; i < plan->cc; ++i) {
-            ub.pos[i] = pmi_rd_i32(p);
-            p += 8;
-        }
-        /* ubatch_reserve's single sequence set of cc tokens: only token 0 carries the id */
-        st = pmi_rec_find_slot(r, &ub);
-        pmi_ubatch_free(&ub);
-        if (st != PM_OK) {
-            return pmi_fail_ctx(st, "restoring seq %d", plan->seq);
-        }
-        if (r->head + plan->cc > r->size) {
-            return pmi_fail(PM_E_NO_SLOT, "restored recurrent cells do not fit");
-        }
-    } else {
-        pmi_rec_clear(r, false);
-        const uint8_t *p = plan->meta;
-        for (uint32_t i = 0; i < plan->cc; ++i) {
-            pmi_rcell *c = &r->cells[i];
-            c->pos = pmi_rd_i32(p);
-            uint32_t nid = pmi_rd_u32(p + 4);
-            p += 8;
-            for (uint32_t q = 0; q < nid; ++q) {
-                pm_seq_id id = pmi_rd_i32(p);
-                p += 4;
-                rc_set(c, id);
-                r->cells[id].tail = (int32_t)i;
-            }
-        }
-        r->head = 0;
-        r->used = plan->cc;
-    }
-    for (uint32_t i = 0; i < plan->cc; ++i) {
-        r->cells[r->head + i].src = (int32_t)(r->head + i);
-    }
-    plan->head = r->head;
-    return PM_OK;
-}
-
-void pmi_rec_state_data(pmi_rec *r, const pmi_rec_plan *plan) {
-    if (plan->seq == -1) {
-        for (uint32_t l = 0; l < r->n_layer; ++l) {
-            for (int t = 0; t < 3; ++t) {
-                if (r->layers[l].data[t]) {
-                    memset(r->layers[l].data[t], 0, (size_t)(r->layers[l].row[t] * r->n_rows));
-                }
-            }
-        }
-    }
-    for (uint32_t l = 0; l < r->n_layer; ++l) {
-        for (int t = 0; t < 3; ++t) {
-            const pmi_rec_layer *L = &r->layers[l];
-            if (L->data[t] && plan->cc && L->row[t]) {
-                memcpy(L->data[t] + (uint64_t)plan->head * L->row[t], plan->rows[l * 3 + t],
-                       (size_t)(L->row[t] * plan->cc));
-            }
-        }
-    }
-    if (r->n_rs_seq != 0) {
-        if (plan->seq == -1) {
-            memset(r->rs_idx, 0, sizeof(uint32_t) * r->n_seq_max);
-        } else if ((uint32_t)plan->seq < r->n_seq_max) {
-            r->rs_idx[plan->seq] = 0;
-        }
-    }
-}
-
-void pmi_rec_plan_free(pmi_rec_plan *plan) {
-    free((void *)plan->rows);
-    plan->rows = NULL;
+    pm_status st = rec_create(&snap, out);
+    free(layers);
+    return st;
 }

@@ -47,6 +47,17 @@ def _kv_parts(mem: Memory) -> list[KVPart]:
     return list(mem.kv_parts())
 
 
+def _shift_refused_by_design(mem: Memory) -> bool:
+    """pymem's deliberate can_shift divergence: llama.cpp reports True for a K type it cannot
+    rotate (bf16; quantized K without a power-of-two Hadamard rotation) and fails at the next
+    decode; pymem reports False and refuses the shift at seq_add / seq_div."""
+    for p in _kv_parts(mem):
+        t, r = p.type_k, int(p.k_rot)
+        if t == "bf16" or (t not in ("f32", "f16") and (r <= 0 or r & (r - 1))):
+            return True
+    return False
+
+
 def _rec_part(mem: Memory) -> RecurrentPart | None:
     return getattr(mem, "recurrent", None)
 
@@ -86,6 +97,18 @@ class Mirror:
         batch = Batch(tokens=[it[0] for it in items],
                       pos=None if auto else [it[1] for it in items],
                       seq_ids=[it[2] for it in items], output=output)
+        return self._decode_pymem(rc_l, batch, [it[2] for it in items])
+
+    def decode_embd(self, embd: Any, pos: Any, seq_ids: Sequence[Any], output: Any = None) -> int:
+        """An embedding batch (``embd`` float32 ``[n, n_embd]``) on both sides; ``pos`` is
+        ``[n]`` or ``[n_pos_per_embd, n]`` (M-RoPE sections: pos, y, x, 0).  llama.cpp's side
+        needs a ``decode_embd`` method (tests/test_pinned_mrope.py gives one)."""
+        self._log("decode_embd", np.asarray(pos).tolist(), list(seq_ids))
+        rc_l = self.llama.decode_embd(embd, pos, seq_ids, output)
+        batch = Batch(tokens=None, n_tokens=len(seq_ids), pos=pos, seq_ids=list(seq_ids), output=output)
+        return self._decode_pymem(rc_l, batch, list(seq_ids))
+
+    def _decode_pymem(self, rc_l: int, batch: Batch, seq_ids: Sequence[Any]) -> int:
         try:
             ctx = self.mem.decode(batch, n_ubatch=self.n_ubatch, n_vocab=self.n_vocab)
             rc_p = 0
@@ -102,7 +125,7 @@ class Mirror:
                 self.unknown[(part, dst)] = set(self.unknown.get((part, src), ()))
             self.pending.clear()
         if rc_l == 0:
-            self._copy_new_rows(ctx, {q for it in items for q in ([it[2]] if isinstance(it[2], int) else it[2])})
+            self._copy_new_rows(ctx, {q for s in seq_ids for q in ([s] if isinstance(s, int) else s)})
         return rc_l
 
     def _copy_new_rows(self, ctx: Any, seqs: set) -> None:
@@ -266,6 +289,9 @@ class Mirror:
             pp = (self.mem.seq_pos_min(s), self.mem.seq_pos_max(s))
             if lp != pp:
                 out.append(Mismatch(f"seq {s} positions", f"llama.cpp {lp}, pymem {pp}"))
+        cs = (bool(self.llama.can_shift()), self.mem.can_shift)
+        if cs[0] != cs[1] and not (cs == (True, False) and _shift_refused_by_design(self.mem)):
+            out.append(Mismatch("can_shift", f"llama.cpp {cs[0]}, pymem {cs[1]}"))
         self._cmp_blob(out, "whole state", self.llama.state_get(), self.mem.state_write(envelope="llama"), seq=-1)
         if partial is None:
             partial = True

@@ -284,6 +284,20 @@ def _all_specs() -> Dict[str, TinySpec]:
 SPECS: Mapping[str, TinySpec] = _all_specs()
 
 
+def _mrope_specs() -> Dict[str, TinySpec]:
+    """M-RoPE models: pymem.from_gguf does not read their architectures (yet), so they are not
+    in SPECS / names(); tests build their memories by hand (``spec()``/``ensure_models`` find them)."""
+    # rope sections (t, y, x, -) sum to head_dim / 2 = 16, as qwen2vl's 16/24/24 for head dim 128
+    lay = _layout("qwen2vl", "kv", 2, 64, [2, 2], [1, 1], rope_type="mrope")
+    kv = _common(n_layer=2, n_head=2, n_head_kv=1) + [("rope.dimension_sections", "arr_u32", [4, 6, 6, 0])]
+    return {"qwen2vl": TinySpec("qwen2vl", "qwen2vl", tuple(kv), lay,
+                                "plain KV with M-RoPE (n_pos_per_embd 4, cells carry ext x, y)")}
+
+
+#: specs outside SPECS (see :func:`_mrope_specs`)
+MROPE_SPECS: Mapping[str, TinySpec] = _mrope_specs()
+
+
 def names() -> List[str]:
     """Names of all specs."""
     return list(SPECS)
@@ -292,7 +306,7 @@ def names() -> List[str]:
 def spec(name: str) -> TinySpec:
     """The spec called ``name`` (KeyError lists the known names)."""
     try:
-        return SPECS[name]
+        return SPECS[name] if name in SPECS else MROPE_SPECS[name]
     except KeyError:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(SPECS)}") from None
 

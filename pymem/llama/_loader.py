@@ -1,7 +1,7 @@
 """Load the prebuilt llama.cpp (``llama-cpp-py-sync`` wheel) for use as an oracle.
 
 ``load()`` returns ``(ffi, lib, ggml_base_lib)``: the wheel's cffi FFI object with a few
-extra ggml/gguf declarations added (needed by :mod:`pymem.llama.tinymodels`), the loaded
+extra ggml/gguf declarations added (needed by :mod:`pymem._oracle.tinymodels`), the loaded
 ``libllama`` and the loaded ``libggml-base``.
 
 The pinned target is llama.cpp build b11739 (``llama-cpp-py-sync==0.11739``); pymem's

@@ -383,7 +383,7 @@ class _InProcess(_Live):
 
 
 class _Remote(_Live):
-    """A pymem.llama.worker.ContextHandle (the context lives in the oracle worker)."""
+    """A pymem._oracle.worker.ContextHandle (the context lives in the oracle worker)."""
 
     kind = "ContextHandle"
 
@@ -467,7 +467,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
         return ctx
     mp = None if model_path is None else os.fspath(model_path)
     E = _E()
-    # pymem.llama.capi.Context
+    # pymem._oracle.capi.Context
     if hasattr(ctx, "requested") and hasattr(ctx, "_lib") and hasattr(ctx, "ptr") and hasattr(ctx, "model"):
         return _InProcess("capi.Context", ctx._ffi, ctx._lib, ctx.ptr, mp or getattr(ctx.model, "path", None),
                           _created_from_params(ctx.requested), dict(_C_DEFAULTS), ctx)
@@ -475,7 +475,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
     if hasattr(ctx, "_ctx") and hasattr(ctx, "_lib") and hasattr(ctx, "_ffi") and hasattr(ctx, "model_path"):
         d = dict(_C_DEFAULTS, flash_attn=_llama_default_flash())
         return _InProcess("Llama", ctx._ffi, ctx._lib, ctx._ctx, mp or ctx.model_path, {}, d, ctx)
-    # pymem.llama.worker.ContextHandle
+    # pymem._oracle.worker.ContextHandle
     if hasattr(ctx, "many") and hasattr(ctx, "params") and hasattr(ctx, "model") and hasattr(ctx, "generation"):
         return _Remote(ctx, mp)
     # a raw pointer (cdata of any ffi, or an address)
@@ -490,7 +490,7 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
             ptr = ffi.cast("struct llama_context *", ffi.cast("uintptr_t", ctx))
         return _InProcess("pointer", ffi, lib, ptr, mp, {}, dict(_C_DEFAULTS), ctx)
     raise TypeError(f"not a llama.cpp context: {type(ctx).__name__} (expected llama_cpp_py_sync.Llama, "
-                    "pymem.llama.capi.Context, pymem.llama.worker.ContextHandle or a llama_context pointer)")
+                    "pymem._oracle.capi.Context, pymem._oracle.worker.ContextHandle or a llama_context pointer)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
  * kernels compare raw bits, NaN payloads included.  Tables the CPU cannot run are skipped. */
 #include "check.h"
 #include "pm_internal.h"
+#include "kernels/kernels.h"
 
 #include <stdlib.h>
 

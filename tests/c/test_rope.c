@@ -1,6 +1,7 @@
 /* test_rope.c - the RoPE cache and the K-shift (rope.c). */
 #include "check.h"
 #include "pm_internal.h"
+#include "kernels/kernels.h"
 #include "rope_vectors.h"
 
 #include <stdlib.h>

@@ -16,17 +16,17 @@
 #include "fuzz_common.h"
 
 static const fz_cfg CONFIGS[] = {
-    /* size seq unif vtr fmt swa npos  type_k       type_v       swa_type           head nl ext arch */
-    {8, 2, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a"},
-    {16, 3, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a"},
-    {32, 4, 1, 1, 11, 0, 1, PM_TYPE_F32, PM_TYPE_F32, PM_SWA_NONE, 32, 3, 0, "a"},
-    {16, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 32, 2, 0, "a"},
-    {32, 3, 1, 1, 11, 4, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_STANDARD, 32, 2, 0, "a"},
-    {16, 2, 0, 0, 10, 3, 1, PM_TYPE_F16, PM_TYPE_BF16, PM_SWA_CHUNKED, 32, 2, 0, "a"},
-    {16, 2, 1, 0, 11, 0, 4, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, "a"},
-    {256, 4, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a"},
-    {8, 4, 0, 1, 11, 5, 1, PM_TYPE_F32, PM_TYPE_F16, PM_SWA_SYMMETRIC, 64, 2, 0, "a"},
-    {12, 3, 1, 0, 11, 0, 1, PM_TYPE_BF16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, NULL},
+    /* size seq unif vtr fmt swa npos  type_k       type_v       swa_type           head nl ext arch (neox1 ctx no_ff: tests/common/kv_fixture.h) */
+    {8, 2, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a", 0, 0, 0},
+    {16, 3, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a", 0, 0, 0},
+    {32, 4, 1, 1, 11, 0, 1, PM_TYPE_F32, PM_TYPE_F32, PM_SWA_NONE, 32, 3, 0, "a", 0, 0, 0},
+    {16, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 32, 2, 0, "a", 0, 0, 0},
+    {32, 3, 1, 1, 11, 4, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_STANDARD, 32, 2, 0, "a", 0, 0, 0},
+    {16, 2, 0, 0, 10, 3, 1, PM_TYPE_F16, PM_TYPE_BF16, PM_SWA_CHUNKED, 32, 2, 0, "a", 0, 0, 0},
+    {16, 2, 1, 0, 11, 0, 4, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, "a", 0, 0, 0},
+    {256, 4, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "a", 0, 0, 0},
+    {8, 4, 0, 1, 11, 5, 1, PM_TYPE_F32, PM_TYPE_F16, PM_SWA_SYMMETRIC, 64, 2, 0, "a", 0, 0, 0},
+    {12, 3, 1, 0, 11, 0, 1, PM_TYPE_BF16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, NULL, 0, 0, 0},
 };
 #define N_CONFIGS (sizeof CONFIGS / sizeof CONFIGS[0])
 #define MAX_TOK 24

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../common/kv_fixture.h"
+
 /* Save the current input before dying: replay_main.c defines it; under libFuzzer (which saves
  * crashing inputs itself) this weak no-op is used. */
 __attribute__((weak)) void pm_fuzz_dump_input(void) {}
@@ -26,61 +28,14 @@ __attribute__((weak)) void pm_fuzz_dump_input(void) {}
         }                                                                                    \
     } while (0)
 
-typedef struct fz_cfg {
-    uint32_t size, n_seq_max, unified, v_trans, format, n_swa, n_pos;
-    int32_t type_k, type_v, swa_type;
-    uint32_t head_k, n_layer_model, cell_ext;
-    const char *arch;
-} fz_cfg;
+/* the cache configurations: tests/common/kv_fixture.h (shared with tests/c) */
+typedef pmt_kv_cfg fz_cfg;
 
 static pm_kv_layer fz_layers[2];
 static float fz_ff[64];
 
-/* Two cache layers (model layers 0 and n_layer_model - 1) with RoPE. */
 static pm_memory *fz_make(const fz_cfg *c) {
-    memset(fz_layers, 0, sizeof fz_layers);
-    for (int i = 0; i < 64; ++i) {
-        fz_ff[i] = 1.0f;
-    }
-    uint32_t nl = c->n_layer_model < 2 ? 2 : c->n_layer_model;
-    for (uint32_t l = 0; l < 2; ++l) {
-        pm_kv_layer *L = &fz_layers[l];
-        L->il = l == 0 ? 0 : nl - 1;
-        L->n_head_kv = (nl > 2 && l == 1) ? 2 : 1;
-        L->n_embd_head_k = c->head_k;
-        L->n_embd_head_v = c->head_k;
-        L->has_rope = 1;
-        L->rope.mode = c->n_pos > 1 ? PM_ROPE_MROPE : PM_ROPE_NORM;
-        L->rope.n_rot = c->head_k;
-        L->rope.freq_base = 10000.0f;
-        L->rope.freq_scale = 1.0f;
-        L->rope.attn_factor = 1.0f;
-        L->rope.beta_fast = 32.0f;
-        L->rope.beta_slow = 1.0f;
-        L->rope.n_ctx_orig = 131072;
-        L->rope.n_freq_factors = c->head_k / 2;
-        L->rope.freq_factors = fz_ff;
-    }
-    pm_kv_params p;
-    memset(&p, 0, sizeof p);
-    p.n_layer_model = nl;
-    p.n_layer = 2;
-    p.layers = fz_layers;
-    p.size = c->size;
-    p.n_seq_max = c->n_seq_max;
-    p.type_k = c->type_k;
-    p.type_v = c->type_v;
-    p.v_trans = c->v_trans;
-    p.unified = c->unified;
-    p.n_swa = c->n_swa;
-    p.swa_type = c->swa_type;
-    p.n_pos_per_embd = c->n_pos ? c->n_pos : 1;
-    p.cell_ext = c->cell_ext;
-    p.k_rot = -1;
-    p.v_rot = -1;
-    p.can_shift = 1;
-    p.format = c->format;
-    p.arch = c->arch;
+    pm_kv_params p = pmt_kv_params(c, fz_layers, fz_ff);
     pm_memory *m = NULL;
     pm_status st = pm_kv_new(&p, &m);
     FZ_ASSERT(st == PM_OK, "pm_kv_new: %s", pm_status_str(st));

@@ -14,22 +14,22 @@
 #include "fuzz_common.h"
 
 static const fz_cfg CONFIGS[] = {
-    /* size seq unif vtr fmt swa npos  type_k       type_v       swa_type        head nl ext arch */
-    {256, 4, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 0 */
-    {256, 4, 1, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 1 */
-    {256, 4, 0, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 2 */
-    {256, 4, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 3 */
-    {256, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 32, 2, 0, "llama"},    /* 4 */
-    {256, 2, 1, 1, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},     /* 5 */
-    {256, 3, 1, 1, 10, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 6 */
-    {256, 3, 0, 0, 10, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama"},      /* 7 */
-    {256, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 64, 2, 0, "llama"},    /* 8 */
-    {16, 2, 1, 1, 11, 0, 1, PM_TYPE_F32, PM_TYPE_F32, PM_SWA_NONE, 32, 3, 0, "tiny"},        /* 9 */
-    {8, 3, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "tiny"},         /* 10 */
-    {32, 2, 1, 1, 11, 4, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_STANDARD, 32, 2, 0, "swa"},     /* 11 */
-    {16, 2, 1, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, "ext"},         /* 12 */
-    {16, 2, 1, 0, 11, 0, 4, PM_TYPE_F16, PM_TYPE_BF16, PM_SWA_NONE, 32, 2, 1, "mrope"},      /* 13 */
-    {24, 3, 1, 0, 10, 3, 1, PM_TYPE_Q8_0, PM_TYPE_F32, PM_SWA_CHUNKED, 32, 3, 0, NULL},      /* 14 */
+    /* size seq unif vtr fmt swa npos  type_k       type_v       swa_type        head nl ext arch (neox1 ctx no_ff: tests/common/kv_fixture.h) */
+    {256, 4, 1, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 0 */
+    {256, 4, 1, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 1 */
+    {256, 4, 0, 1, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 2 */
+    {256, 4, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 3 */
+    {256, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},    /* 4 */
+    {256, 2, 1, 1, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},     /* 5 */
+    {256, 3, 1, 1, 10, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 6 */
+    {256, 3, 0, 0, 10, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "llama", 0, 0, 0},      /* 7 */
+    {256, 2, 1, 0, 11, 0, 1, PM_TYPE_Q8_0, PM_TYPE_Q8_0, PM_SWA_NONE, 64, 2, 0, "llama", 0, 0, 0},    /* 8 */
+    {16, 2, 1, 1, 11, 0, 1, PM_TYPE_F32, PM_TYPE_F32, PM_SWA_NONE, 32, 3, 0, "tiny", 0, 0, 0},        /* 9 */
+    {8, 3, 0, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 0, "tiny", 0, 0, 0},         /* 10 */
+    {32, 2, 1, 1, 11, 4, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_STANDARD, 32, 2, 0, "swa", 0, 0, 0},     /* 11 */
+    {16, 2, 1, 0, 11, 0, 1, PM_TYPE_F16, PM_TYPE_F16, PM_SWA_NONE, 32, 2, 1, "ext", 0, 0, 0},         /* 12 */
+    {16, 2, 1, 0, 11, 0, 4, PM_TYPE_F16, PM_TYPE_BF16, PM_SWA_NONE, 32, 2, 1, "mrope", 0, 0, 0},      /* 13 */
+    {24, 3, 1, 0, 10, 3, 1, PM_TYPE_Q8_0, PM_TYPE_F32, PM_SWA_CHUNKED, 32, 3, 0, NULL, 0, 0, 0},      /* 14 */
 };
 #define N_CONFIGS (sizeof CONFIGS / sizeof CONFIGS[0])
 

@@ -10,7 +10,8 @@ Contract (every backend, checked by the shared backend tests):
 * ``put_if_absent`` is atomic: a reader sees either no value or the whole value, never a prefix,
   also across processes and after a writer is killed; it returns False (and changes nothing) when the
   key already exists.  Values are immutable: a key is never overwritten, only deleted.
-* ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``.
+* ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``;
+  ``get_into`` (optional to override) does the same into a caller's reusable buffer.
 * ``delete`` of absent keys is not an error; it returns how many keys it removed.
 * ``scan`` yields every entry's metadata (no values), in no particular order.
 * Counters are integers kept atomically across processes (hits, misses, tokens_saved, ...).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 __all__ = ["Backend", "Entry"]
 
@@ -67,6 +68,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def counters(self) -> Dict[str, int]: ...
+
+    def get_into(self, key: str, buf: Any, *, touch: bool = True) -> Optional[memoryview]:
+        """Like :meth:`get`, as a read-only memoryview that may live in the caller's writable
+        buffer ``buf`` (backends that can read straight into it do when it is large enough; the view
+        is then valid until ``buf`` is reused).  A caller fetching many values can keep reusing its
+        buffers instead of allocating (and page-faulting) fresh bytes for every value."""
+        v = self.get(key, touch=touch)
+        return None if v is None else memoryview(v)
 
     def total_bytes(self) -> int:
         """Sum of the sizes of all entries (backends may answer from a counter)."""

@@ -1,0 +1,717 @@
+/* kv_state.c - the KV cache's state section (SPEC section 8.2): write (whole / one sequence)
+ * and restore in three steps: parse (validates a copy of the cell records, changes nothing),
+ * meta (cells and heads), data (K/V rows).
+ */
+#include "state/kv_state.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- state: write ------------------------------------------------------------------------ */
+
+/* Cells of stream st selected for a write, ascending; returns the count (kv->work). */
+static uint32_t select_cells(const pmi_kv *kv, uint32_t st, pm_seq_id seq, uint32_t *out) {
+    const pmi_cells *c = &kv->cells[st];
+    uint32_t n = 0;
+    if (seq == -1) {
+        for (uint32_t w = 0; w < c->nwords; ++w) {
+            uint64_t bits = c->used_bits[w];
+            while (bits) {
+                out[n++] = w * 64 + (uint32_t)__builtin_ctzll(bits);
+                bits &= bits - 1;
+            }
+        }
+        return n;
+    }
+    uint32_t m = pmi_cells_seq_all(c, seq, out);
+    if (kv->swa_type != PM_SWA_NONE && m > 0) {
+        pm_pos pmax = pmi_cells_seq_pos_max(c, seq);
+        for (uint32_t k = 0; k < m; ++k) {
+            if (!pmi_is_masked_swa(kv->n_swa, kv->swa_type, c->pos[out[k]], pmax)) {
+                out[n++] = out[k];
+            }
+        }
+    } else {
+        n = m;
+    }
+    uint32_t k = 1;
+    while (k < n && out[k] > out[k - 1]) {
+        ++k;
+    }
+    if (k >= n) {
+        return n; /* positions follow the cells: already ascending */
+    }
+    /* ascending cell order through a bitmap (cheaper than sorting) */
+    uint64_t *bm = kv->bits;
+    memset(bm, 0, sizeof(uint64_t) * c->nwords);
+    for (uint32_t k = 0; k < n; ++k) {
+        bm[out[k] >> 6] |= 1ULL << (out[k] & 63);
+    }
+    uint32_t o = 0;
+    for (uint32_t wi = 0; wi < c->nwords; ++wi) {
+        uint64_t bits = bm[wi];
+        while (bits) {
+            out[o++] = wi * 64 + (uint32_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+        }
+    }
+    return n;
+}
+
+/* runs of consecutive cells: (first cell, length) pairs; returns the count */
+static uint32_t make_runs(const uint32_t *cells, uint32_t n, uint32_t *runs) {
+    uint32_t nr = 0, k = 0;
+    while (k < n) {
+        uint32_t e = k + 1;
+        while (e < n && cells[e] == cells[e - 1] + 1) {
+            ++e;
+        }
+        runs[2 * nr] = cells[k];
+        runs[2 * nr + 1] = e - k;
+        nr++;
+        k = e;
+    }
+    return nr;
+}
+
+static void write_rows(pmi_writer *w, const uint8_t *base, uint64_t row, const uint32_t *runs,
+                       uint32_t nr, uint32_t n) {
+    uint8_t *dst = pmi_w_reserve(w, row * n);
+    if (dst == NULL) {
+        return;
+    }
+    for (uint32_t r = 0; r < nr; ++r) {
+        memcpy(dst, base + runs[2 * r] * row, (size_t)(row * runs[2 * r + 1]));
+        dst += row * runs[2 * r + 1];
+    }
+}
+
+static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id seq,
+                         const uint32_t *cells, uint32_t n) {
+    const pmi_cells *c = &kv->cells[st];
+    pmi_w_u32(w, n);
+    if (n == 0) {
+        return;
+    }
+    /* cell metadata: one reservation, then plain stores (ids >= n_seq_max are not written) */
+    uint64_t nids = 0;
+    uint64_t wmask[PMI_SEQ_WORDS] = {0};
+    for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
+        wmask[q >> 6] |= 1ULL << (q & 63);
+    }
+    if (seq == -1) {
+        for (uint32_t k = 0; k < n; ++k) {
+            const uint64_t *bw = c->seq + (size_t)cells[k] * PMI_SEQ_WORDS;
+            for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
+                nids += pmi_popcount64(bw[wq] & wmask[wq]);
+            }
+        }
+    } else if ((uint32_t)seq < kv->n_seq_max) {
+        nids = n;
+    }
+    const uint32_t ext = kv->cell_ext ? 12 : 0;
+    uint8_t *p = pmi_w_reserve(w, (uint64_t)n * (8 + ext) + 4 * nids);
+    for (uint32_t k = 0; k < n && p != NULL; ++k) {
+        uint32_t i = cells[k];
+        pmi_wr_u32(p, (uint32_t)c->pos[i]);
+        uint8_t *ids = p + 8 + ext;
+        if (seq == -1) {
+            const uint64_t *bw = c->seq + (size_t)i * PMI_SEQ_WORDS;
+            for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) {
+                for (uint64_t b = bw[wq] & wmask[wq]; b; b &= b - 1) {
+                    pmi_wr_u32(ids, wq * 64 + (uint32_t)__builtin_ctzll(b));
+                    ids += 4;
+                }
+            }
+        } else if ((uint32_t)seq < kv->n_seq_max) {
+            pmi_wr_u32(ids, (uint32_t)seq);
+            ids += 4;
+        }
+        pmi_wr_u32(p + 4, (uint32_t)((ids - (p + 8 + ext)) / 4));
+        if (ext) {
+            pmi_wr_u32(p + 8, (uint32_t)c->ext[i].x);
+            pmi_wr_u32(p + 12, (uint32_t)c->ext[i].y);
+            pmi_wr_u32(p + 16, (uint32_t)c->ext[i].tok);
+        }
+        p = ids;
+    }
+    uint32_t *runs = kv->runs;
+    uint32_t nr = make_runs(cells, n, runs);
+    pmi_w_u32(w, kv->v_trans ? 1 : 0);
+    pmi_w_u32(w, kv->n_layer);
+    if (kv->format >= 11) {
+        pmi_w_u32(w, (uint32_t)kv->k_rot);
+        pmi_w_u32(w, (uint32_t)kv->v_rot);
+    }
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        pmi_w_i32(w, kv->type_k);
+        pmi_w_u64(w, L->k_row);
+        write_rows(w, L->k + st * L->k_stream, L->k_row, runs, nr, n);
+    }
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        if (L->v == NULL) {
+            continue;
+        }
+        const uint8_t *vb = L->v + st * L->v_stream;
+        pmi_w_i32(w, kv->type_v);
+        if (!kv->v_trans) {
+            pmi_w_u64(w, L->v_row);
+            write_rows(w, vb, L->v_row, runs, nr, n);
+        } else {
+            pmi_w_u32(w, (uint32_t)L->v_row);
+            pmi_w_u32(w, L->n_embd_v_gqa);
+            for (uint32_t j = 0; j < L->n_embd_v_gqa; ++j) {
+                write_rows(w, vb + (uint64_t)j * kv->size * L->v_row, L->v_row, runs, nr, n);
+            }
+        }
+    }
+}
+
+/* bytes write_stream writes for n cells carrying nids sequence ids in all */
+static uint64_t stream_bytes(const pmi_kv *kv, uint64_t n, uint64_t nids) {
+    if (n == 0) {
+        return 4;
+    }
+    uint64_t b = 4 + n * (8 + (kv->cell_ext ? 12 : 0)) + 4 * nids + 8 + (kv->format >= 11 ? 8 : 0);
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        b += 12 + L->k_row * n;
+        if (L->v != NULL) {
+            b += kv->v_trans ? 12 + (uint64_t)L->n_embd_v_gqa * L->v_row * n : 12 + L->v_row * n;
+        }
+    }
+    return b;
+}
+
+/* A size query (count-only writer) from the counters alone, without visiting cells; not for
+ * one sequence of a sliding-window cache, whose masked cells are left out. */
+static bool count_only(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq) {
+    if (w->buf != NULL || (seq != -1 && kv->swa_type != PM_SWA_NONE)) {
+        return false;
+    }
+    uint64_t b = 4;
+    for (uint32_t st = 0; st < kv->n_stream; ++st) {
+        const pmi_cells *c = &kv->cells[st];
+        uint64_t n, nids = 0;
+        if (seq == -1) {
+            n = c->used;
+            for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
+                nids += c->cnt[q];
+            }
+        } else {
+            n = c->cnt[seq];
+            nids = (uint32_t)seq < kv->n_seq_max ? n : 0;
+        }
+        b += stream_bytes(kv, n, nids);
+    }
+    pmi_w_reserve(w, b);
+    return true;
+}
+
+bool pmi_kv_partial_skips(const pmi_kv *kv, uint32_t flags) {
+    return (flags & PM_STATE_PARTIAL_ONLY) && kv->swa_type == PM_SWA_NONE;
+}
+
+pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uint32_t flags) {
+    if (seq < -1 || seq >= PM_MAX_SEQ) {
+        return pmi_fail(PM_E_INVALID_ARG, "state_write: seq_id %d is not -1 or in [0, %d)", seq,
+                        PM_MAX_SEQ);
+    }
+    if (pmi_kv_partial_skips(kv, flags) || count_only(kv, w, seq)) {
+        return PM_OK;
+    }
+    uint32_t *cells = malloc(sizeof(uint32_t) * (size_t)kv->size + 1);
+    if (cells == NULL) {
+        return pmi_fail(PM_E_NOMEM, "out of memory");
+    }
+    pmi_w_u32(w, kv->n_stream);
+    for (uint32_t st = 0; st < kv->n_stream; ++st) {
+        uint32_t n = select_cells(kv, st, seq, cells);
+        write_stream(kv, w, st, seq, cells, n);
+    }
+    free(cells);
+    return PM_OK;
+}
+
+/* ---- state: read ----------------------------------------------------------------------------- */
+
+/* Read a little-endian value of `size` bytes (4 or 8) that must equal `want`.  False on a
+ * truncation (the reader's message) or a mismatch: "<what>: <field> <got>, this cache has
+ * <want><note> (offset N)" (count: "<what>: <got> <field>, ...").  Signed values are int32. */
+static bool expect(pmi_reader *r, unsigned size, bool is_signed, uint64_t want, const char *what,
+                   const char *field, const char *note, bool count) {
+    uint64_t got;
+    uint32_t g32;
+    if (size == 8 ? !pmi_r_u64(r, &got, what) : !pmi_r_u32(r, &g32, what)) {
+        return false;
+    }
+    if (size == 4) {
+        got = g32;
+    }
+    if (got == want) {
+        return true;
+    }
+    long long gv = is_signed ? (long long)(int32_t)(uint32_t)got : (long long)got;
+    long long wv = is_signed ? (long long)(int32_t)(uint32_t)want : (long long)want;
+    unsigned long long at = (unsigned long long)(r->off - size);
+    if (is_signed) {
+        pmi_fail(PM_E_FORMAT, "%s: %s %lld, this cache has %lld%s (offset %llu)", what, field, gv, wv, note, at);
+    } else if (count) {
+        pmi_fail(PM_E_FORMAT, "%s: %llu %s, this cache has %llu%s (offset %llu)", what,
+                 (unsigned long long)got, field, (unsigned long long)want, note, at);
+    } else {
+        pmi_fail(PM_E_FORMAT, "%s: %s %llu, this cache has %llu%s (offset %llu)", what, field,
+                 (unsigned long long)got, (unsigned long long)want, note, at);
+    }
+    return false;
+}
+
+static pm_status check_cell_header(uint32_t s, uint32_t i, int32_t pos, uint32_t nid, pm_seq_id seq,
+                                   uint64_t at) {
+    if (pos < 0) {
+        return pmi_fail(PM_E_FORMAT, "KV stream %u cell %u: negative position %d (offset %llu)", s, i,
+                        pos, (unsigned long long)at);
+    }
+    if (seq != -1 && nid != 1) {
+        return pmi_fail(PM_E_FORMAT,
+                        "KV stream %u cell %u: a sequence blob needs exactly 1 seq id per cell, not %u (offset %llu)",
+                        s, i, nid, (unsigned long long)at);
+    }
+    return PM_OK;
+}
+
+/* The cell records of stream section s: copied (sec->copy, in bulk: the size they have with
+ * one id per cell, more on demand) and validated from the copy; the apply step reads only the
+ * copy, never the caller's buffer again. */
+static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
+                             pmi_kv_section *sec) {
+    char what[96];
+    /* q: offset of the next record from m0 */
+    pmi_copy *cp = &sec->copy;
+    const uint32_t ext = kv->cell_ext ? 12 : 0;
+    const uint64_t m0 = r->off, avail = r->len - m0;
+    uint64_t q = 0;
+    pm_status st = pmi_copy_window(r, m0, cp, PMI_MIN(avail, (uint64_t)sec->cc * (12 + ext)));
+    if (st != PM_OK) {
+        return st;
+    }
+    for (uint32_t i = 0; i < sec->cc; ++i) {
+        uint64_t at = m0 + q;
+        if (avail - q < 8 + ext) {
+            /* a truncated record: the reader's messages (only the reads that fail remain) */
+            r->off = at;
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+            int32_t pos;
+            uint32_t nid;
+            const uint8_t *p;
+            if (!pmi_r_i32(r, &pos, what) || !pmi_r_u32(r, &nid, what)) {
+                return PM_E_FORMAT;
+            }
+            if ((st = check_cell_header(s, i, pos, nid, seq, at)) != PM_OK) {
+                return st;
+            }
+            (void)pmi_r_span(r, ext, &p, what); /* fails: fewer than 8 + ext bytes were left */
+            return PM_E_FORMAT;
+        }
+        if ((st = pmi_copy_need(r, m0, cp, q + 8 + ext)) != PM_OK) {
+            return st;
+        }
+        const uint8_t *p = cp->buf + q;
+        uint32_t nid = pmi_rd_u32(p + 4);
+        if ((st = check_cell_header(s, i, pmi_rd_i32(p), nid, seq, at)) != PM_OK) {
+            return st;
+        }
+        q += 8 + ext;
+        if (nid > avail - q || (uint64_t)nid * 4 > avail - q) {
+            snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+            return pmi_fail(PM_E_FORMAT, "truncated state: %s lists %u seq ids at offset %llu", what,
+                            nid, (unsigned long long)(m0 + q));
+        }
+        if ((st = pmi_copy_need(r, m0, cp, q + 4ull * nid)) != PM_OK) {
+            return st;
+        }
+        if (seq == -1) {
+            const uint8_t *ids = cp->buf + q;
+            for (uint32_t k = 0; k < nid; ++k) {
+                int32_t id = pmi_rd_i32(ids + 4ull * k);
+                if (id < 0 || (uint32_t)id >= kv->n_seq_max) {
+                    snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
+                    return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
+                                    id, kv->n_seq_max, (unsigned long long)(m0 + q + 4ull * k));
+                }
+            }
+        }
+        q += 4ull * nid;
+    }
+    r->off = m0 + q;
+    sec->meta = cp->buf;
+    sec->meta_len = q;
+    return PM_OK;
+}
+
+static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
+                               pmi_kv_section *sec) {
+    char what[96];
+    if (!pmi_r_u32(r, &sec->cc, "cell_count")) {
+        return pmi_fail_ctx(PM_E_FORMAT, "KV stream %u", s);
+    }
+    if (sec->cc == 0) {
+        return PM_OK;
+    }
+    if (sec->cc > kv->size) {
+        return pmi_fail(PM_E_FORMAT, "KV stream %u: %u cells do not fit in %u (offset %llu)", s,
+                        sec->cc, kv->size, (unsigned long long)(r->off - 4));
+    }
+    pm_status st = parse_cells(kv, r, s, seq, sec);
+    if (st != PM_OK) {
+        return st;
+    }
+    uint32_t v_trans, n_layer;
+    snprintf(what, sizeof what, "KV stream %u data header", s);
+    if (!pmi_r_u32(r, &v_trans, what) || !pmi_r_u32(r, &n_layer, what)) {
+        return PM_E_FORMAT;
+    }
+    if (n_layer != kv->n_layer) {
+        return pmi_fail(PM_E_FORMAT, "KV stream %u: %u layers, this cache has %u (offset %llu)", s,
+                        n_layer, kv->n_layer, (unsigned long long)(r->off - 4));
+    }
+    if ((v_trans != 0) != kv->v_trans) { /* llama.cpp compares (bool) v_trans */
+        return pmi_fail(PM_E_FORMAT, "KV stream %u: v_trans %u, this cache has %d (offset %llu)", s,
+                        v_trans, kv->v_trans, (unsigned long long)(r->off - 8));
+    }
+    if (kv->format >= 11) {
+        uint32_t k_rot, v_rot;
+        if (!pmi_r_u32(r, &k_rot, what) || !pmi_r_u32(r, &v_rot, what)) {
+            return PM_E_FORMAT;
+        }
+        if (k_rot != (uint32_t)kv->k_rot) {
+            return pmi_fail(PM_E_FORMAT, "KV stream %u: key rotation %u, this cache has %d (offset %llu)",
+                            s, k_rot, kv->k_rot, (unsigned long long)(r->off - 8));
+        }
+        if (v_rot != (uint32_t)kv->v_rot) {
+            return pmi_fail(PM_E_FORMAT, "KV stream %u: value rotation %u, this cache has %d (offset %llu)",
+                            s, v_rot, kv->v_rot, (unsigned long long)(r->off - 4));
+        }
+    }
+    char note[40];
+    snprintf(note, sizeof note, " (%s)", pm_type_name(kv->type_k));
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        snprintf(what, sizeof what, "KV stream %u layer %u K", s, L->p.il);
+        if (!expect(r, 4, true, (uint64_t)kv->type_k, what, "type", note, false) ||
+            !expect(r, 8, false, L->k_row, what, "row size", "", false) ||
+            !pmi_r_span(r, L->k_row * sec->cc, &sec->k[l], what)) {
+            return PM_E_FORMAT;
+        }
+    }
+    snprintf(note, sizeof note, " (%s)", pm_type_name(kv->type_v));
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        const pmi_kv_layer *L = &kv->layers[l];
+        if (L->v == NULL) {
+            continue;
+        }
+        snprintf(what, sizeof what, "KV stream %u layer %u V", s, L->p.il);
+        if (!expect(r, 4, true, (uint64_t)kv->type_v, what, "type", note, false)) {
+            return PM_E_FORMAT;
+        }
+        bool ok = kv->v_trans
+                      ? expect(r, 4, false, L->v_row, what, "element size", "", false) &&
+                            expect(r, 4, false, L->n_embd_v_gqa, what, "V rows", "", true) &&
+                            pmi_r_span(r, L->v_row * L->n_embd_v_gqa * sec->cc, &sec->v[l], what)
+                      : expect(r, 8, false, L->v_row, what, "row size", "", false) &&
+                            pmi_r_span(r, L->v_row * sec->cc, &sec->v[l], what);
+        if (!ok) {
+            return PM_E_FORMAT;
+        }
+    }
+    return PM_OK;
+}
+
+static pm_status sections_alloc(const pmi_kv *kv, pmi_kv_section **out) {
+    pmi_kv_section *secs = calloc(kv->n_stream, sizeof(pmi_kv_section));
+    const uint8_t **ptrs = calloc((size_t)kv->n_stream * 2 * (kv->n_layer ? kv->n_layer : 1),
+                                  sizeof(uint8_t *));
+    if (secs == NULL || ptrs == NULL) {
+        free(secs);
+        free(ptrs);
+        return pmi_fail(PM_E_NOMEM, "out of memory");
+    }
+    uint32_t nl = kv->n_layer ? kv->n_layer : 1;
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        secs[s].k = ptrs + (size_t)s * 2 * nl;
+        secs[s].v = ptrs + (size_t)s * 2 * nl + nl;
+    }
+    *out = secs;
+    return PM_OK;
+}
+
+static void sections_free(pmi_kv_section *secs, uint32_t n) {
+    if (secs) {
+        for (uint32_t s = 0; s < n; ++s) {
+            pmi_copy_free(&secs[s].copy);
+        }
+        free((void *)secs[0].k);
+        free(secs);
+    }
+}
+
+static pm_status parse_all(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, pmi_kv_section *secs) {
+    uint32_t n;
+    if (!pmi_r_u32(r, &n, "KV n_stream")) {
+        return PM_E_FORMAT;
+    }
+    if (n != kv->n_stream) {
+        return pmi_fail(PM_E_FORMAT, "KV n_stream %u, this cache has %u (offset %llu)", n, kv->n_stream,
+                        (unsigned long long)(r->off - 4));
+    }
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        pm_status st = parse_section(kv, r, s, seq, &secs[s]);
+        if (st != PM_OK) {
+            return st;
+        }
+    }
+    return PM_OK;
+}
+
+static pm_status check_read_seq(const pmi_kv *kv, pm_seq_id seq) {
+    if (seq != -1 && !pmi_kv_seq_valid(kv, seq)) {
+        return pmi_fail(PM_E_INVALID_ARG, "state_read: seq_id %d is not -1 or in [0, %u)", seq,
+                        kv->seq_to_stream_len);
+    }
+    return PM_OK;
+}
+
+pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, uint32_t flags,
+                             pmi_kv_plan *plan) {
+    memset(plan, 0, sizeof(*plan));
+    plan->seq = seq;
+    plan->n_stream = kv->n_stream;
+    pm_status st = check_read_seq(kv, seq);
+    if (st == PM_OK && pmi_kv_partial_skips(kv, flags)) {
+        plan->skip = true;
+        return PM_OK;
+    }
+    if (st == PM_OK) {
+        st = sections_alloc(kv, &plan->secs);
+    }
+    if (st == PM_OK) {
+        plan->slots = calloc(kv->n_stream, sizeof(uint32_t *));
+        if (plan->slots == NULL) {
+            st = pmi_fail(PM_E_NOMEM, "out of memory");
+        }
+    }
+    if (st == PM_OK) {
+        st = parse_all(kv, r, seq, plan->secs);
+    }
+    if (st != PM_OK) {
+        pmi_kv_plan_free(plan);
+    }
+    return st;
+}
+
+void pmi_kv_plan_free(pmi_kv_plan *plan) {
+    if (plan->slots) {
+        for (uint32_t s = 0; s < plan->n_stream; ++s) {
+            free(plan->slots[s]);
+        }
+    }
+    free(plan->slots);
+    sections_free(plan->secs, plan->n_stream);
+    memset(plan, 0, sizeof(*plan));
+}
+
+static void read_runs(uint8_t *base, uint64_t row, const uint32_t *runs, uint32_t nr,
+                      const uint8_t *src) {
+    for (uint32_t r = 0; r < nr; ++r) {
+        memcpy(base + runs[2 * r] * row, src, (size_t)(row * runs[2 * r + 1]));
+        src += row * runs[2 * r + 1];
+    }
+}
+
+static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const uint32_t *idx) {
+    if (sec->cc == 0) {
+        return; /* no rows; sec->k / sec->v are NULL (no arithmetic on them: UB) */
+    }
+    uint32_t *runs = kv->runs;
+    uint32_t nr = make_runs(idx, sec->cc, runs);
+    for (uint32_t l = 0; l < kv->n_layer; ++l) {
+        pmi_kv_layer *L = &kv->layers[l];
+        read_runs(L->k + st * L->k_stream, L->k_row, runs, nr, sec->k[l]);
+        if (L->v == NULL) {
+            continue;
+        }
+        uint8_t *vb = L->v + st * L->v_stream;
+        if (!kv->v_trans) {
+            read_runs(vb, L->v_row, runs, nr, sec->v[l]);
+        } else {
+            for (uint32_t j = 0; j < L->n_embd_v_gqa; ++j) {
+                read_runs(vb + (uint64_t)j * kv->size * L->v_row, L->v_row, runs, nr,
+                          sec->v[l] + (uint64_t)j * sec->cc * L->v_row);
+            }
+        }
+    }
+}
+
+pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
+    pmi_kv_section *secs = plan->secs;
+    pm_status st = PM_OK;
+    if (plan->skip) {
+        return PM_OK;
+    }
+    if (plan->seq == -1) {
+        /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1; the
+         * sequence index is built in bulk (outside a transaction) from sorted keys */
+        uint64_t most = 0;
+        for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
+            uint64_t ids = (secs[s].meta_len - (uint64_t)secs[s].cc * (kv->cell_ext ? 20 : 8)) / 4;
+            most = PMI_MAX(most, ids);
+            st = pmi_cells_reserve(&kv->cells[s], ids);
+        }
+        bool bulk = !kv->tx_on;
+        uint64_t *keys = NULL;
+        uint64_t *stack = NULL;
+        if (st == PM_OK && bulk && most > 0) {
+            keys = malloc(sizeof(uint64_t) * most);
+            stack = malloc(sizeof(uint64_t) * most);
+            if (keys == NULL || stack == NULL) {
+                st = pmi_fail(PM_E_NOMEM, "out of memory");
+            }
+        }
+        if (st != PM_OK) {
+            free(keys);
+            free(stack);
+            return st;
+        }
+        pmi_kv_clear(kv, false);
+        uint32_t cnt[PM_MAX_SEQ];
+        for (uint32_t s = 0; s < kv->n_stream; ++s) {
+            pmi_cells *c = &kv->cells[s];
+            const uint8_t *p = secs[s].meta;
+            memset(cnt, 0, sizeof cnt);
+            for (uint32_t i = 0; i < secs[s].cc; ++i) {
+                pmi_cells_pos_set(c, i, pmi_rd_i32(p));
+                uint32_t nid = pmi_rd_u32(p + 4);
+                p += 8;
+                if (kv->cell_ext) {
+                    pmi_ext e = {pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
+                    pmi_cells_ext_set(c, i, e);
+                    p += 12;
+                }
+                for (uint32_t q = 0; q < nid; ++q) {
+                    pm_seq_id id = pmi_rd_i32(p + 4ull * q);
+                    if (!bulk) {
+                        pmi_cells_seq_add(c, i, id);
+                    } else if (!pmi_cells_seq_has(c, i, id)) { /* a blob may repeat an id */
+                        pmi_cells_seq_set_bit(c, i, id);
+                        cnt[id]++;
+                    }
+                }
+                p += 4ull * nid;
+            }
+            if (bulk) {
+                pmi_cells_build_index(c, keys, stack, cnt);
+            }
+            kv->head[s] = 0;
+        }
+        free(keys);
+        free(stack);
+        return PM_OK;
+    }
+    /* per-sequence restore into stream(seq), section by section: seq_rm, find_slot,
+     * apply_ubatch (the data follows in pmi_kv_state_data, after every part placed) */
+    pm_seq_id seq = plan->seq;
+    pmi_cells *c = &kv->cells[pmi_kv_stream(kv, seq)];
+    pmi_ubatch ub;
+    for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
+        const pmi_kv_section *sec = &secs[s];
+        if (sec->cc == 0) {
+            continue;
+        }
+        pmi_kv_seq_remove(kv, seq, -1, -1);
+        st = pmi_ubatch_reserve(&ub, sec->cc, kv->n_pos_per_embd, seq);
+        if (st != PM_OK) {
+            break;
+        }
+        const uint8_t *p = sec->meta;
+        for (uint32_t i = 0; i < sec->cc; ++i) {
+            ub.pos[i] = pmi_rd_i32(p);
+            p += 8;
+            if (kv->cell_ext) {
+                ub.token[i] = pmi_rd_i32(p + 8);
+                if (kv->n_pos_per_embd > 1) {
+                    ub.pos[i + sec->cc] = pmi_rd_i32(p + 4);
+                    ub.pos[i + 2 * sec->cc] = pmi_rd_i32(p);
+                }
+                p += 12;
+            }
+            p += 4;
+        }
+        pmi_slot slot;
+        st = pmi_kv_find_slot(kv, &ub, &slot);
+        if (st == PM_OK) {
+            st = pmi_kv_apply_ubatch(kv, &slot, &ub);
+            if (st != PM_OK) {
+                pmi_slot_free(&slot);
+            }
+        }
+        pmi_ubatch_free(&ub);
+        if (st != PM_OK) {
+            break;
+        }
+        if (kv->cell_ext) {
+            p = sec->meta;
+            for (uint32_t i = 0; i < sec->cc; ++i) {
+                pmi_ext e = {pmi_rd_i32(p + 8), pmi_rd_i32(p + 12), pmi_rd_i32(p + 16)};
+                pmi_cells_ext_set(c, slot.idxs[i], e);
+                p += 24;
+            }
+        }
+        free(plan->slots[s]);
+        plan->slots[s] = slot.idxs;
+    }
+    return st;
+}
+
+void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
+    if (plan->skip) {
+        return;
+    }
+    if (plan->seq == -1) {
+        /* cells 0..cc-1 of each stream get the rows, the rest zeros: every byte written once
+         * (no memset of the whole tensors first) */
+        for (uint32_t s = 0; s < kv->n_stream; ++s) {
+            const pmi_kv_section *sec = &plan->secs[s];
+            const uint64_t cc = sec->cc, rest = kv->size - cc;
+            for (uint32_t l = 0; l < kv->n_layer; ++l) {
+                pmi_kv_layer *L = &kv->layers[l];
+                uint8_t *kb = L->k + s * L->k_stream;
+                if (cc) {
+                    memcpy(kb, sec->k[l], (size_t)(L->k_row * cc));
+                }
+                memset(kb + L->k_row * cc, 0, (size_t)(L->k_row * rest));
+                if (L->v == NULL) {
+                    continue;
+                }
+                uint8_t *vb = L->v + s * L->v_stream;
+                uint32_t n_rows = kv->v_trans ? L->n_embd_v_gqa : 1;
+                const uint64_t el = L->v_row; /* transposed: element size; else row size */
+                for (uint32_t j = 0; j < n_rows; ++j) {
+                    uint8_t *dst = vb + (uint64_t)j * kv->size * el;
+                    if (cc) {
+                        memcpy(dst, sec->v[l] + (uint64_t)j * cc * el, (size_t)(el * cc));
+                    }
+                    memset(dst + el * cc, 0, (size_t)(el * rest));
+                }
+            }
+        }
+        return;
+    }
+    uint32_t strm = pmi_kv_stream(kv, plan->seq);
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        if (plan->slots[s] != NULL) {
+            apply_data(kv, strm, &plan->secs[s], plan->slots[s]);
+        }
+    }
+}

@@ -1,0 +1,594 @@
+"""The prompt-cache store: put / lookup / restore / prefill over one backend (see pymem.store)."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from .. import _errors as E
+from . import assemble as A
+from . import keys as K
+from . import policy
+from . import values as V
+from .backends.base import Backend, Entry
+from .errors import CorruptValueError, StoreError, TargetError
+from .targets import adapt
+
+__all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
+
+_PROBE_SLOTS = 8
+_GONE_MAX = 1 << 16
+_NOSEED = b"\0" * 16
+
+
+@dataclass(frozen=True)
+class PutResult:
+    n_tokens: int          # tokens the stored entries now cover for this prompt
+    bytes_added: int       # bytes of new values written
+    entries_added: int = 0
+
+
+@dataclass(frozen=True)
+class Lookup:
+    n_tokens: int          # tokens a restore would give now
+    reason: str = ""       # why fewer than asked ("" when all)
+
+    def __int__(self) -> int:
+        return self.n_tokens
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    n_restored: int
+    n_decoded: int
+    bytes_added: int = 0
+    reason: str = ""       # why the restore gave fewer than len(tokens) - 1
+
+
+@dataclass
+class _Ctx:
+    target: Any
+    lay: A.Layout
+    settings: Dict[str, Any]
+    seed: bytes
+
+
+@dataclass
+class _Plan:
+    n: int
+    reason: str
+    n_blocks: int          # full blocks used
+    tail_src: int = 0      # token count of the tail entry that serves the last partial block
+
+
+class Store:
+    """A prompt cache over a backend.  Create with :func:`pymem.store.open`."""
+
+    def __init__(self, backend: Backend, *, budget_bytes: Optional[int] = None, block_tokens: int = 256,
+                 checkpoint_every: int = 4, fingerprint: Any = None) -> None:
+        if int(block_tokens) < 1:
+            raise E.InvalidArgumentError(f"block_tokens must be >= 1 (got {block_tokens})")
+        if int(checkpoint_every) < 1:
+            raise E.InvalidArgumentError(f"checkpoint_every must be >= 1 (got {checkpoint_every})")
+        if budget_bytes is not None and int(budget_bytes) < 0:
+            raise E.InvalidArgumentError(f"budget_bytes must be >= 0 (got {budget_bytes})")
+        self.backend = backend
+        self.url = getattr(backend, "url", "")
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        self.block_tokens = int(block_tokens)
+        self.checkpoint_every = int(checkpoint_every)
+        self.fingerprint = fingerprint
+        self._pins: List[Tuple[bytes, np.ndarray]] = []
+        self._seeds: Dict[bytes, A.Layout] = {}
+        self._lock = threading.RLock()
+        self._buf = bytearray()           # assembly buffer reused across restores
+        self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
+        self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
+        self.last_reason = ""
+
+    # -- context ---------------------------------------------------------------------------------
+    def _ctx(self, target: Any, model: Any) -> _Ctx:
+        ad = target if isinstance(target, _Ctx) else None
+        if ad is not None:
+            return ad
+        t = adapt(target, model)
+        lay = A.Layout.of(t.mem)
+        settings: Dict[str, Any] = {}
+        if self.fingerprint is not None:
+            settings["model.fingerprint"] = str(self.fingerprint)
+        else:
+            if not t.model_path:
+                raise TargetError("the store cannot tell which model this target belongs to: pass model= "
+                                  "(the GGUF file), use a memory made by pymem.from_gguf, or open the store "
+                                  "with fingerprint=")
+            fp = K.model_fingerprint(t.model_path)
+            settings.update({f"model.{k}": v for k, v in fp.items()})
+        settings.update(K.layout_settings(t.mem))
+        seed = K.settings_digest(settings, self.block_tokens)
+        self._seeds[seed] = lay
+        return _Ctx(t, lay, settings, seed)
+
+    # -- backend helpers -------------------------------------------------------------------------
+    def _has(self, key: bytes) -> bool:
+        return self.backend.entry(key.hex()) is not None
+
+    def _fetch(self, key: bytes, kind: str, seed: bytes, touch: bool = True) -> Tuple[int, memoryview]:
+        """(n_tokens, payload) of a value; a value that fails its checks raises CorruptValueError
+        and, unless ``touch`` is False (look-ups have no side effects), is deleted; a missing one
+        raises KeyError."""
+        v = self.backend.get(key.hex(), touch=touch)
+        if v is None:
+            raise KeyError(key.hex())
+        try:
+            return V.open_value(v, kind, seed, key)
+        except CorruptValueError as exc:
+            if touch:
+                self.backend.delete([key.hex()])
+                self.backend.incr("corrupt")
+                self._forget(key.hex(), f"a corrupt value was deleted ({exc})")
+            raise
+
+    def _forget(self, key: str, why: str) -> None:
+        """Remember why a key went away (this process only), for lookup reasons."""
+        g = self._gone
+        g[key] = why
+        g.move_to_end(key)
+        while len(g) > _GONE_MAX:
+            g.popitem(last=False)
+
+    def _put_value(self, key: bytes, kind: str, n_tokens: int, parent: Optional[bytes], seed: bytes,
+                   payload: bytes, pinned: bool = False) -> int:
+        val = V.seal(kind, n_tokens, seed, key, payload)
+        e = Entry(key.hex(), len(val), kind, int(n_tokens), None if parent is None else parent.hex(),
+                  pinned=pinned)
+        return len(val) if self.backend.put_if_absent(e, val) else 0
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def _tail_src(self, chain: K.Chain, m: int, total: int) -> int:
+        """A stored entry whose first cells are the full-attention cells of the last partial block of
+        the prefix of m tokens: the tail at m itself, the full block that contains m, or the tail
+        at ``total`` (the whole token list, when it ends in the same block).  0 when none."""
+        B = self.block_tokens
+        if self._has(chain.prefix(m)):
+            return m
+        q = m // B
+        if (q + 1) * B <= total and self._has(chain.block(q)):
+            return (q + 1) * B          # the full block holding these cells
+        if total > m and total // B == q and total % B and self._has(chain.prefix(total)):
+            return total
+        return 0
+
+    def _plan(self, c: _Ctx, toks: np.ndarray, limit: int) -> _Plan:
+        B, lay = self.block_tokens, c.lay
+        chain = K.Chain(c.seed, B, toks)
+        T = len(toks)
+        N = min(int(limit), T)
+        if N <= 0:
+            return _Plan(0, "no tokens", 0)
+        j = 0
+        if lay.n_full:
+            while (j + 1) * B <= N and self._has(chain.block(j)):
+                j += 1
+        else:
+            j = N // B
+        hi = min(N, (j + 1) * B - 1)
+        if not lay.needs_ckpt:
+            for m in range(hi, j * B, -1):
+                src = self._tail_src(chain, m, T)
+                if src:
+                    return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
+            m = j * B
+            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
+        for m in range(hi, 0, -1):      # one backend look-up per candidate (checkpoints are rare)
+            if not self._has(chain.ckpt(m)):
+                continue
+            src = m
+            if m % B and lay.n_full:
+                src = self._tail_src(chain, m, T)
+                if not src:
+                    continue
+            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
+        return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
+
+    def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
+        B, lay = self.block_tokens, c.lay
+        if m == 0 and j == 0 and lay.n_full or (m == 0 and not lay.n_full):
+            fp = self._probe_reason(c, toks)
+            if fp:
+                return fp
+        parts = []
+        if lay.n_full and (j + 1) * B <= N:
+            gone = self._gone.get(chain.block(j).hex())
+            parts.append(f"block {j} (tokens {j * B}..{(j + 1) * B - 1}) is not in the store ("
+                         + (gone or "never stored with this prefix, or evicted by another process") + ")")
+        elif lay.n_full and not lay.needs_ckpt and N > m:
+            parts.append(f"tokens {m}..{N - 1} are not in the store (no stored prompt with this prefix "
+                         f"goes further, or its entries were evicted)")
+        if lay.needs_ckpt:
+            what = " and ".join((["sliding-window"] if "swa" in lay.roles else []) + (["recurrent"] if lay.recurrent else []))
+            cover = min(N, j * B + B - 1) if lay.n_full else N
+            if m:
+                parts.append(f"tokens {m}..{N - 1} are not in the store: no checkpoint of the {what} part at "
+                             f"a token count in {m + 1}..{cover} (checkpoints exist at stored prompt lengths "
+                             f"and, after prefill, every checkpoint_every blocks)")
+            else:
+                parts.append(f"no checkpoint of the {what} part at a token count <= {cover}"
+                             + (f" (blocks cover {j * B} tokens)" if lay.n_full else ""))
+        return "; ".join(parts) or "not in the store"
+
+    def _probe_reason(self, c: _Ctx, toks: np.ndarray) -> str:
+        diffs = []
+        for slot in range(_PROBE_SLOTS):
+            key = K.Chain.probe(toks, self.block_tokens, slot)
+            try:
+                _, payload = self._fetch(key, "probe", _NOSEED, touch=False)
+            except KeyError:
+                break
+            except CorruptValueError:
+                continue
+            try:
+                stored = json.loads(bytes(payload).decode())
+            except ValueError:
+                continue
+            if stored == c.settings:
+                return ""
+            d = K.describe_difference(stored, c.settings)
+            if d:
+                diffs.append(d)
+        if diffs:
+            return "fingerprint mismatch: these tokens are stored for another model or memory layout (" + \
+                " | ".join(diffs[:3]) + ")"
+        return ""
+
+    def lookup(self, tokens: Any, target: Any, *, model: Any = None) -> Lookup:
+        """How many tokens of ``tokens`` a restore into ``target`` would give, and why not more.
+        No side effects (no counters, no LRU refresh)."""
+        c = self._ctx(target, model)
+        toks = K.tokens_array(tokens)
+        p = self._plan(c, toks, len(toks))
+        return Lookup(p.n, p.reason)
+
+    # -- put -------------------------------------------------------------------------------------
+    def _store_section(self, c: _Ctx, toks: np.ndarray, S: A.Section, orders: List[np.ndarray], n: int,
+                       with_ckpt: bool, with_tail: bool = True) -> Tuple[int, int]:
+        """Store blocks / tail / checkpoint for the prefix of n tokens of a parsed section."""
+        B, lay = self.block_tokens, c.lay
+        chain = K.Chain(c.seed, B, toks[:n])
+        pinned = self._pinned_len(c.seed, toks)
+        added = entries = 0
+        if lay.n_full:
+            for i in range(n // B):
+                key = chain.block(i)
+                if self._has(key):
+                    continue
+                b = self._put_value(key, "block", (i + 1) * B, chain.block(i - 1) if i else None, c.seed,
+                                    A.block_payload(S.full, orders, i * B, (i + 1) * B), (i + 1) * B <= pinned)
+                added += b
+                entries += b > 0
+            if n % B and with_tail:
+                key = chain.prefix(n)
+                if not self._has(key):
+                    q = n // B
+                    b = self._put_value(key, "tail", n, chain.block(q - 1) if q else None, c.seed,
+                                        A.block_payload(S.full, orders, q * B, n), n <= pinned)
+                    added += b
+                    entries += b > 0
+        if with_ckpt and lay.needs_ckpt:
+            b = self._put_ckpt(c, chain, n, S.raw, n <= pinned, n)
+            added += b
+            entries += b > 0
+        if entries:
+            self._probe_put(c, toks)
+        return added, entries
+
+    def _stored(self, c: _Ctx, toks: np.ndarray, n: int) -> bool:
+        """Whether every entry a put of the prefix of n tokens would write exists already."""
+        B, lay = self.block_tokens, c.lay
+        chain = K.Chain(c.seed, B, toks[:n])
+        if lay.n_full:
+            if not all(self._has(chain.block(i)) for i in range(n // B)):
+                return False
+            if n % B and not self._has(chain.prefix(n)):
+                return False
+        return not lay.needs_ckpt or self._has(chain.ckpt(n))
+
+    def _put_ckpt(self, c: _Ctx, chain: K.Chain, n: int, raw: List[bytes], pinned: bool, parent_n: int) -> int:
+        """Store the checkpoint at n; its parent is the entry that holds the full-attention cells
+        up to ``parent_n`` (the block or tail at n, or a longer tail in the same block)."""
+        key = chain.ckpt(n)
+        if self._has(key):
+            return 0
+        parent = chain.prefix(parent_n) if c.lay.n_full and n >= 1 else None
+        return self._put_value(key, "ckpt", n, parent, c.seed, A.ckpt_payload(raw), pinned)
+
+    def _probe_put(self, c: _Ctx, toks: np.ndarray) -> None:
+        payload = json.dumps(c.settings, sort_keys=True).encode()
+        for slot in range(_PROBE_SLOTS):
+            key = K.Chain.probe(toks, self.block_tokens, slot)
+            try:
+                _, got = self._fetch(key, "probe", _NOSEED, touch=False)
+            except KeyError:
+                if self._put_value(key, "probe", min(len(toks), self.block_tokens), None, _NOSEED, payload):
+                    return
+                continue
+            except CorruptValueError:
+                continue
+            if bytes(got) == payload:
+                return
+
+    def _section(self, c: _Ctx, toks: np.ndarray, seq_id: int) -> Tuple[A.Section, List[np.ndarray]]:
+        t = c.target
+        t.check_seq(seq_id)
+        N = len(toks)
+        pm = t.pos_max(seq_id)
+        if pm != N - 1:
+            raise StoreError(f"sequence {seq_id} ends at position {pm}, but {N} tokens were given "
+                             "(tokens are the sequence's tokens at positions 0..len-1)")
+        S = A.parse_section(t.read_seq(seq_id), c.lay)
+        orders = []
+        for p in S.full:
+            order = np.argsort(p.pos, kind="stable")
+            if p.n != N or not np.array_equal(p.pos[order], np.arange(N, dtype=p.pos.dtype)):
+                raise StoreError(f"sequence {seq_id} does not hold exactly positions 0..{N - 1} "
+                                 f"({p.n} cells); the store keeps prompts decoded from position 0")
+            orders.append(order)
+        for n_cells, pmax in S.raw_pos:
+            if n_cells and pmax != N - 1:
+                raise StoreError(f"sequence {seq_id}: a part ends at position {pmax}, expected {N - 1}")
+        return S, orders
+
+    def put(self, target: Any, tokens: Any, seq_id: int = 0, *, model: Any = None) -> PutResult:
+        """Store what is new of sequence ``seq_id`` of ``target``, whose tokens at positions
+        0..len-1 are ``tokens``: missing blocks, a tail for the last partial block, and a
+        checkpoint at len(tokens) for sliding-window and recurrent parts."""
+        with self._lock:
+            c = self._ctx(target, model)
+            toks = K.tokens_array(tokens)
+            if len(toks) == 0:
+                return PutResult(0, 0, 0)
+            S, orders = self._section(c, toks, int(seq_id))
+            added, entries = self._store_section(c, toks, S, orders, len(toks), True)
+            self.backend.incr("puts")
+            self._enforce()
+            return PutResult(len(toks), added, entries)
+
+    # -- restore ---------------------------------------------------------------------------------
+    def _gather(self, c: _Ctx, toks: np.ndarray, n: int, src: int = 0) -> Tuple[List[List[A.PartData]], List[Any]]:
+        B, lay = self.block_tokens, c.lay
+        src = src or n
+        chain = K.Chain(c.seed, B, toks[:max(n, src)])
+        blocks: List[List[A.PartData]] = []
+        if lay.n_full:
+            for i in range(n // B):
+                nt, pl = self._fetch(chain.block(i), "block", c.seed)
+                parts = A.decode_payload(pl, lay.n_full)
+                if nt != (i + 1) * B or any(p.n != B for p in parts):
+                    self.backend.delete([chain.block(i).hex()])
+                    raise CorruptValueError(f"block {i} holds the wrong number of cells")
+                blocks.append(parts)
+            if n % B:
+                key = chain.prefix(src)
+                nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed)
+                parts = A.decode_payload(pl, lay.n_full)
+                if nt != src or (src - 1) // B != n // B or any(p.n != (src - 1) % B + 1 for p in parts):
+                    self.backend.delete([key.hex()])
+                    raise CorruptValueError("tail holds the wrong number of cells")
+                blocks.append([A.head_cells(p, n % B) for p in parts])
+        raw: List[Any] = []
+        if lay.needs_ckpt:
+            key = chain.ckpt(n)
+            nt, pl = self._fetch(key, "ckpt", c.seed)
+            n_raw = sum(1 for r in lay.roles if r != "full") + int(lay.recurrent)
+            if nt != n:
+                self.backend.delete([key.hex()])
+                raise CorruptValueError("checkpoint of the wrong length")
+            raw = A.decode_ckpt(pl, n_raw)
+        return blocks, raw
+
+    def _restore(self, c: _Ctx, toks: np.ndarray, seq_id: int, limit: int) -> Tuple[int, str]:
+        c.target.check_seq(seq_id)
+        reason = ""
+        for _attempt in range(8):
+            p = self._plan(c, toks, limit)
+            reason = p.reason
+            if p.n == 0:
+                break
+            try:
+                blocks, raw = self._gather(c, toks, p.n, p.tail_src)
+                sec = A.assemble(c.lay, blocks, raw, seq_id, self._buf)
+            except KeyError:
+                reason = "an entry was evicted during the restore"
+                continue
+            except CorruptValueError as exc:
+                reason = f"a corrupt value was found and deleted ({exc})"
+                continue
+            try:
+                if c.target.live:
+                    c.target.save_buf = self._save_buf
+                c.target.write_seq(sec, seq_id)
+            except StoreError as exc:
+                self.backend.incr("misses")
+                return 0, str(exc)
+            finally:
+                if isinstance(sec, bytearray) and len(sec) > len(self._buf):
+                    self._buf = sec           # reused by the next restore (no page faults)
+                del sec
+            self.backend.incr("hits")
+            self.backend.incr("tokens_saved", p.n)
+            return p.n, ("" if p.n == len(toks) else reason)
+        self.backend.incr("misses")
+        return 0, reason or "not in the store"
+
+    def restore(self, target: Any, tokens: Any, seq_id: int = 0, *, model: Any = None) -> int:
+        """Restore the longest stored prefix of ``tokens`` into ``seq_id`` (replacing it); returns its
+        token count.  0: nothing restored and the target unchanged (``last_reason`` says why)."""
+        with self._lock:
+            c = self._ctx(target, model)
+            toks = K.tokens_array(tokens)
+            n, self.last_reason = self._restore(c, toks, int(seq_id), len(toks))
+            return n
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def prefill(self, llm: Any, tokens: Any, seq_id: int = 0, *, model: Any = None) -> PrefillResult:
+        """Restore the longest usable prefix of ``tokens`` into sequence ``seq_id`` of the live
+        context ``llm``, decode the rest in block-aligned chunks (checkpoints every
+        ``checkpoint_every`` blocks and at len-1 for sliding-window / recurrent parts), store
+        what is new, and leave the context ready to sample after the last token."""
+        with self._lock:
+            c = self._ctx(llm, model)
+            t = c.target
+            if not t.live:
+                raise TargetError("prefill needs a live llama.cpp context (use put / restore for memories)")
+            toks = K.tokens_array(tokens)
+            N = len(toks)
+            if N == 0:
+                raise E.InvalidArgumentError("prefill needs at least one token")
+            seq = int(seq_id)
+            m, reason = self._restore(c, toks, seq, N - 1)
+            self.last_reason = reason
+            if m == 0:
+                t.seq_rm(seq, 0)
+            B, lay = self.block_tokens, c.lay
+            stops: List[int] = []
+            if lay.needs_ckpt:
+                step = B * self.checkpoint_every
+                stops = [k for k in range(step, N, step) if k > m]
+                if N - 1 > m and (not stops or stops[-1] != N - 1):
+                    stops.append(N - 1)
+            stops.append(N)
+            added = 0
+            pos = m
+            last_raw: Optional[List[bytes]] = None
+            for stop in stops:
+                t.decode(toks[pos:stop], pos, seq, logits_last=(stop == N))
+                pos = stop
+                if stop < N:
+                    S, orders = self._section(c, toks[:stop], seq)
+                    # the cells of len-1 tokens come from the tail at len (same block): store only
+                    # blocks now, the checkpoint after the tail at len exists
+                    deferred = stop == N - 1 and bool(lay.n_full)
+                    added += self._store_section(c, toks[:stop], S, orders, stop, not deferred,
+                                                 with_tail=not deferred)[0]
+                    if deferred:
+                        last_raw = S.raw
+            if not self._stored(c, toks, N):       # a full hit stores nothing: skip the copy-out
+                S, orders = self._section(c, toks, seq)
+                added += self._store_section(c, toks, S, orders, N, True)[0]
+            if last_raw is not None:
+                # parent: the entry at len (the tail in the same block, or the block ending at len)
+                chain = K.Chain(c.seed, B, toks)
+                added += self._put_ckpt(c, chain, N - 1, last_raw, N - 1 <= self._pinned_len(c.seed, toks), N)
+            self.backend.incr("puts")
+            self._enforce()
+            return PrefillResult(m, N - m, added, reason)
+
+    # -- policy ----------------------------------------------------------------------------------
+    def _pinned_len(self, seed: bytes, toks: np.ndarray) -> int:
+        best = 0
+        for s, p in self._pins:
+            if s == seed and len(p) <= len(toks) and np.array_equal(toks[:len(p)], p):
+                best = max(best, len(p))
+        return best
+
+    def pin(self, tokens: Any, target: Any = None, *, model: Any = None, pinned: bool = True) -> int:
+        """Protect the entries of a prefix (a system prompt) from eviction, now and in later puts
+        through this Store.  Without a target, every layout this Store has seen is used.
+        Returns the number of entries (un)pinned now."""
+        with self._lock:
+            toks = K.tokens_array(tokens)
+            seeds = [self._ctx(target, model).seed] if target is not None else list(self._seeds)
+            n = 0
+            B = self.block_tokens
+            for seed in seeds:
+                if pinned:
+                    self._pins.append((seed, toks.copy()))
+                else:
+                    self._pins = [(s, p) for s, p in self._pins if not (s == seed and np.array_equal(p, toks))]
+                chain = K.Chain(seed, B, toks)
+                keys = [chain.block(i).hex() for i in range(len(toks) // B)]
+                for m in range(1, len(toks) + 1):
+                    if m % B:
+                        keys.append(chain.prefix(m).hex())
+                    keys.append(chain.ckpt(m).hex())
+                present = [k for k in keys if self.backend.entry(k) is not None]
+                self.backend.set_pinned(present, pinned)
+                n += len(present)
+            return n
+
+    def _enforce(self) -> None:
+        if self.budget_bytes is not None:
+            n, _ = policy.evict_to_budget(self.backend, self.budget_bytes,
+                                          lambda k: self._forget(k, "evicted by the byte budget"))
+            if n:
+                self.backend.incr("evictions", n)
+
+    def gc(self, budget_bytes: Optional[int] = None) -> Dict[str, int]:
+        """Delete entries whose chain has a hole, then apply the byte budget."""
+        with self._lock:
+            bad = policy.orphans(self.backend.scan())
+            n_orph = self.backend.delete(bad) if bad else 0
+            budget = self.budget_bytes if budget_bytes is None else int(budget_bytes)
+            n_ev, freed = (0, 0) if budget is None else policy.evict_to_budget(
+                self.backend, budget, lambda k: self._forget(k, "evicted by the byte budget"))
+            if n_ev:
+                self.backend.incr("evictions", n_ev)
+            return {"orphans": n_orph, "evicted": n_ev, "freed_bytes": freed}
+
+    def verify(self, delete: bool = True) -> Dict[str, Any]:
+        """Check every value's envelope and checksum (and chain integrity); bad values are
+        deleted unless ``delete=False``."""
+        with self._lock:
+            checked = 0
+            bad: List[str] = []
+            for e in list(self.backend.scan()):
+                v = self.backend.get(e.key, touch=False)
+                if v is None:
+                    continue
+                checked += 1
+                try:
+                    kind, n, _seed = V.check_value(v, bytes.fromhex(e.key))
+                    if kind != e.kind and not (kind == "probe"):
+                        raise CorruptValueError("kind differs from the index")
+                except (CorruptValueError, ValueError):
+                    bad.append(e.key)
+            if delete and bad:
+                self.backend.delete(bad)
+            orph = sorted(policy.orphans(self.backend.scan()))
+            if delete and orph:
+                self.backend.delete(orph)
+            return {"checked": checked, "bad": len(bad), "orphans": len(orph), "ok": not bad and not orph,
+                    "bad_keys": bad, "orphan_keys": orph}
+
+    def stats(self) -> Dict[str, Any]:
+        """entries, bytes, hits, misses, tokens_saved, puts, evictions, corrupt, budget_bytes."""
+        with self._lock:
+            entries = list(self.backend.scan())
+            cnt = self.backend.counters()
+            out: Dict[str, Any] = {"entries": len(entries), "bytes": sum(e.size for e in entries)}
+            by_kind: Dict[str, int] = {}
+            for e in entries:
+                by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+            out["by_kind"] = by_kind
+            out["pinned"] = sum(1 for e in entries if e.pinned)
+            for k in ("hits", "misses", "tokens_saved", "puts", "evictions", "corrupt"):
+                out[k] = int(cnt.get(k, 0))
+            out["budget_bytes"] = self.budget_bytes
+            out["block_tokens"] = self.block_tokens
+            out["url"] = self.url
+            return out
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, block_tokens={self.block_tokens})"
