@@ -23,7 +23,9 @@ import os
 import shutil
 from typing import Any, Dict, List
 
-__all__ = ["KEEP_MODELS", "write"]
+__all__ = ["KEEP_MODELS", "check_dir", "write"]
+
+MARKER = ".pymem-demo-keep"
 
 #: the models whose files --keep leaves, one per memory kind
 KEEP_MODELS = ["llama", "gemma2", "mamba", "jamba", "lfm2_swa"]
@@ -47,9 +49,23 @@ Files left by `pymem demo --keep`: tiny random-weight models and what real llama
 """
 
 
+def check_dir(out_dir: str) -> None:
+    """Refuse a folder that holds other files (``model.gguf`` there might be a real model):
+    --keep writes into a new or empty folder, or one an earlier --keep wrote."""
+    from ._errors import InvalidArgumentError
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InvalidArgumentError(f"--keep {out_dir}: not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
+        raise InvalidArgumentError(f"--keep {out_dir}: the folder is not empty (the demo would write model.gguf, "
+                                   "chat.session and more there); give a new or empty folder")
+
+
 def write(w: Any, paths: Dict[str, str], out_dir: str) -> List[str]:
     """Write the files into ``out_dir`` (created if missing); returns their names."""
+    check_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, MARKER), "w").close()
     made: List[str] = []
 
     def path(name: str) -> str:

@@ -438,6 +438,10 @@ def demo(args: argparse.Namespace) -> int:
         ("jamba", dict(kv_unified=False, flash_attn=False)),
         ("lfm2_swa", dict(kv_unified=True, flash_attn=True)),
     ]
+    if getattr(args, "keep", None):
+        from . import _demo_keep
+
+        _demo_keep.check_dir(args.keep)   # before any work
     t0 = time.perf_counter()
     try:
         w = OracleWorker()

@@ -86,3 +86,10 @@ def test_readme_state_example_runs_on_the_kept_files(kept, oracle, monkeypatch, 
     c = oracle.context(str(kept / "model.gguf"), n_ctx=256)
     ok, toks = c.state_load_file(kept / "chat-shifted.session")
     assert ok and len(toks) == 16 and c.decode([(1, 16, [0])]) == 0
+
+
+def test_keep_refuses_a_folder_with_other_files(tmp_path, capsys):
+    (tmp_path / "model.gguf").write_bytes(b"my real model")
+    assert cli.main(["demo", "--keep", str(tmp_path)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "model.gguf").read_bytes() == b"my real model"
