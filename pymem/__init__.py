@@ -2,7 +2,7 @@
 llama.cpp's exact semantics and byte-compatible state, as a small C core with Python classes.
 
 Target: llama.cpp b11739 (state format 11); format 10 reads and writes the older layout of
-llama-cpp-python 0.3.36.  See README.md, DESIGN.md and SPEC.md."""
+llama-cpp-python 0.3.36.  See README.md."""
 from __future__ import annotations
 
 from . import kernels, shapes, state

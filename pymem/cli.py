@@ -20,9 +20,10 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from . import _cliargs
+
 __all__ = ["main"]
 
-_BIG = 50 << 20  # progress bars for files larger than this (when stderr is a terminal)
 
 
 class CLIError(Exception):
@@ -36,40 +37,11 @@ class CLIError(Exception):
 # ---------------------------------------------------------------------------------------------
 # progress
 # ---------------------------------------------------------------------------------------------
-class _Bar:
-    """A minimal stderr progress bar, drawn at most ~10 times a second."""
+def _progress_for(label: str, size: int, force: Optional[bool] = None) -> Any:
+    """A tqdm bar on stderr for work over a second (``--progress`` shows it at once)."""
+    from . import _progress
 
-    def __init__(self, label: str, stream: Any = None) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.last = 0.0
-        self.drawn = False
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self.last < 0.1:
-            return
-        self.last = now
-        frac = done / total if total else 1.0
-        width = 30
-        fill = int(frac * width)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% "
-                          f"{done / 1e6:,.0f}/{total / 1e6:,.0f} MB")
-        self.stream.flush()
-        self.drawn = True
-        if done >= total:
-            self.stream.write("\n")
-            self.drawn = False
-
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.drawn = False
-
-
-def _progress_for(label: str, size: int, force: Optional[bool] = None) -> Optional[_Bar]:
-    show = force if force is not None else (size > _BIG and sys.stderr.isatty())
-    return _Bar(label) if show else None
+    return _progress.bar(label, force)
 
 
 def _file_size(path: str) -> int:
@@ -112,7 +84,7 @@ def _add_state_args(p: argparse.ArgumentParser, many: bool = False) -> None:
     p.add_argument("--kind", choices=["session", "seq_file", "context", "seq", "sections"],
                    help="what the file%s holds (default: recognised from the first bytes)" % ("s" if many else ""))
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: for files over 50 MB when stderr is a terminal)")
+                   help="progress bars (default: for work over a second when stderr is a terminal)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +96,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         d = obj.summary(cells=args.cells)
         d["file"] = args.file
+        from . import _inspect_extra
+
+        d.update(_inspect_extra.json_extra(args, obj))
         json.dump(d, sys.stdout, indent=1 if args.pretty else None)
         sys.stdout.write("\n")
     else:
         print(f"{args.file}:")
         print(obj.describe(width=args.width, cells=args.cells is not False))
+    from . import _inspect_extra
+
+    _inspect_extra.finish(args, obj)
     return 0
 
 
@@ -152,7 +130,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(f"A: {args.a}: {a.what}, {a.nbytes} bytes, {a.layout.describe()}")
         print(f"B: {args.b}: {b.what}, {b.nbytes} bytes, {b.layout.describe()}")
         if d.same:
-            print("identical" + (" (up to the order of cells)" if args.ignore_order and a.dump() != b.dump() else ""))
+            print("identical" + (" (up to the order of cells)" if args.ignore_order and not state.mapped.same_bytes(a, b) else ""))
         else:
             print(d.text())
     return 0 if d.same else 1
@@ -206,29 +184,26 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if args.set_version is not None:
         if not hasattr(new, "with_version"):
             raise CLIError(f"--set-version applies to session and sequence state files, not to a {obj.what}")
-        new = new.with_version(args.set_version)
-    bar = _progress_for(f"writing {os.path.basename(args.output)}", new.nbytes, args.progress)
-    try:
-        new.save(args.output, progress=bar)
-    finally:
-        if bar:
-            bar.close()
-    if not args.quiet:
-        path = new.edit_path or "none"
-        how = {"model": f"model path: a pymem memory built from {os.path.basename(args.model or '')} "
-                        "(llama.cpp's semantics in pymem's C core)",
-               "structure": "structure path: a pymem memory with the state's own geometry, no model "
-                            "(llama.cpp's semantics in pymem's C core; no K-shifts)"}.get(path, "no edit")
-        print(f"{args.file}: {obj.what}, {obj.nbytes} bytes")
-        print(f"  edits: {', '.join(str(o) for o in ops) or '-'}")
-        print(f"  {how}")
-        for n in new.edit_notes or []:
-            print(f"  {n}")
-        if hasattr(obj, "tokens") and hasattr(new, "tokens") and len(obj.tokens) != len(new.tokens):
-            print(f"  tokens: {len(obj.tokens)} -> {len(new.tokens)}")
-        print(f"  sequences: {_seq_table(obj)} -> {_seq_table(new)}")
-        print(f"wrote {args.output}: {new.nbytes} bytes ({time.perf_counter() - t0:.2f} s)")
-    return 0
+        ver = new.with_version(args.set_version)
+        for a in ("edit_path", "edit_notes", "noop", "token_sync"):
+            setattr(ver, a, getattr(new, a))
+        new = ver
+    def save() -> None:
+        bar = _progress_for(f"writing {os.path.basename(args.output)}", new.nbytes, args.progress)
+        try:
+            new.save(args.output, progress=bar)
+        finally:
+            if bar:
+                bar.close()
+
+    path = new.edit_path or "none"
+    how = {"model": f"model path: a pymem memory built from {os.path.basename(args.model or '')} "
+                    "(llama.cpp's semantics in pymem's C core)",
+           "structure": "structure path: a pymem memory with the state's own geometry, no model "
+                        "(llama.cpp's semantics in pymem's C core; no K-shifts)"}.get(path, "no edit")
+    from . import _editcli
+
+    return _editcli.finish(args, obj, new, ops, t0, save, how)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +221,9 @@ def _bytes_arg(text: str) -> int:
         value = float(num)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
-    if unit not in _UNITS or value < 0:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    if unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
@@ -306,19 +283,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if isinstance(exc, Error):
             raise
         raise CLIError(f"cannot read {args.model}: {exc}") from None
+    if getattr(args, "sweep", False) or getattr(args, "plot", None):
+        from . import sweep
+
+        if not args.sweep:
+            raise CLIError("--plot needs --sweep", 2)
+        return sweep.report(args, hp, kw, label, _human)
     if args.budget is not None:
-        n = plan.max_context(hp, args.budget, **kw)
-        e = plan.estimate(hp, n, **kw) if n else None
-        if args.json:
-            json.dump({"model": args.model, "shape": args.shape, "arch": hp.arch, "budget": args.budget, "max_n_ctx": n,
-                       "bytes": e.total if e else None}, sys.stdout)
-            sys.stdout.write("\n")
-        elif n == 0:
-            print(f"{label} ({hp.arch}): not even 256 cells per stream fit in {_human(args.budget)}")
-        else:
-            print(f"{label} ({hp.arch}): largest n_ctx within {_human(args.budget)}: {n} "
-                  f"({_human(e.total)} of memory)")
-        return 0
+        from . import _budget
+
+        return _budget.report(args, hp, kw, label, _human)
     e = plan.estimate(hp, args.n_ctx, **kw)
     spec = e.spec
     if args.json:
@@ -342,6 +316,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"  {d['part']:10s} {d['layer']:5d} {d['n_embd_' + a]:5d}/{d['n_embd_' + b]:<5d} "
                   f"{_human(d[a + '_bytes']):>11s} {_human(d[b + '_bytes']):>11s}")
     print(f"  total {_human(e.total)} ({e.total} bytes)")
+    from . import _budget
+
+    if not _budget.grows_with_context(hp, kw):
+        print("  " + _budget.fixed_size_note(hp))
     return 0
 
 
@@ -481,6 +459,10 @@ def demo(args: argparse.Namespace) -> int:
         ("jamba", dict(kv_unified=False, flash_attn=False)),
         ("lfm2_swa", dict(kv_unified=True, flash_attn=True)),
     ]
+    if getattr(args, "keep", None):
+        from . import _demo_keep
+
+        _demo_keep.check_dir(args.keep)   # before any work
     t0 = time.perf_counter()
     try:
         w = OracleWorker()
@@ -523,6 +505,11 @@ def demo(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         sfail = _demo_states(w, paths, srows)
         failures += sfail
+        kept = None
+        if getattr(args, "keep", None):
+            from . import _demo_keep
+
+            kept = _demo_keep.write(w, w.ensure_models(_demo_keep.KEEP_MODELS), args.keep)
     print("Part 1: the same operations in llama.cpp and in pymem, states compared byte for byte")
     _table(rows, "state bytes", "result")
     n = len(rows)
@@ -537,6 +524,10 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\n{ns - sum(1 for r in srows if not r[3].startswith('ok'))}/{ns} session checks passed, "
           f"{time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
     failures += _demo_store(paths)
+    if kept:
+        print(f"\nkept {len(kept)} files in {args.keep} (see {os.path.join(args.keep, 'README.txt')}); try:\n"
+              f"  cd {args.keep}\n  pymem inspect chat.session --model model.gguf\n"
+              "  pymem edit chat.session -m model.gguf --seq-rm 0:4:12 --seq-add 0:12::-8 -o shifted.session")
     return 1 if failures else 0
 
 
@@ -634,6 +625,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "mirrors their memory in pymem, comparing states byte for byte; then saves "
                                    "sessions, inspects and edits them offline and loads the edits back into "
                                    "llama.cpp.  Exit status 1 on any mismatch.")
+    p.add_argument("--keep", metavar="DIR",
+                   help="leave the tiny models and the files llama.cpp saved (sessions, a llama-server slot file, "
+                        "raw blobs) in DIR, with a README.txt of commands to try")
     p.set_defaults(func=demo)
 
     p = sub.add_parser(
@@ -664,6 +658,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", action=argparse.BooleanOptionalAction, default=None,
                    help="cell pictures / JSON cell lists (default: pictures; JSON lists up to 4096 cells)")
     p.add_argument("--width", type=_width_arg, default=64, help="width of the occupancy pictures (default 64)")
+    from . import _inspect_extra
+
+    _inspect_extra.add_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -718,6 +715,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="accept a session file with trailing bytes (llama.cpp would not load it)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    from . import _editcli
+
+    _editcli.add_args(p)
     p.set_defaults(func=cmd_edit, ops=[])
 
     p = sub.add_parser(
@@ -733,23 +733,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", metavar="NAME",
                    help="a built-in published model shape instead of a file (see --list-shapes)")
     p.add_argument("--list-shapes", action="store_true", help="list the built-in shapes")
-    p.add_argument("--n-ctx", "--ctx", type=int, default=0,
+    p.add_argument("--n-ctx", "--ctx", type=_cliargs.count, default=0,
                    help="context size (default 0: the model's training context)")
-    p.add_argument("--n-seq-max", "--parallel", type=int, default=1, help="parallel sequences")
-    p.add_argument("--type-k", default="f16")
-    p.add_argument("--type-v", default="f16")
-    p.add_argument("--flash-attn", choices=["on", "off", "auto"], nargs="?", const="on", default="off",
-                   help="off: V transposed (pymem's default); --flash-attn alone = on; auto = on for the CPU "
-                        "backend")
+    p.add_argument("--n-seq-max", "--parallel", type=_cliargs.positive, default=1, help="parallel sequences")
+    p.add_argument("--type-k", "--cache-type-k", "-ctk", type=_cliargs.cache_type, default="f16",
+                   help="K cache type (llama.cpp's --cache-type-k): " + ", ".join(_cliargs.CACHE_TYPES) +
+                        " (default f16)")
+    p.add_argument("--type-v", "--cache-type-v", "-ctv", type=_cliargs.cache_type, default="f16",
+                   help="V cache type (llama.cpp's --cache-type-v; quantized V needs flash attention), same "
+                        "choices (default f16)")
+    p.add_argument("--flash-attn", "-fa", choices=["on", "off", "auto"], nargs="?", const="on", default="auto",
+                   help="auto (default, as llama_context_default_params() and llama-cli: on for the CPU backend, "
+                        "V rows not transposed); off: V transposed; --flash-attn alone = on")
     p.add_argument("--layers", action="store_true", help="also print every layer's sizes")
     p.add_argument("--unified", action=argparse.BooleanOptionalAction, default=True,
                    help="one stream for all sequences (default) or one per sequence")
     p.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--n-ubatch", type=int, default=512)
-    p.add_argument("--n-rs-seq", type=int, default=0)
+    p.add_argument("--n-ubatch", type=_cliargs.positive, default=512)
+    p.add_argument("--n-rs-seq", type=_cliargs.count, default=0)
     p.add_argument("--budget", type=_bytes_arg, metavar="BYTES",
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
+    from . import sweep
+
+    sweep.add_args(p)
     p.set_defaults(func=cmd_estimate)
 
     from .store.cli import add_parser as _add_store_parser  # pymem store stats|ls|verify|gc URL
@@ -769,7 +776,11 @@ def _version() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = _parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_cliargs.join_negative_values(sys.argv[1:] if argv is None else list(argv),
+                                                        ("--budget", "--n-ctx", "--ctx", "--n-seq-max", "--parallel",
+                                                         "--n-ubatch", "--n-rs-seq", "--seq-rm", "--seq-cp",
+                                                         "--seq-add", "--seq-div", "--seq-keep", "--seq-mv",
+                                                         "--truncate", "--width")))
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return 2

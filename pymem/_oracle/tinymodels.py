@@ -443,17 +443,30 @@ def ensure_models(names: Optional[Iterable[str]] = None,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: ``python -m pymem._oracle.tinymodels OUT_DIR [NAME ...]``."""
-    import sys
+    import argparse
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m pymem._oracle.tinymodels OUT_DIR [NAME ...]\nmodels: " + " ".join(SPECS))
-        return 2
-    out_dir, wanted = args[0], args[1:] or list(SPECS)
+    ap = argparse.ArgumentParser(prog="python -m pymem._oracle.tinymodels",
+                                 description="Build tiny random-weight GGUF models (no downloads) into OUT_DIR.",
+                                 epilog="models: " + " ".join(SPECS))
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="folder for the .gguf files (created if missing)")
+    ap.add_argument("names", metavar="NAME", nargs="*", help="models to build (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the models and what they hold, build nothing")
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if "--list" in argv:
+        for n, s in SPECS.items():
+            print(f"{n:14s} {s.arch:14s} {s.description}")
+        return 0
+    args = ap.parse_args(list(argv))
+    unknown = [n for n in args.names if n not in SPECS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {' '.join(SPECS)}")
     rc = 0
-    for n in wanted:
+    for n in args.names or list(SPECS):
         try:
-            p = build(n, out_dir)
+            p = build(n, args.out_dir)
             print(f"OK   {n:12s} -> {p} ({os.path.getsize(p)} bytes)")
         except Exception as e:
             print(f"FAIL {n:12s}: {e}")

@@ -71,7 +71,7 @@ Where llama.cpp would abort (a sequence id out of range), the bridge raises
 :class:`pymem.UnsupportedError`. Before it
 calls llama.cpp to import, the bridge checks the memory against every parameter that is known
 and not assumed. A failed llama.cpp restore would leave the context cleared or half restored
-(SPEC 8.1), so mismatches it finds raise :class:`pymem.StateError` with the context unchanged.
+(llama_state_set_data clears the memory first), so mismatches it finds raise :class:`pymem.StateError` with the context unchanged.
 When llama.cpp itself returns 0, its error log lines are captured and become the
 :class:`pymem.StateError` message.
 
@@ -762,7 +762,7 @@ def import_state(ctx: Any, mem: Any, seq_id: int = -1, dst_seq_id: Optional[int]
 
     ``update`` first applies the memory's pending K-shifts and stream copies (``mem.update()``),
     as llama.cpp would before its next decode. A state written with a shift still pending pairs
-    the new positions with unrotated K (SPEC 8.2.1), and llama.cpp does not keep a pending shift
+    the new positions with unrotated K (K is saved as stored), and llama.cpp does not keep a pending shift
     through a restore. Pass ``update=False`` to write such a state anyway.
 
     ``check`` first compares the memory's layout with the context's parameters (all but the

@@ -14,7 +14,7 @@ offline, or load one into a pymem memory::
     t.save("edited.session")            # llama_state_load_file accepts it
     mem = s.to_memory("model.gguf")     # a pymem memory holding the state
 
-Formats (SPEC section 8): a session file is ``u32 'ggsn', u32 version, u32 n_tokens,
+Formats: a session file is ``u32 'ggsn', u32 version, u32 n_tokens,
 i32 tokens[n], u32 len, arch[len]`` followed by the memory's whole state; version 11 is
 llama.cpp b11739 (KV format 11, with the k_rot / v_rot words), version 10 is the older
 layout of llama-cpp-python 0.3.36 (KV format 10).  A sequence state file is ``u32 'ggsq',

@@ -197,8 +197,13 @@ class Layout:
         fmt = None
         if "@" in t:
             t, f = t.split("@", 1)
+            if f.strip() not in ("10", "11"):
+                raise E.InvalidArgumentError(f"layout {text!r}: format {f!r} after '@' is not 10 or 11")
             fmt = int(f)
         head, _, n = t.partition(":")
+        if n and not (n.strip().isdigit() and int(n) <= 4096):
+            raise E.InvalidArgumentError(f"layout {text!r}: the recurrent layer count {n!r} after ':' is not a "
+                                         "number of layers (e.g. kv+rec:2, hybrid:2)")
         if head in kinds.KINDS:
             return replace(cls.of_kind(head, int(n or 0), fmt), source=f"explicit ({text})")
         secs = []

@@ -67,8 +67,8 @@ class MemoryState:
         return sum(s.nbytes for s in self.sections)
 
     def chunks(self) -> Iterator[bytes]:
-        for s in self.sections:
-            yield s.dump()
+        for s in self.sections:   # pieces, not one joined copy per section (large files)
+            yield from s.pieces()
 
     def dump(self) -> bytes:
         return b"".join(self.chunks())

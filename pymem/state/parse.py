@@ -279,8 +279,10 @@ def _parse_state(mv: memoryview, off: int, end: int, fmt: Optional[int], model: 
             candidates = [Layout.from_model(hp, partial=True)]
         src = f"model {Path(os.fspath(model)).name}" if isinstance(model, (str, os.PathLike)) else f"model ({hp.arch})"
         candidates = [replace(c, source=src) for c in candidates]
+    elif off == end and off > 0:
+        raise StateError(f"truncated {what}: the file ends right after its header, at offset {off}: no memory "
+                         "sections follow (llama.cpp writes at least the memory's stream and cell counts there)")
     elif off == end:
-        # a context without memory writes nothing after the architecture name
         f = fmt or 11
         return MemoryState(Layout((), f, None, False, "empty"), [], [], f, scope or "whole", seq_id, flags or 0), end
     else:
@@ -331,7 +333,12 @@ def _parse_state(mv: memoryview, off: int, end: int, fmt: Optional[int], model: 
                                    + "; ".join(f"{r[1].describe()} (format {r[2]})" for r in pick),
                                    [replace(r[1], format=r[2]) for r in pick])
     stop, cand, f, secs, offs = pick[0]
-    return _finish(cand, secs, offs, f, scope, seq_id, flags), stop
+    st = _finish(cand, secs, offs, f, scope, seq_id, flags)
+    if model is not None and lay is None:
+        from .modelcheck import check_model
+
+        check_model(st, _hparams(model), what)
+    return st, stop
 
 
 def _best_error(errors: List[StateError]) -> StateError:

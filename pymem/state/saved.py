@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .. import _errors as E
 from .._errors import StateError
-from . import files
+from . import files, mapped
 from .edit import Op, _build_memory, _convert_format, _seq_scope_ops, _state_read, apply_ops
 from .envelopes import (
     EditError,
@@ -50,6 +50,8 @@ class _Saved:
         self.trailing = trailing
         self.edit_path: Optional[str] = None   # set by edit(): which way it edited, and notes
         self.edit_notes: List[str] = []
+        self.token_sync: Optional[Dict[str, Any]] = None   # set by edit(): see pymem.state.tokens.follow
+        self.noop: List[str] = []                           # set by edit(): operations that changed nothing
 
     # implemented by subclasses
     def chunks(self) -> Iterator[bytes]:  # pragma: no cover
@@ -141,6 +143,10 @@ class _Saved:
         """A new object of the same type with ``ops`` applied in order (see :class:`Op`).
         ``model`` (GGUF path) selects the model path; without it the structure path runs
         (no seq_add / seq_div on attention caches).  ``result.edit_path`` says which ran.
+        The token list of a session / sequence file follows the cache when it maps to it
+        (one sequence at positions 0..n-1, as llama-cli and llama-server write them):
+        ``result.token_sync`` says whether it did and why not; ``result.noop`` lists the
+        operations that changed nothing (see :mod:`pymem.state.tokens`).
         Raises :class:`EditError` for an edit llama.cpp would refuse."""
         ops = [Op.coerce(o) for o in ops]
         tokens = list(getattr(self, "tokens", []) or [])
@@ -188,6 +194,9 @@ class _Saved:
         res = self._rebuild(new_sec, tokens, out_seq)
         res.edit_path = path
         res.edit_notes = notes
+        from .tokens import follow   # the token list follows the cache; no-op and shared-cell notes
+
+        follow(self, res, run, s_id if self.state.scope == "seq" else None, tokens)
         return res
 
     def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "_Saved":  # pragma: no cover
@@ -227,7 +236,7 @@ class Session(_Saved):
         where the bytes alone cannot.  ``strict``: reject trailing bytes after the state,
         as llama_state_load_file does ("did not read all of the session file data");
         otherwise keep them in ``trailing``."""
-        return cls.parse(files.read_file(path, progress), model, layout, strict, name=os.fspath(path))
+        return cls.parse(mapped.read(path, progress), model, layout, strict, name=os.fspath(path))
 
     @classmethod
     def parse(cls, data: Any, model: Any = None, layout: Any = None, strict: bool = True,
@@ -333,7 +342,7 @@ class SeqState(_Saved):
              progress: Progress = None) -> "SeqState":
         """Read a sequence state file.  Trailing bytes after the state are kept in
         ``trailing`` (llama_state_seq_load_file ignores them); ``strict`` rejects them."""
-        return cls.parse(files.read_file(path, progress), model, layout, strict, name=os.fspath(path))
+        return cls.parse(mapped.read(path, progress), model, layout, strict, name=os.fspath(path))
 
     @classmethod
     def parse(cls, data: Any, model: Any = None, layout: Any = None, strict: bool = False,
@@ -502,6 +511,7 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
     sequence blob or bare memory sections (``kind``: "session", "seq_file", "context",
     "seq", "sections"; default: recognised from the first bytes)."""
     mv = memoryview(data)
+    auto = kind is None
     if kind is None:
         m = _u32(mv, 0) if len(mv) >= 4 else None
         kind = {MAGIC_SESSION: "session", MAGIC_SEQ_FILE: "seq_file", MAGIC_SEQ_BLOB: "seq"}.get(m) if m is not None else None
@@ -518,6 +528,15 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
     if kind in ("context", "seq"):
         return Blob.parse(mv, model, layout, envelope=kind, name=name)
     if kind == "sections":
+        if auto:
+            try:
+                return Blob.parse(mv, model, layout, envelope=None, name=name)
+            except LayoutAmbiguousError:
+                raise
+            except StateError as exc:
+                raise StateError(f"{name or 'input'}: not a llama.cpp state file (no session 'ggsn' or sequence "
+                                 "'ggsq' magic, no sequence-blob magic, no architecture name at offset 0); read as "
+                                 f"bare memory sections: {exc}") from None
         return Blob.parse(mv, model, layout, envelope=None, name=name)
     raise E.InvalidArgumentError(f"unknown state kind {kind!r}")
 
@@ -525,4 +544,4 @@ def parse(data: Any, layout: Any = None, model: Any = None, kind: Optional[str] 
 def load(path: PathLike, model: Any = None, layout: Any = None, kind: Optional[str] = None, strict: bool = True,
          progress: Progress = None) -> Union[Session, SeqState, Blob]:
     """Read and parse any llama.cpp state file (see :func:`parse`)."""
-    return parse(files.read_file(path, progress), layout, model, kind, strict, name=os.fspath(path))
+    return parse(mapped.read(path, progress), layout, model, kind, strict, name=os.fspath(path))

@@ -1,4 +1,4 @@
-"""Parse and rebuild the memory sections of llama.cpp state blobs (SPEC section 8), in pure
+"""Parse and rebuild the memory sections of llama.cpp state blobs, in pure
 Python, for inspection, diffing, editing and tests.  ``dump(parse(x)) == x`` for every
 well-formed section.
 
@@ -109,6 +109,10 @@ class KVSection:
     nbytes: int = 0
 
     def dump(self) -> bytes:
+        return b"".join(self.pieces())
+
+    def pieces(self) -> list:
+        """The bytes of :meth:`dump` as a list of pieces (row data as zero-copy views)."""
         out = [struct.pack("<I", len(self.streams))]
         for st in self.streams:
             out.append(struct.pack("<I", len(st.cells)))
@@ -133,7 +137,7 @@ class KVSection:
                 else:
                     out.append(struct.pack("<iQ", L.v_type, L.v_row))
                 out.append(L.v)
-        return b"".join(out)
+        return out
 
 
 def parse_kv(buf: bytes | memoryview, off: int = 0, format: int = 11, cell_ext: bool = False,
@@ -208,6 +212,10 @@ class RecSection:
     nbytes: int = 0
 
     def dump(self) -> bytes:
+        return b"".join(self.pieces())
+
+    def pieces(self) -> list:
+        """The bytes of :meth:`dump` as a list of pieces (row data as zero-copy views)."""
         out = [struct.pack("<I", len(self.cells))]
         for c in self.cells:
             out.append(struct.pack("<iI", c.pos, len(c.seq_ids)))
@@ -222,7 +230,7 @@ class RecSection:
         for L in self.layers:
             out.append(struct.pack("<iQ", L.s_type, L.s_row))
             out.append(L.s)
-        return b"".join(out)
+        return out
 
 
 def parse_rec(buf: bytes | memoryview, off: int, n_recr: int, ple: list[bool] | None = None,

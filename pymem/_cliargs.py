@@ -1,0 +1,73 @@
+"""Argument types of the ``pymem`` command line that give clean errors: non-negative counts,
+cache types (listing the valid ones), and option values that start with '-'."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Sequence
+
+__all__ = ["count", "positive", "cache_type", "out_file", "CACHE_TYPES", "join_negative_values"]
+
+#: the cache types llama.cpp accepts for --cache-type-k / --cache-type-v (and pymem implements)
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative (give 0 or more)")
+    return v
+
+
+def positive(text: str) -> int:
+    """An integer >= 1."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return v
+
+
+def cache_type(text: str) -> str:
+    t = text.strip().lower()
+    if t not in CACHE_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown cache type {text!r}; valid: {', '.join(CACHE_TYPES)}")
+    return t
+
+
+def join_negative_values(argv: Sequence[str], options: Sequence[str]) -> List[str]:
+    """``--budget -1GB`` -> ``--budget=-1GB`` so that argparse hands the value to its type
+    (which then says what is wrong) instead of taking it for an unknown option."""
+    out: List[str] = []
+    it = list(argv)
+    i = 0
+    while i < len(it):
+        a = it[i]
+        if a in options and i + 1 < len(it) and it[i + 1].startswith("-") and len(it[i + 1]) > 1 \
+                and (it[i + 1][1].isdigit() or it[i + 1][1] == "."):
+            out.append(f"{a}={it[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def out_file(text: str) -> str:
+    """An output file name whose folder exists (checked before any work is done)."""
+    import os
+
+    if not text:
+        raise argparse.ArgumentTypeError("empty file name")
+    d = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(d):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {d} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    return text
