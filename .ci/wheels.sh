@@ -81,7 +81,7 @@ install_and_test() {
     V=$WORK/venv-$ver
     log=$WORK/py-$ver.log
     # (&& chains: `set -e` does not apply inside a function called as `f || ...`)
-    local P=(env -u PYTHONPATH PATH="$V/bin" PYMEM_CACHE_DIR="$PYMEM_CACHE_DIR")
+    local P=(env -u PYTHONPATH -u PYMEM_REQUIRE_REDIS -u PYMEM_REQUIRE_LCP PATH="$V/bin" PYMEM_CACHE_DIR="$PYMEM_CACHE_DIR")
     local sel=("${SMOKE[@]/#/$TESTS/}")
     [ "$mode" = full ] && sel=("$TESTS")
     {
@@ -135,8 +135,8 @@ SV=$WORK/venv-sdist
 python3 -m venv "$SV"
 "$SV/bin/python" -m pip install -q "$SDIST" "pytest>=7" "hypothesis>=6.80" >"$WORK/sdist.log" 2>&1 \
     || { tail -40 "$WORK/sdist.log"; exit 1; }
-(cd "$WORK" && env -u PYTHONPATH PATH="$SV/bin:$PATH" pymem --version | head -1)
-(cd "$WORK" && env -u PYTHONPATH PATH="$SV/bin:$PATH" pytest -q -m "not oracle" -p no:cacheprovider \
+(cd "$WORK" && env -u PYTHONPATH -u PYMEM_REQUIRE_REDIS -u PYMEM_REQUIRE_LCP PATH="$SV/bin:$PATH" pymem --version | head -1)
+(cd "$WORK" && env -u PYTHONPATH -u PYMEM_REQUIRE_REDIS -u PYMEM_REQUIRE_LCP PATH="$SV/bin:$PATH" pytest -q -m "not oracle" -p no:cacheprovider \
     "${SMOKE[@]/#/$TESTS/}" | tail -1)
 
 step "done: $(basename "$WHL") ($(stat -c %s "$WHL") bytes) in ${#PYTHONS[@]} CPythons"
