@@ -98,13 +98,13 @@ the imported positions, or ``Llama._eval_tokens(tokens, n_past)``.
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _loader
 from ._ctxparams import ContextParams, _hparams, _Probe, _probe_blob
+from ._scan import _scan
 from ._wheel import _bindings_for_pointer, _captured_log, _is_cdata, _llama_default_flash, _reason, llama_cpp
 
 __all__ = [
@@ -122,10 +122,8 @@ __all__ = [
 #: state format of the llama-cpp-py-sync build pymem targets (b11739)
 WHEEL_FORMAT = 11
 
-_SEQ_MAGIC = 0xAF143CD8
 _PKG = _loader.PKG
 _FLAGS_OK = (0, 1)  # none, PARTIAL_ONLY (ON_DEVICE keeps tensor bytes out of the blob)
-_ENV_FA_OFF = ("0", "", "false", "off", "disabled")
 
 
 def _E() -> Any:
@@ -390,100 +388,6 @@ def _live(ctx: Any, model_path: Optional[Union[str, "os.PathLike[str]"]] = None)
         return _InProcess("pointer", ffi, lib, ptr, mp, {}, dict(_C_DEFAULTS), ctx)
     raise TypeError(f"not a llama.cpp context: {type(ctx).__name__} (expected llama_cpp_py_sync.Llama, "
                     "pymem._oracle.capi.Context, pymem._oracle.worker.ContextHandle or a llama_context pointer)")
-
-
-# ---------------------------------------------------------------------------------------------
-# what a state blob tells about the layout
-# ---------------------------------------------------------------------------------------------
-def _section_start(blob: Any, seq: int) -> int:
-    """Offset of the memory section in a llama.cpp blob (context blob: arch string; sequence
-    blob: io magic + seq id)."""
-    mv = memoryview(blob)
-    if len(mv) < 8:
-        raise _E().StateError(f"llama.cpp state blob of {len(mv)} bytes is too short")
-    if seq < 0:
-        (n,) = struct.unpack_from("<I", mv, 0)
-        return 4 + n
-    (magic,) = struct.unpack_from("<I", mv, 0)
-    if magic != _SEQ_MAGIC:
-        raise _E().StateError(f"not a llama.cpp sequence blob (magic {magic:#x})")
-    return 8
-
-
-def _kv_part_count(kind: str, flags: int) -> int:
-    """How many KV sections precede the recurrent one in a blob of this kind."""
-    if kind in ("iswa", "hybrid_iswa"):
-        return 1 if flags & 1 else 2
-    if kind == "kv":
-        return 0 if flags & 1 else 1
-    if kind == "hybrid":
-        return 0 if flags & 1 else 1
-    return 0
-
-
-def _scan(blob: Any, seq: int, flags: int, kind: str, cell_ext: bool, fmt: int = WHEEL_FORMAT) -> Dict[str, Any]:
-    """n_stream of the first KV section, and v_trans / K type / V type of the first KV stream
-    that holds cells and layers. Returns what it could read (no copy of any row)."""
-    from ..params import type_name
-
-    out: Dict[str, Any] = {}
-    mv = memoryview(blob)
-    try:
-        off = _section_start(mv, seq)
-
-        def u32() -> int:
-            nonlocal off
-            (v,) = struct.unpack_from("<I", mv, off)
-            off += 4
-            return v
-
-        def u64() -> int:
-            nonlocal off
-            (v,) = struct.unpack_from("<Q", mv, off)
-            off += 8
-            return v
-
-        for part in range(_kv_part_count(kind, flags)):
-            n_stream = u32()
-            if part == 0:
-                out["n_stream"] = n_stream
-            for _ in range(n_stream):
-                cc = u32()
-                if cc == 0:
-                    continue
-                for _ in range(cc):
-                    off += 4                                  # pos
-                    n = u32()
-                    off += (12 if cell_ext else 0) + 4 * n    # ext, seq ids
-                v_trans = u32()
-                n_layer = u32()
-                off += 8 if fmt >= 11 else 0                  # k_rot, v_rot (format 11)
-                k_type = None
-                for _ in range(n_layer):
-                    t = struct.unpack_from("<i", mv, off)[0]
-                    off += 4
-                    row = u64()
-                    off += row * cc
-                    k_type = t if k_type is None else k_type
-                v_type = None
-                for _ in range(n_layer):
-                    t = struct.unpack_from("<i", mv, off)[0]
-                    off += 4
-                    if v_trans:
-                        el, n_embd = u32(), u32()
-                        off += el * n_embd * cc
-                    else:
-                        row = u64()
-                        off += row * cc
-                    v_type = t if v_type is None else v_type
-                if off > len(mv):
-                    return out
-                if n_layer and "v_trans" not in out:
-                    out.update(v_trans=bool(v_trans), type_k=type_name(k_type), type_v=type_name(v_type))
-                    return out
-    except (struct.error, ValueError, KeyError):
-        pass
-    return out
 
 
 def _resolve(live: _Live, probes: List[_Probe], overrides: Dict[str, Any]) -> Tuple[ContextParams, List[_Probe]]:
