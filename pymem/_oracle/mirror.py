@@ -80,6 +80,9 @@ class Mirror:
     #: through the stale view of a pending cross-stream copy; comparisons skip them there.
     unknown: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    #: sequences restored (from pymem's own blob) while a rollback was pending: their recurrent
+    #: rows came from snapshot planes pymem cannot know; compared again once they are decoded
+    rec_stale: set = field(default_factory=set)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -125,7 +128,9 @@ class Mirror:
                 self.unknown[(part, dst)] = set(self.unknown.get((part, src), ()))
             self.pending.clear()
         if rc_l == 0:
-            self._copy_new_rows(ctx, {q for s in seq_ids for q in ([s] if isinstance(s, int) else s)})
+            seqs = {q for s in seq_ids for q in ([s] if isinstance(s, int) else s)}
+            self._copy_new_rows(ctx, seqs)
+            self.rec_stale -= seqs
         return rc_l
 
     def _copy_new_rows(self, ctx: Any, seqs: set) -> None:
@@ -240,6 +245,7 @@ class Mirror:
         leaves everything unchanged (its documented divergence): both sides then go back to
         the state before the attempt so the comparison can continue."""
         self._log("seq_restore", src, dst, flags)
+        stale = self._rollback_pending()
         before = self.llama.state_get()
         lb = self.llama.state_seq_get(src, flags)
         pb = self.mem.state_write(src, flags=flags, envelope="llama")
@@ -251,6 +257,8 @@ class Mirror:
             ok_p = 0
         if (ok_l != 0) != (ok_p != 0):
             raise AssertionError(f"seq restore {src}->{dst}: llama.cpp returned {ok_l}, pymem {ok_p}")
+        if ok_l != 0 and stale:
+            self.rec_stale.add(dst)
         if ok_l != 0:  # the restored cells hold known rows
             for part, kv in enumerate(_kv_parts(self.mem)):
                 strm = dst if kv.n_stream > 1 else 0
@@ -328,7 +336,7 @@ class Mirror:
 
     def _rollback_pending(self) -> bool:
         rec = _rec_part(self.mem)
-        return rec is not None and rec.n_rs_seq > 0 and bool(rec.rs_idx().any())
+        return rec is not None and rec.n_rs_seq > 0 and (bool(rec.rs_idx().any()) or bool(self.rec_stale))
 
     def _close(self, a: bytes, b: bytes, rec_rows: bool = True, kv_skip: int = 0, seq: int | None = None) -> bool:
         """Equal metadata and V, K within tolerance (after K-shifts of quantized caches);
