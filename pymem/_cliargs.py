@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence
 
-__all__ = ["count", "positive", "cache_type", "out_file", "CACHE_TYPES", "join_negative_values"]
+__all__ = ["count", "positive", "cache_type", "out_file", "CACHE_TYPES", "join_negative_values", "size"]
 
 #: the cache types llama.cpp accepts for --cache-type-k / --cache-type-v (and pymem implements)
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
@@ -71,3 +71,25 @@ def out_file(text: str) -> str:
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder")
     return text
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def size(text: str) -> int:
+    """A byte size: a number >= 0 with an optional unit (B, KB ... TB, KiB ... TiB), below 2^64."""
+    t = text.strip().lower().replace("_", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
+    return int(value * _UNITS[unit])

@@ -209,27 +209,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # estimate
 # ---------------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
-          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
-
-
-def _bytes_arg(text: str) -> int:
-    t = text.strip().lower().replace("_", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
-    return int(value * _UNITS[unit])
-
-
 def _width_arg(text: str) -> int:
     try:
         v = int(text)
@@ -488,7 +467,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-full", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--n-ubatch", type=_cliargs.positive, default=512)
     p.add_argument("--n-rs-seq", type=_cliargs.count, default=0)
-    p.add_argument("--budget", type=_bytes_arg, metavar="BYTES",
+    p.add_argument("--budget", type=_cliargs.size, metavar="BYTES",
                    help="print the largest n_ctx whose memory fits (e.g. 8GiB, 500MB)")
     p.add_argument("--json", action="store_true")
     from . import sweep

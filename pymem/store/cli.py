@@ -21,27 +21,12 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, TypeVar
 
+from .. import _cliargs
+
 __all__ = ["add_parser", "main"]
 
 T = TypeVar("T")
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
-          "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2,
-          "gib": 1024 ** 3, "tib": 1024 ** 4}
-
-
-def _bytes_arg(text: str) -> int:
-    t = text.strip().lower().replace("_", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
-    if unit not in _UNITS or not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: a size >= 0 with a unit of B, KB, MB, GB, TB, "
-                                         "KiB, MiB, GiB, TiB")
-    return int(value * _UNITS[unit])
 
 
 def _human(n: int) -> str:
@@ -285,7 +270,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
     q = ss.add_parser("gc", help="remove orphans; with --budget evict least recently used entries")
     common(q)
-    q.add_argument("--budget", type=_bytes_arg, help="byte budget (e.g. 8GiB, 500MB)")
+    q.add_argument("--budget", type=_cliargs.size, help="byte budget (e.g. 8GiB, 500MB)")
     q.add_argument("--grace", type=float, default=600.0,
                    help="embedded stores: seconds before leftovers of writers count as orphans (600)")
     q.set_defaults(func=cmd_gc)
