@@ -150,8 +150,10 @@ class _BlockReader:
                     rows.append((off, 0, 1, oa + vo, n, 1, n, 0, 0))
             off += n
         t = np.array(rows, dtype=np.uint64)
-        self.src0, self.src_step, self.in_value = t[:, 0], t[:, 1], t[:, 2]
-        self.dst0, self.dst_step = t[:, 3], t[:, 4]
+        i = np.arange(sl.m // B, dtype=np.uint64)[:, None]
+        self.src = t[:, 0] + i * t[:, 1]                 # per block (hash-only runs have dst 0, step 0)
+        self.dst = t[:, 3] + i * t[:, 4]
+        self.in_value = t[:, 2]
         self.runs = np.zeros((len(rows), 6), np.uint64)
         self.runs[:, 2:] = t[:, 5:]
         self.keys: List[str] = []           # read without touching: refreshed at once at the end
@@ -176,9 +178,11 @@ class _BlockReader:
             raise CorruptValueError(f"block {i} disagrees with block 0 on its cells or layer layout")
 
     def _run(self, i: int, vaddr: int, digest: Any) -> None:
-        ii = np.uint64(i)
-        self.runs[:, 0] = self.src0 + self.src_step * ii + self.in_value * np.uint64(vaddr)
-        self.runs[:, 1] = np.where(self.dst0 != 0, self.dst0 + self.dst_step * ii, np.uint64(0))
+        if vaddr:
+            np.add(self.src[i], self.in_value * np.uint64(vaddr), out=self.runs[:, 0])
+        else:
+            self.runs[:, 0] = self.src[i]
+        self.runs[:, 1] = self.dst[i]
         copy_hash(self.runs, digest)
 
     def _read_scattered(self, key: bytes, i: int, seed: bytes) -> None:
