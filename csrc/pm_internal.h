@@ -71,6 +71,13 @@ pm_status pmi_kshift_check(int32_t type, uint32_t head_dim, uint32_t n_rot, uint
 pm_status pmi_kshift(uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int32_t *shift,
                      int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t rot_off,
                      const pm_rope *rope, int32_t rot);
+/* The same in caller-provided work memory of pmi_kshift_work_bytes() bytes (float-aligned):
+ * allocates nothing (update() allocates it when the cache is created, so a K-shift cannot
+ * fail half way).  pmi_kshift_work_bytes gives UINT64_MAX when the size overflows. */
+uint64_t pmi_kshift_work_bytes(int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot);
+pm_status pmi_kshift_into(void *work, uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int32_t *shift,
+                          int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t rot_off,
+                          const pm_rope *rope, int32_t rot);
 
 /* ---- state/io.c: bounded writer and reader -------------------------------------------- */
 typedef struct pmi_writer {

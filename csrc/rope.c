@@ -122,9 +122,35 @@ static void pmi_fwht_chunks(const pmk_table *kt, float *x, size_t n, size_t rot)
     }
 }
 
+/* Bytes of pmi_kshift_into's work memory (the rope cache, the rotated head(s), f16 staging). */
+uint64_t pmi_kshift_work_bytes(int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t n_rot) {
+    const uint64_t n_work = pmi_type_is_quantized(type) ? (uint64_t)n_head_kv * head_dim : (uint64_t)n_rot;
+    if (n_work > (UINT64_MAX / sizeof(float) - n_rot) / 2) {
+        return UINT64_MAX;
+    }
+    return ((uint64_t)n_rot + n_work) * sizeof(float) + (uint64_t)n_rot * sizeof(uint16_t);
+}
+
 pm_status pmi_kshift(uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int32_t *shift,
                      int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t rot_off,
                      const pm_rope *rope, int32_t rot) {
+    /* work memory first: a failure leaves k untouched */
+    uint64_t nb = rope != NULL ? pmi_kshift_work_bytes(type, n_head_kv, head_dim, rope->n_rot) : 0;
+    if (nb > SIZE_MAX / 2) {
+        return pmi_fail(PM_E_NOMEM, "K-shift: work buffer too large");
+    }
+    void *work = pmi_aligned_calloc((size_t)nb + sizeof(float));
+    if (work == NULL) {
+        return pmi_fail(PM_E_NOMEM, "K-shift: cannot allocate work memory");
+    }
+    pm_status st = pmi_kshift_into(work, k, row_bytes, n_cells, shift, type, n_head_kv, head_dim, rot_off, rope, rot);
+    pmi_aligned_free(work);
+    return st;
+}
+
+pm_status pmi_kshift_into(void *work, uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int32_t *shift,
+                          int32_t type, uint32_t n_head_kv, uint32_t head_dim, uint32_t rot_off,
+                          const pm_rope *rope, int32_t rot) {
     if (rope == NULL || (n_cells > 0 && (k == NULL || shift == NULL))) {
         return pmi_fail(PM_E_INVALID_ARG, "K-shift: NULL argument");
     }
@@ -158,18 +184,13 @@ pm_status pmi_kshift(uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int
     if (n_cells == 0 || n_rot == 0 || n_head_kv == 0) {
         return PM_OK;
     }
+    if (work == NULL) {
+        return pmi_fail(PM_E_INVALID_ARG, "K-shift: no work memory");
+    }
 
-    /* work memory first: a failure leaves k untouched */
     const uint64_t n_work = quant ? (uint64_t)n_head_kv * head_dim : (uint64_t)n_rot;
-    if (n_work > (SIZE_MAX / sizeof(float) - n_rot) / 2) {
-        return pmi_fail(PM_E_NOMEM, "K-shift: work buffer too large");
-    }
     const size_t n_cs = n_rot;
-    float *cs = (float *)pmi_aligned_calloc((n_cs + (size_t)n_work) * sizeof(float) +
-                                            (size_t)n_rot * sizeof(uint16_t));
-    if (cs == NULL) {
-        return pmi_fail(PM_E_NOMEM, "K-shift: cannot allocate work memory");
-    }
+    float *cs = (float *)work;
     float *tmp = cs + n_cs;
     uint16_t *h16 = (uint16_t *)(void *)(tmp + n_work);
 
@@ -212,6 +233,5 @@ pm_status pmi_kshift(uint8_t *k, uint64_t row_bytes, uint32_t n_cells, const int
             }
         }
     }
-    pmi_aligned_free(cs);
     return PM_OK;
 }

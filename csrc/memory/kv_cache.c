@@ -44,6 +44,7 @@ static uint32_t uniform_head(const pmi_kv *kv, bool v) {
 }
 
 static pm_status shift_blocker(const pmi_kv *kv);
+static bool layer_rotates(const pmi_kv_layer *L);
 
 /* ---- construction ------------------------------------------------------------------------ */
 
@@ -250,6 +251,22 @@ static pm_status kv_create(const pm_kv_params *p, pmi_kv **out) {
         kv->v_rot = (pmi_type_is_quantized(kv->type_v) && hv > 0 && hv % 64 == 0) ? 64 : 0;
     }
     kv->kshift_ok = shift_blocker(kv) == PM_OK; /* fixed by the parameters */
+    if (kv->kshift_ok) {
+        uint64_t wb = 0;
+        for (uint32_t l = 0; l < kv->n_layer; ++l) {
+            const pmi_kv_layer *L = &kv->layers[l];
+            if (layer_rotates(L)) {
+                wb = PMI_MAX(wb, pmi_kshift_work_bytes(kv->type_k, L->p.n_head_kv, L->p.n_embd_head_k,
+                                                       L->p.rope.n_rot));
+            }
+        }
+        kv->kshift_work = wb > 0 && wb <= SIZE_MAX / 2 ? pmi_aligned_calloc((size_t)wb) : NULL;
+        if (wb > 0 && kv->kshift_work == NULL) {
+            pmi_kv_destroy(kv);
+            return pmi_fail(PM_E_NOMEM, "out of memory for the K-shift work memory (%llu bytes)",
+                            (unsigned long long)wb);
+        }
+    }
     *out = kv;
     return PM_OK;
 }
@@ -278,6 +295,7 @@ void pmi_kv_destroy(pmi_kv *kv) {
     free(kv->work);
     free(kv->runs);
     free(kv->bits);
+    pmi_aligned_free(kv->kshift_work);
     free(kv);
 }
 
@@ -679,10 +697,10 @@ void pmi_kv_update(pmi_kv *kv) {
             continue;
         }
         for (uint32_t s = 0; s < kv->n_stream; ++s) {
-            /* checked by pmi_kv_update_check; allocation failure leaves this layer unshifted */
-            (void)pmi_kshift(L->k + s * L->k_stream, L->k_row, kv->size, kv->cells[s].shift,
-                             kv->type_k, L->p.n_head_kv, L->p.n_embd_head_k, L->p.k_rope_offset,
-                             &L->p.rope, kv->k_rot);
+            /* checked by pmi_kv_update_check (and at creation: kshift_ok); allocates nothing */
+            (void)pmi_kshift_into(kv->kshift_work, L->k + s * L->k_stream, L->k_row, kv->size,
+                                  kv->cells[s].shift, kv->type_k, L->p.n_head_kv, L->p.n_embd_head_k,
+                                  L->p.k_rope_offset, &L->p.rope, kv->k_rot);
         }
     }
     for (uint32_t s = 0; s < kv->n_stream; ++s) {

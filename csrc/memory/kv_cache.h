@@ -63,6 +63,8 @@ typedef struct pmi_kv {
     uint32_t *work;       /* scratch: size cell indices */
     uint32_t *runs;       /* scratch: size (first cell, length) runs */
     uint64_t *bits;       /* scratch: a bitmap of size cells */
+    void *kshift_work;    /* update()'s K-shift work memory, allocated with the cache (NULL: no
+                           * layer rotates), so a K-shift never fails half way */
 } pmi_kv;
 
 /* int32 arithmetic wrapping as llama.cpp's does in practice (there it is UB on overflow;
