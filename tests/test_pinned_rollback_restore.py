@@ -35,3 +35,19 @@ def test_seq_restore_while_a_rollback_is_pending(pair):
     assert m.decode(_batch(122, 122)) == 0
     m.check()
     assert not m.rec_stale                       # decoded: its rows are compared again
+
+
+def test_rollback_applied_by_a_decode_of_other_sequences(pair):
+    """A rollback of sequence 1 pending while a batch of sequences 0 and 2 is decoded: that
+    decode applies it too, and the rolled-back tail then holds llama.cpp's snapshot rows, which
+    the Mirror must take (found by a random trace: it compared them against pymem's zeros)."""
+    m = pair("lfm2", n_seq_max=4, unified=True, flash_attn=False, n_rs_seq=2)
+    for s in (0, 1, 2):
+        m.decode([(1 + s, p, [s]) for p in range(8)])
+        m.check()
+    m.decode([(5, p, [1]) for p in (8, 9)])
+    m.check()
+    assert m.seq_rm(1, 9, -1)                    # rollback: seq 1 back to position 8
+    m.check()
+    assert m.decode([(7, 8, [0]), (7, 8, [2])]) == 0
+    m.check()

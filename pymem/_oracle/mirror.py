@@ -112,6 +112,8 @@ class Mirror:
         return self._decode_pymem(rc_l, batch, list(seq_ids))
 
     def _decode_pymem(self, rc_l: int, batch: Batch, seq_ids: Sequence[Any]) -> int:
+        rec = _rec_part(self.mem)
+        rolling = rec.rs_idx() if rec is not None and rec.n_rs_seq > 0 else None
         try:
             ctx = self.mem.decode(batch, n_ubatch=self.n_ubatch, n_vocab=self.n_vocab)
             rc_p = 0
@@ -129,6 +131,11 @@ class Mirror:
             self.pending.clear()
         if rc_l == 0:
             seqs = {q for s in seq_ids for q in ([s] if isinstance(s, int) else s)}
+            if rolling is not None:
+                # a pending rollback of a sequence the batch does not hold is applied by this
+                # decode too: its tail now holds snapshot rows pymem never saw (llama.cpp's)
+                done = np.flatnonzero((rolling != 0) & (rec.rs_idx() == 0))
+                seqs |= {int(q) for q in done}
             self._copy_new_rows(ctx, seqs)
             self.rec_stale -= seqs
         return rc_l
