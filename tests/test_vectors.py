@@ -437,6 +437,12 @@ def test_reader_rejects():
     ]:
         with pytest.raises(VectorError, match=why):
             parse(bad)
+    for text, why in [("[case r]\nkind = recurrent\nn_layer = 1\nn_seq_max = 1\nsize = 4\n", "do not belong"),
+                      ("[case k]\nkind = kv\nn_layer = 1\nn_seq_max = 1\nrec_layers = 0\n", "do not belong"),
+                      ("[case h]\nkind = hybrid\nn_layer = 1\nn_seq_max = 1\nswa_size = 4\n", "do not belong"),
+                      ("[case x]\nkind = mystery\n", "unsupported kind")]:
+        with pytest.raises(VectorError, match=why):
+            build(parse(text)[0])
     with pytest.raises(VectorError):
         hexbytes("00ff")
     with pytest.raises(ValueError):

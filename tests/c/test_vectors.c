@@ -580,6 +580,28 @@ static void test_reader_rejects(void) {
         }
         vec_free(&f);
     }
+    /* keys of a part the kind does not have, and unknown kinds, are refused by vm_build */
+    static const char *const wrong[] = {
+        "[case r]\nkind = recurrent\narch = mamba\nn_layer = 1\nn_seq_max = 1\nsize = 4\n",
+        "[case k]\nkind = kv\nn_layer = 1\nn_seq_max = 1\nrec_layers = 0\n",
+        "[case i]\nkind = hybrid\nn_layer = 1\nn_seq_max = 1\nswa_size = 4\n",
+        "[case x]\nkind = mystery\nn_layer = 1\n",
+    };
+    for (size_t i = 0; i < sizeof wrong / sizeof wrong[0]; ++i) {
+        fp = fopen(path, "wb");
+        if (fp == NULL) {
+            break;
+        }
+        fputs(wrong[i], fp);
+        fclose(fp);
+        vec_file f;
+        char err[256] = "";
+        CHECK(vec_load(path, VM_PARAMS, EVENTS, &f, err, sizeof err) == 0);
+        vm_mem m;
+        CHECK_MSG(vm_build(&f.cases[0], &m, err, sizeof err) != 0 && m.mem == NULL, "built: %s", wrong[i]);
+        CHECK_MSG(strstr(err, i < 3 ? "does not belong" : "unsupported kind") != NULL, "%s", err);
+        vec_free(&f);
+    }
     remove(path);
     int64_t v[4];
     float fv[2];
