@@ -936,7 +936,7 @@ class Gen:
         import regen_mem
 
         self.models = self.gen_worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"]
-                                                    + ([] if args.llama == "llama-cpp-python" else regen_mem.MODELS))
+                                                    + regen_mem.MODELS)
         if self.lcp:
             from pymem._oracle.lcp import LcpWorker
 
@@ -999,7 +999,7 @@ def main() -> int:
     try:
         import regen_mem
 
-        files = LCP_FILES if g.lcp else {**FILES, **regen_mem.FILES}
+        files = {**LCP_FILES, **regen_mem.LCP_FILES} if g.lcp else {**FILES, **regen_mem.FILES}
         if args.file:
             files = {f: b for f, b in files.items() if f in args.file}
         src = ("llama.cpp 0c1e570 (llama-cpp-python==0.3.36, built by tools/build_lcp.sh); regen.py --llama "

@@ -57,7 +57,8 @@ class MemRec(Rec):
                  swa_full: bool = True, n_rs_seq: int = 0, n_ubatch: Optional[int] = None, note: str = "") -> None:
         import pymem
 
-        self.gen, self.name, self.format = gen, name, 11
+        # llama-cpp-python 0.3.36 (llama.cpp 0c1e570) writes format 10 itself
+        self.gen, self.name, self.format = gen, name, 10 if gen.lcp else 11
         gen.model_of[name] = model
         gen.cur = self
         type_v = type_v or type_k
@@ -68,7 +69,7 @@ class MemRec(Rec):
                                       n_ubatch=n_ubatch, **extra)
         spec = pymem.memory_spec(path, N_CTX, n_seq_max=n_seq_max, type_k=type_k, type_v=type_v,
                                  flash_attn=flash_attn, unified=unified, swa_full=swa_full,
-                                 n_ubatch=n_ubatch or 512, n_rs_seq=n_rs_seq, format=11)
+                                 n_ubatch=n_ubatch or 512, n_rs_seq=n_rs_seq, format=self.format)
         self.spec = spec
         self.kind = spec.kind
         self.kv_specs = [p for p in spec.parts if p.kind == "kv"]
@@ -124,7 +125,7 @@ class MemRec(Rec):
                   ("type_v", kw["type_v"]), ("v_trans", int(kw["v_trans"])), ("unified", int(kw["unified"])),
                   ("n_swa", kw["n_swa"]), ("swa_type", kw["swa_type"]), ("n_pos_per_embd", kw["n_pos_per_embd"]),
                   ("n_embd_v_gqa_max", kw["n_embd_v_gqa_max"]), ("k_rot", kw["k_rot"]), ("v_rot", kw["v_rot"]),
-                  ("can_shift", int(kw["can_shift"])), ("format", 11),
+                  ("can_shift", int(kw["can_shift"])), ("format", self.format),
                   ("rope_mode", " ".join("off" if r is None else str(r.mode) for r in ropes)),
                   ("rope_n_rot", " ".join(str(r.n_rot if r else 0) for r in ropes)),
                   ("rope_n_ctx_orig", " ".join(str(r.n_ctx_orig if r else 0) for r in ropes))]
@@ -183,7 +184,7 @@ class MemRec(Rec):
         off = R.envelope_len(blob, whole)
         kvs = []
         for _ in self.kv_specs:
-            streams, off = R.parse_kv(blob, off, True)
+            streams, off = R.parse_kv(blob, off, not self.gen.lcp)
             kvs.append(streams)
         rec = None
         if self.rec_spec is not None:
@@ -430,4 +431,11 @@ FILES: dict[str, list[Callable[[Any], MemRec]]] = {
     "iswa.txt": [case_iswa_full, case_iswa_small],
     "recurrent.txt": [case_rec_mamba],
     "hybrid.txt": [case_hybrid_rollback, case_hybrid_streams, case_hybrid_iswa],
+}
+
+# the same cases recorded from llama-cpp-python 0.3.36 (llama.cpp 0c1e570, format 10); not the pure
+# recurrent one: its state has no KV section, so the formats do not differ there (and its rows
+# alone would be 150 KB)
+LCP_FILES: dict[str, list[Callable[[Any], MemRec]]] = {
+    "mem_0c1e570.txt": [case_iswa_full, case_iswa_small, case_hybrid_rollback, case_hybrid_streams, case_hybrid_iswa],
 }
