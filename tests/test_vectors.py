@@ -1,7 +1,9 @@
 """Replay the shared test vectors (tests/vectors/*.txt, format in tests/vectors/README.md)
 through pymem's Python API and check every expectation byte for byte.
 
-The same files are replayed through the C API by tests/c/test_vectors.c.  The expectations
+Every memory kind: kv, iswa, recurrent, hybrid, hybrid_iswa (`rows` for every KV part, `rs`
+rows for the recurrent tails and rollback planes).  The same files are replayed through the C
+API by tests/c/test_vectors.c.  The expectations
 were recorded from real llama.cpp b11739 by tests/vectors/regen.py (which also uses this
 module to check that pymem reproduces a case before it writes it)."""
 from __future__ import annotations

@@ -1,7 +1,8 @@
 /* test_vectors.c - replay every case of the shared test vectors (the .txt files of tests/vectors,
  * recorded from real llama.cpp b11739; format in tests/vectors/README.md) through the
  * public C API and check each expectation byte for byte.  tests/test_vectors.py replays the
- * same files through the Python API.
+ * same files through the Python API.  Memories of every kind (kv, iswa, recurrent, hybrid,
+ * hybrid_iswa) are built, fed and snapshotted by vec_mem.c.
  *
  * The directory comes from $PYMEM_VECTORS_DIR, else from the PYMEM_VECTORS_DIR compile
  * definition (${PROJECT_SOURCE_DIR}/tests/vectors). */
