@@ -23,6 +23,7 @@ __all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
 
 _PROBE_SLOTS = 8
 _GONE_MAX = 1 << 16
+_CKPT_BATCH = 256           # checkpoint candidates looked up per backend round trip
 _NOSEED = b"\0" * 16
 
 
@@ -204,9 +205,7 @@ class Store:
                     return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
             m = j * B
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
-        for m in range(hi, 0, -1):      # one backend look-up per candidate (checkpoints are rare)
-            if not self._has(chain.ckpt(m)):
-                continue
+        for m in self._stored_ckpts(chain, hi):
             src = m
             if m % B and lay.n_full:
                 src = self._tail_src(chain, m, T)
@@ -214,6 +213,14 @@ class Store:
                     continue
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
         return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
+
+    def _stored_ckpts(self, chain: K.Chain, hi: int) -> Iterable[int]:
+        """Token counts m <= hi with a stored checkpoint, longest first (one backend round trip
+        per batch of candidates)."""
+        for top in range(hi, 0, -_CKPT_BATCH):
+            ms = range(top, max(top - _CKPT_BATCH, 0), -1)
+            have = self.backend.present([chain.ckpt(m).hex() for m in ms])
+            yield from (m for m, h in zip(ms, have) if h)
 
     def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
         B, lay = self.block_tokens, c.lay
