@@ -109,7 +109,7 @@ def test_lcp_seq_file_edits(lcp, models, tmp_path, name, kind, unified, fa, monk
 
 
 def test_lcp_vectors_regenerate(lcp, tmp_path):
-    """tests/vectors/kv_0c1e570.txt is what llama-cpp-python 0.3.36 writes today (and pymem
+    """tests/vectors/kv_0c1e570.txt and mem_0c1e570.txt are what llama-cpp-python 0.3.36 writes today (and pymem
     replays it: regen.py refuses otherwise)."""
     import os
     import subprocess
@@ -119,4 +119,4 @@ def test_lcp_vectors_regenerate(lcp, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(root, "tests", "vectors", "regen.py"), "--llama",
                         "llama-cpp-python", "--check"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "19 cases" in p.stderr
+    assert "24 cases" in p.stderr      # kv_0c1e570.txt 19, mem_0c1e570.txt 5

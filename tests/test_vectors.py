@@ -1,7 +1,9 @@
 """Replay the shared test vectors (tests/vectors/*.txt, format in tests/vectors/README.md)
 through pymem's Python API and check every expectation byte for byte.
 
-The same files are replayed through the C API by tests/c/test_vectors.c.  The expectations
+Every memory kind: kv, iswa, recurrent, hybrid, hybrid_iswa (`rows` for every KV part, `rs`
+rows for the recurrent tails and rollback planes).  The same files are replayed through the C
+API by tests/c/test_vectors.c.  The expectations
 were recorded from real llama.cpp b11739 by tests/vectors/regen.py (which also uses this
 module to check that pymem reproduces a case before it writes it)."""
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 VECTORS = Path(os.environ.get("PYMEM_VECTORS_DIR") or Path(__file__).resolve().parent / "vectors")
@@ -22,7 +25,17 @@ PARAM_KEYS = frozenset("""
     v_trans unified n_swa swa_type n_pos_per_embd cell_ext n_embd_v_gqa_max k_rot v_rot can_shift
     format rope_mode rope_n_rot rope_n_ctx_orig rope_freq_base rope_freq_scale rope_ext_factor
     rope_attn_factor rope_beta_fast rope_beta_slow rope_freq_factors n_vocab n_ubatch
+""".split()) | frozenset("""
+    swa_layers swa_size swa_n_swa swa_swa_type swa_k_rot swa_v_rot
+    rec_layers n_embd_r n_embd_s rec_size type_r type_s n_rs_seq
 """.split())
+#: the keys of each part (README: "Parameters"); a case may use only its kind's parts' keys
+_COMMON = frozenset("kind arch n_layer n_seq_max n_vocab n_ubatch".split())
+_SWA = frozenset("swa_layers swa_size swa_n_swa swa_swa_type swa_k_rot swa_v_rot".split())
+_REC = frozenset("rec_layers n_embd_r n_embd_s rec_size type_r type_s n_rs_seq".split())
+_KV = PARAM_KEYS - _COMMON - _SWA - _REC
+KIND_KEYS = {"kv": _COMMON | _KV, "iswa": _COMMON | _KV | _SWA, "recurrent": _COMMON | _REC,
+             "hybrid": _COMMON | _KV | _REC, "hybrid_iswa": _COMMON | _KV | _SWA | _REC}
 #: ordered, repeatable keys
 EVENT_KEYS = frozenset(["step", "expect_error", "expect_whole", "expect_seq", "expect_pos"])
 
@@ -104,12 +117,14 @@ def load_dir(path: Path = VECTORS) -> list[tuple[str, Case]]:
 
 
 # ---- replay ------------------------------------------------------------------------------------
-def build(case: Case) -> Any:
+def layer_list(v: str) -> list[int]:
+    """A list of model layers; `none` = no layers."""
+    return [] if v == "none" else ints(v)
+
+
+def _ropes(p: dict) -> list:
     import pymem
 
-    p = case.params
-    if p.get("kind") != "kv":
-        raise VectorError(f"{case.where}: unsupported kind {p.get('kind')!r}")
     n_layer = int(p["n_layer"])
     modes = p["rope_mode"].split()
     ff = floats(p["rope_freq_factors"]) if "rope_freq_factors" in p else None
@@ -126,22 +141,66 @@ def build(case: Case) -> Any:
                                 ext_factor=col["rope_ext_factor"][il], attn_factor=col["rope_attn_factor"][il],
                                 beta_fast=col["rope_beta_fast"][il], beta_slow=col["rope_beta_slow"][il],
                                 n_ctx_orig=col["rope_n_ctx_orig"][il], freq_factors=ff))
-    return pymem.KVCache(
-        n_layer=n_layer, layers=ints(p["layers"]), n_head_kv=ints(p["n_head_kv"]),
+    return ropes
+
+
+def kv_kwargs(p: dict, prefix: str = "") -> dict:
+    """KVCache arguments of the first KV part (prefix "") or of the iSWA SWA half ("swa_")."""
+    own = {k: p[prefix + k] for k in ("layers", "size", "n_swa", "swa_type", "k_rot", "v_rot")}
+    return dict(
+        n_layer=int(p["n_layer"]), layers=layer_list(own["layers"]), n_head_kv=ints(p["n_head_kv"]),
         n_embd_head_k=ints(p["n_embd_head_k"]), n_embd_head_v=ints(p["n_embd_head_v"]),
-        size=int(p["size"]), n_seq_max=int(p["n_seq_max"]), type_k=p["type_k"], type_v=p["type_v"],
-        v_trans=bool(int(p["v_trans"])), unified=bool(int(p["unified"])), n_swa=int(p["n_swa"]),
-        swa_type=p["swa_type"], n_pos_per_embd=int(p.get("n_pos_per_embd", "1")),
+        size=int(own["size"]), n_seq_max=int(p["n_seq_max"]), type_k=p["type_k"], type_v=p["type_v"],
+        v_trans=bool(int(p["v_trans"])), unified=bool(int(p["unified"])), n_swa=int(own["n_swa"]),
+        swa_type=own["swa_type"], n_pos_per_embd=int(p.get("n_pos_per_embd", "1")),
         cell_ext=bool(int(p.get("cell_ext", "0"))), n_embd_v_gqa_max=int(p.get("n_embd_v_gqa_max", "0")),
-        k_rot=int(p["k_rot"]), v_rot=int(p["v_rot"]), can_shift=bool(int(p.get("can_shift", "1"))),
-        format=int(p["format"]), rope=ropes, arch=p.get("arch"))
+        k_rot=int(own["k_rot"]), v_rot=int(own["v_rot"]), can_shift=bool(int(p.get("can_shift", "1"))),
+        format=int(p["format"]), rope=_ropes(p), arch=p.get("arch"))
 
 
-def _snapshot(mem: Any) -> tuple:
-    cells = [mem.cells_view(s).tobytes() for s in range(mem.n_stream)]
-    heads = [mem.stream_info(s) for s in range(mem.n_stream)]
-    pos = [(mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in range(mem.n_seq_max)]
-    return mem.state_write(), cells, heads, pos, mem.update_pending
+def rec_kwargs(p: dict) -> dict:
+    return dict(n_layer=int(p["n_layer"]), layers=layer_list(p["rec_layers"]), n_embd_r=ints(p["n_embd_r"]),
+                n_embd_s=ints(p["n_embd_s"]), size=int(p["rec_size"]), n_seq_max=int(p["n_seq_max"]),
+                type_r=p["type_r"], type_s=p["type_s"], n_rs_seq=int(p["n_rs_seq"]), arch=p.get("arch"))
+
+
+def build(case: Case) -> Any:
+    import pymem
+
+    p = case.params
+    kind = p.get("kind")
+    if kind not in KIND_KEYS:
+        raise VectorError(f"{case.where}: unsupported kind {kind!r}")
+    extra = sorted(set(p) - KIND_KEYS[kind])
+    if extra:
+        raise VectorError(f"{case.where}: keys {extra} do not belong to kind {kind}")
+    if kind == "kv":
+        return pymem.KVCache(**kv_kwargs(p))
+    if kind == "iswa":
+        return pymem.KVCacheISWA(base=kv_kwargs(p), swa=kv_kwargs(p, "swa_"))
+    if kind == "recurrent":
+        return pymem.RecurrentMemory(**rec_kwargs(p))
+    if kind == "hybrid":
+        return pymem.HybridMemory(attn=kv_kwargs(p), recurrent=rec_kwargs(p))
+    return pymem.HybridISWAMemory(attn={"base": kv_kwargs(p), "swa": kv_kwargs(p, "swa_")}, recurrent=rec_kwargs(p))
+
+
+def _snapshot(mem: Any, n_seq_max: int) -> tuple:
+    import pymem
+
+    parts = []
+    for kv in mem.kv_parts():
+        parts.append(([kv.cells_view(s).tobytes() for s in range(kv.n_stream)],
+                      [kv.stream_info(s) for s in range(kv.n_stream)]))
+    rec = getattr(mem, "recurrent", None)
+    if rec is not None:
+        parts.append((rec.cells_view().tobytes(), rec.rs_idx().tobytes(), rec.info()))
+    pos = [(mem.seq_pos_min(s), mem.seq_pos_max(s)) for s in range(n_seq_max)]
+    try:
+        state = mem.state_write()
+    except pymem.Error as exc:      # a whole write can fail (recurrent: differing rollback planes)
+        state = exc.status
+    return state, parts, pos, mem.update_pending
 
 
 def _split_arrow(toks: list[str]) -> tuple[list[str], str | None]:
@@ -158,6 +217,8 @@ class Replayer:
         self.mem = build(case)
         self.n_vocab = int(case.params.get("n_vocab", "0"))
         self.n_ubatch = int(case.params.get("n_ubatch", "512"))
+        self.n_seq_max = int(case.params["n_seq_max"])
+        self.rec = getattr(self.mem, "recurrent", None)
         self.stats = {"steps": 0, "expectations": 0, "bytes": 0}
 
     def fail(self, line: int, msg: str) -> None:
@@ -191,13 +252,16 @@ class Replayer:
 
         toks, arrow = _split_arrow(val.split())
         op, args = toks[0], toks[1:]
-        self.before = _snapshot(self.mem)
+        self.before = _snapshot(self.mem, self.n_seq_max)
         status, result = 0, None
         try:
             if op == "decode":
                 self.decode(args)
             elif op == "seq_rm":
-                result = int(self.mem.seq_rm(*map(int, args)))
+                rs = [hexbytes(a[3:]) for a in args[3:] if a.startswith("rs=")]
+                result = int(self.mem.seq_rm(*map(int, args[:3])))
+                if rs:
+                    self.rollback_rows(int(args[0]), rs[0], line)
             elif op == "seq_cp":
                 self.mem.seq_cp(*map(int, args))
             elif op == "seq_keep":
@@ -222,7 +286,7 @@ class Replayer:
             name = {v: k for k, v in STATUS.items()}
             self.fail(line, f"{op}: status {name.get(status, status)}, expected {name.get(want, want)}")
         if status != 0:
-            if _snapshot(self.mem) != self.before:
+            if _snapshot(self.mem, self.n_seq_max) != self.before:
                 self.fail(line, f"the failing {op} changed the memory")
         elif arrow is not None and result != int(arrow):
             self.fail(line, f"{op} returned {result}, expected {arrow}")
@@ -236,27 +300,67 @@ class Replayer:
         seqs = [[int(y) for y in x.split("+")] for x in kw["seqs"].split(",")] if "seqs" in kw else None
         out = [bool(int(x)) for x in kw["output"].split(",")] if "output" in kw else None
         rows = hexbytes(kw["rows"]) if "rows" in kw else None
+        rs = hexbytes(kw["rs"]) if "rs" in kw else None
         batch = pymem.Batch(tokens=tokens, pos=pos, seq_ids=seqs, output=out)
         self.mem.check_batch(batch, n_vocab=self.n_vocab)
         self.mem.update()
-        self.before = _snapshot(self.mem)     # a NO_SLOT decode keeps the update, as llama.cpp
+        self.before = _snapshot(self.mem, self.n_seq_max)   # a NO_SLOT decode keeps the update, as llama.cpp
         ctx = self.mem.init_batch(batch, n_ubatch=self.n_ubatch, n_vocab=self.n_vocab)
-        layers = [self.mem._layers[il][1] for il in self.mem.layers]
-        kb = [int(li.k_row_bytes) for li in layers]
-        vb = [int(li.v_row_bytes) * (int(li.n_embd_v_gqa) if self.mem.v_trans else 1) for li in layers]
-        stride = sum(kb) + sum(vb)
+        # per token: for each KV part, the K row of each of its layers, then the V rows
+        parts = []
+        base = 0
+        for part in self.mem.kv_parts():
+            layers = [part._layers[il][1] for il in part.layers]
+            kb = [int(li.k_row_bytes) for li in layers]
+            vb = [int(li.v_row_bytes) * (int(li.n_embd_v_gqa) if part.v_trans else 1) for li in layers]
+            parts.append((part, base, kb, vb))
+            base += sum(kb) + sum(vb)
+        stride = base
         if rows is not None and len(rows) != stride * len(tokens):
             raise AssertionError(f"rows has {len(rows)} bytes, expected {stride} per token x {len(tokens)}")
         for ub in ctx:
             ub.apply()
             if rows is None:
                 continue
-            for li, il in enumerate(self.mem.layers):
-                ko = sum(kb[:li])
-                vo = sum(kb) + sum(vb[:li])
-                k = b"".join(rows[t * stride + ko:t * stride + ko + kb[li]] for t in ub.batch_idx)
-                v = b"".join(rows[t * stride + vo:t * stride + vo + vb[li]] for t in ub.batch_idx)
-                ub.store(il, k=k, v=v)
+            for part, base, kb, vb in parts:
+                for li, il in enumerate(part.layers):
+                    ko = base + sum(kb[:li])
+                    vo = base + sum(kb) + sum(vb[:li])
+                    k = b"".join(rows[t * stride + ko:t * stride + ko + kb[li]] for t in ub.batch_idx)
+                    v = b"".join(rows[t * stride + vo:t * stride + vo + vb[li]] for t in ub.batch_idx)
+                    ub.store(il, k=k, v=v)
+        if rs is not None:
+            ids = sorted({q for x in (seqs or [[0]]) for q in x})
+            self.rec_rows(ids, rs, rollback=False)
+
+    def rec_rows(self, seqs: list[int], data: bytes, rollback: bool) -> None:
+        """Write the r rows then the s rows (one per recurrent layer) of each sequence, in order,
+        into the cell the sequence's tail is in: plane 0, or the pending rollback plane."""
+        rec = self.rec
+        if rec is None:
+            raise AssertionError("recurrent rows for a memory without a recurrent part")
+        row = {il: rec._layers[il][1].row_bytes for il in rec.layers}   # r, s, p bytes (0: none)
+        views = [rec.r(il) for il in rec.layers if row[il][0]] + [rec.s(il) for il in rec.layers if row[il][1]]
+        views = [v.view(np.uint8).reshape(v.shape[0], -1) for v in views]
+        stride = sum(v.shape[1] for v in views)
+        if len(data) != stride * len(seqs):
+            raise AssertionError(f"rs has {len(data)} bytes, expected {stride} per sequence x {len(seqs)}")
+        cells = rec.cells_view()
+        planes = rec.rs_idx()
+        o = 0
+        for q in seqs:
+            tail = int(cells.tail[q])
+            if tail < 0:
+                raise AssertionError(f"rs rows for sequence {q}, which has no recurrent cell")
+            row = (int(planes[q]) if rollback else 0) * rec.size + tail
+            for v in views:
+                v[row] = np.frombuffer(data[o:o + v.shape[1]], np.uint8)
+                o += v.shape[1]
+
+    def rollback_rows(self, seq: int, data: bytes, line: int) -> None:
+        if self.rec is None or int(self.rec.rs_idx()[seq]) == 0:
+            self.fail(line, f"rs rows after a seq_rm that left no rollback pending for sequence {seq}")
+        self.rec_rows([seq], data, rollback=True)
 
     def read(self, args: list[str]) -> int:
         target, env = args[0], args[1]
@@ -335,7 +439,40 @@ def test_reader_rejects():
     ]:
         with pytest.raises(VectorError, match=why):
             parse(bad)
+    for text, why in [("[case r]\nkind = recurrent\nn_layer = 1\nn_seq_max = 1\nsize = 4\n", "do not belong"),
+                      ("[case k]\nkind = kv\nn_layer = 1\nn_seq_max = 1\nrec_layers = 0\n", "do not belong"),
+                      ("[case h]\nkind = hybrid\nn_layer = 1\nn_seq_max = 1\nswa_size = 4\n", "do not belong"),
+                      ("[case x]\nkind = mystery\n", "unsupported kind")]:
+        with pytest.raises(VectorError, match=why):
+            build(parse(text)[0])
     with pytest.raises(VectorError):
         hexbytes("00ff")
     with pytest.raises(ValueError):
         hexbytes("hex:0")
+
+
+MEM_FILES = ("iswa.txt", "recurrent.txt", "hybrid.txt")
+
+
+def test_vectors_every_kind():
+    """Issue 12: the shared vectors cover every memory kind (and the kv cases stay kv)."""
+    kinds = {c.params.get("kind") for _, c in _ALL}
+    assert kinds >= {"kv", "iswa", "recurrent", "hybrid", "hybrid_iswa"}, kinds
+    rollback = [c for _, c in _ALL if int(c.params.get("n_rs_seq", "0")) > 0]
+    assert any("rs=" in v for c in rollback for k, v, _ in c.events if v.startswith("seq_rm")), \
+        "no rollback seq_rm with snapshot rows"
+
+
+def test_mem_vectors_regenerate(oracle, tmp_path):
+    """iswa/recurrent/hybrid.txt are what llama.cpp b11739 records today, byte for byte (regen.py
+    --check regenerates them in memory, replays them through pymem and diffs)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "tests" / "vectors" / "regen.py"), "--check"]
+    for f in MEM_FILES:
+        cmd += ["--file", f]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "6 cases" in p.stderr, p.stderr[-1000:]

@@ -1,12 +1,14 @@
 /* test_vectors.c - replay every case of the shared test vectors (the .txt files of tests/vectors,
  * recorded from real llama.cpp b11739; format in tests/vectors/README.md) through the
  * public C API and check each expectation byte for byte.  tests/test_vectors.py replays the
- * same files through the Python API.
+ * same files through the Python API.  Memories of every kind (kv, iswa, recurrent, hybrid,
+ * hybrid_iswa) are built, fed and snapshotted by vec_mem.c.
  *
  * The directory comes from $PYMEM_VECTORS_DIR, else from the PYMEM_VECTORS_DIR compile
  * definition (${PROJECT_SOURCE_DIR}/tests/vectors). */
 #include "check.h"
 #include "vec.h"
+#include "vec_mem.h"
 
 #include <pymem.h>
 #include <stdbool.h>
@@ -22,17 +24,9 @@
 #define PYMEM_VECTORS_DIR "tests/vectors"
 #endif
 
-#define MAX_LAYERS 64
 #define MAX_TOKENS 4096
 #define MAX_FILES 256
 
-static const char *const PARAMS[] = {
-    "kind", "arch", "n_layer", "layers", "n_head_kv", "n_embd_head_k", "n_embd_head_v", "size",
-    "n_seq_max", "type_k", "type_v", "v_trans", "unified", "n_swa", "swa_type", "n_pos_per_embd",
-    "cell_ext", "n_embd_v_gqa_max", "k_rot", "v_rot", "can_shift", "format", "rope_mode",
-    "rope_n_rot", "rope_n_ctx_orig", "rope_freq_base", "rope_freq_scale", "rope_ext_factor",
-    "rope_attn_factor", "rope_beta_fast", "rope_beta_slow", "rope_freq_factors", "n_vocab",
-    "n_ubatch", NULL};
 static const char *const EVENTS[] = {"step", "expect_error", "expect_whole", "expect_seq",
                                      "expect_pos", NULL};
 
@@ -58,11 +52,9 @@ typedef struct replay {
     const char *file;
     const vec_case *c;
     int line;              /* vector line being replayed */
+    vm_mem m;
     pm_memory *mem;
     uint32_t n_vocab, n_ubatch, n_seq_max;
-    pm_kv_info info;
-    pm_kv_layer_info li[MAX_LAYERS];
-    uint64_t kb[MAX_LAYERS], vb[MAX_LAYERS], stride;
     bool broken;           /* a failed CHECK: stop this case */
 } replay;
 
@@ -97,197 +89,22 @@ static int status_of(const char *name, pm_status *out) {
     return -1;
 }
 
-/* Everything observable, as one byte string: bare whole state, cell metadata and stream
- * counters of every stream, positions of every sequence, update_pending. */
 static uint8_t *snapshot(const replay *r, size_t *n) {
-    uint64_t ns = 0;
-    if (pm_mem_state_size(r->mem, -1, 0, PM_ENVELOPE_NONE, &ns) != PM_OK) {
-        return NULL;
-    }
-    size_t cells = (size_t)r->info.size * (4 + 4 + 32 + 12) + 16;
-    size_t total = ns + r->info.n_stream * cells + (size_t)r->n_seq_max * 8 + 1;
-    uint8_t *b = calloc(1, total), *p = b;
-    if (b == NULL) {
-        return NULL;
-    }
-    uint64_t w;
-    pm_mem_state_write(r->mem, -1, 0, PM_ENVELOPE_NONE, p, ns, &w);
-    p += ns;
-    for (uint32_t s = 0; s < r->info.n_stream; ++s) {
-        uint32_t sz = r->info.size;
-        pm_kv_cells_get(r->mem, 0, s, (pm_pos *)p, (int32_t *)(p + 4 * sz), (uint64_t *)(p + 8 * sz),
-                        (int32_t *)(p + 40 * sz));
-        p += 52 * (size_t)sz;
-        bool hs = false;
-        pm_kv_stream_get(r->mem, 0, s, (uint32_t *)p, (uint32_t *)(p + 4), (uint32_t *)(p + 8), &hs);
-        p[12] = hs;
-        p += 16;
-    }
-    for (uint32_t s = 0; s < r->n_seq_max; ++s) {
-        pm_mem_seq_pos_min(r->mem, (pm_seq_id)s, (pm_pos *)p);
-        pm_mem_seq_pos_max(r->mem, (pm_seq_id)s, (pm_pos *)(p + 4));
-        p += 8;
-    }
-    *p++ = pm_mem_update_pending(r->mem);
-    *n = (size_t)(p - b);
-    return b;
+    return vm_snapshot(&r->m, n);
 }
 
-/* ---- building the memory --------------------------------------------------------------- */
-static int param_ints(replay *r, const char *key, int64_t *out, int cap, int need) {
-    const char *v = vec_param(r->c, key);
-    int n = v ? vec_ints(v, ' ', out, cap) : -1;
-    RCHECK(r, n >= 0 && (need < 0 || n == need), "parameter %s: %s", key, v ? v : "(missing)");
-    return n;
-}
-
-static int64_t param_int(replay *r, const char *key, int64_t dflt) {
-    const char *v = vec_param(r->c, key);
-    if (v == NULL) {
-        return dflt;
-    }
-    int64_t x = 0;
-    RCHECK(r, vec_ints(v, ' ', &x, 1) == 1, "parameter %s: %s", key, v);
-    return x;
-}
-
-static int word_index(const char *w, const char *const *words) {
-    for (int i = 0; words[i] != NULL; ++i) {
-        if (strcmp(w, words[i]) == 0) {
-            return i;
-        }
-    }
-    return -1;
-}
-
+/* ---- building the memory (vec_mem.c) ---------------------------------------------------- */
 static bool build(replay *r) {
-    const char *kind = vec_param(r->c, "kind");
-    RCHECK(r, kind != NULL && strcmp(kind, "kv") == 0, "unsupported kind %s", kind ? kind : "(none)");
+    char err[512];
+    int rc = vm_build(r->c, &r->m, err, sizeof err);
+    RCHECK(r, rc == 0, "%s", err);
     if (r->broken) {
         return false;
     }
-    int64_t nl = param_int(r, "n_layer", 0);
-    RCHECK(r, nl > 0 && nl <= MAX_LAYERS, "n_layer %lld", (long long)nl);
-    if (r->broken) {
-        return false;
-    }
-    int64_t held[MAX_LAYERS], hkv[MAX_LAYERS], hk[MAX_LAYERS], hv[MAX_LAYERS], nrot[MAX_LAYERS],
-        orig[MAX_LAYERS];
-    float fb[MAX_LAYERS], fs[MAX_LAYERS], ext[MAX_LAYERS], att[MAX_LAYERS], bf[MAX_LAYERS],
-        bs[MAX_LAYERS], ff[1024];
-    int n_held = param_ints(r, "layers", held, MAX_LAYERS, -1);
-    param_ints(r, "n_head_kv", hkv, MAX_LAYERS, (int)nl);
-    param_ints(r, "n_embd_head_k", hk, MAX_LAYERS, (int)nl);
-    param_ints(r, "n_embd_head_v", hv, MAX_LAYERS, (int)nl);
-    param_ints(r, "rope_n_rot", nrot, MAX_LAYERS, (int)nl);
-    param_ints(r, "rope_n_ctx_orig", orig, MAX_LAYERS, (int)nl);
-    const char *fkeys[6] = {"rope_freq_base", "rope_freq_scale", "rope_ext_factor",
-                            "rope_attn_factor", "rope_beta_fast", "rope_beta_slow"};
-    float *fcols[6] = {fb, fs, ext, att, bf, bs};
-    for (int k = 0; k < 6; ++k) {
-        const char *v = vec_param(r->c, fkeys[k]);
-        RCHECK(r, v != NULL && vec_floats(v, fcols[k], MAX_LAYERS) == nl, "parameter %s", fkeys[k]);
-    }
-    int n_ff = 0;
-    if (vec_param(r->c, "rope_freq_factors") != NULL) {
-        n_ff = vec_floats(vec_param(r->c, "rope_freq_factors"), ff, 1024);
-        RCHECK(r, n_ff > 0, "rope_freq_factors");
-    }
-    char modes_buf[1024];
-    char *modes[MAX_LAYERS];
-    const char *mv = vec_param(r->c, "rope_mode");
-    RCHECK(r, mv != NULL && strlen(mv) < sizeof modes_buf, "rope_mode");
-    if (r->broken) {
-        return false;
-    }
-    strcpy(modes_buf, mv);
-    RCHECK(r, vec_split(modes_buf, modes, MAX_LAYERS) == nl, "rope_mode needs %lld words", (long long)nl);
-    if (r->broken || n_held < 0) {
-        return false;
-    }
-    static const char *const MODE_W[] = {"norm", "neox", "mrope", "imrope", "vision", "none", "off", NULL};
-    static const int32_t MODE_V[] = {PM_ROPE_NORM, PM_ROPE_NEOX, PM_ROPE_MROPE, PM_ROPE_IMROPE,
-                                     PM_ROPE_VISION, PM_ROPE_NONE, PM_ROPE_NONE};
-    pm_kv_layer layers[MAX_LAYERS];
-    memset(layers, 0, sizeof layers);
-    for (int k = 0; k < n_held; ++k) {
-        int64_t il = held[k];
-        RCHECK(r, il >= 0 && il < nl, "layer %lld", (long long)il);
-        if (r->broken) {
-            return false;
-        }
-        pm_kv_layer *L = &layers[k];
-        L->il = (uint32_t)il;
-        L->n_head_kv = (uint32_t)hkv[il];
-        L->n_embd_head_k = (uint32_t)hk[il];
-        L->n_embd_head_v = (uint32_t)hv[il];
-        int m = word_index(modes[il], MODE_W);
-        RCHECK(r, m >= 0, "rope mode %s", modes[il]);
-        if (r->broken) {
-            return false;
-        }
-        L->has_rope = strcmp(modes[il], "off") != 0;
-        L->rope.mode = MODE_V[m];
-        L->rope.n_rot = (uint32_t)nrot[il];
-        L->rope.freq_base = fb[il];
-        L->rope.freq_scale = fs[il];
-        L->rope.ext_factor = ext[il];
-        L->rope.attn_factor = att[il];
-        L->rope.beta_fast = bf[il];
-        L->rope.beta_slow = bs[il];
-        L->rope.n_ctx_orig = (uint32_t)orig[il];
-        if (L->has_rope && n_ff > 0) {
-            L->rope.n_freq_factors = (uint32_t)n_ff;
-            L->rope.freq_factors = ff;
-        }
-    }
-    static const char *const SWA_W[] = {"none", "standard", "chunked", "symmetric", NULL};
-    const char *tk = vec_param(r->c, "type_k"), *tv = vec_param(r->c, "type_v");
-    const char *sw = vec_param(r->c, "swa_type");
-    pm_kv_params p;
-    memset(&p, 0, sizeof p);
-    RCHECK(r, tk && tv && pm_type_from_name(tk, &p.type_k) == PM_OK && pm_type_from_name(tv, &p.type_v) == PM_OK,
-           "cache types");
-    RCHECK(r, sw && word_index(sw, SWA_W) >= 0, "swa_type");
-    if (r->broken) {
-        return false;
-    }
-    p.n_layer_model = (uint32_t)nl;
-    p.n_layer = (uint32_t)n_held;
-    p.layers = layers;
-    p.size = (uint32_t)param_int(r, "size", 0);
-    p.n_seq_max = (uint32_t)param_int(r, "n_seq_max", 0);
-    p.v_trans = (uint32_t)param_int(r, "v_trans", 0);
-    p.unified = (uint32_t)param_int(r, "unified", 1);
-    p.n_swa = (uint32_t)param_int(r, "n_swa", 0);
-    p.swa_type = word_index(sw, SWA_W);
-    p.n_pos_per_embd = (uint32_t)param_int(r, "n_pos_per_embd", 1);
-    p.cell_ext = (uint32_t)param_int(r, "cell_ext", 0);
-    p.n_embd_v_gqa_max = (uint32_t)param_int(r, "n_embd_v_gqa_max", 0);
-    p.k_rot = (int32_t)param_int(r, "k_rot", -1);
-    p.v_rot = (int32_t)param_int(r, "v_rot", -1);
-    p.can_shift = (uint32_t)param_int(r, "can_shift", 1);
-    p.format = (uint32_t)param_int(r, "format", 11);
-    p.arch = vec_param(r->c, "arch");
-    r->n_vocab = (uint32_t)param_int(r, "n_vocab", 0);
-    r->n_ubatch = (uint32_t)param_int(r, "n_ubatch", 512);
-    r->n_seq_max = p.n_seq_max;
-    if (r->broken) {
-        return false;
-    }
-    pm_status st = pm_kv_new(&p, &r->mem);
-    RCHECK(r, st == PM_OK, "pm_kv_new: %s", status_name(st));
-    if (r->broken) {
-        return false;
-    }
-    pm_kv_info_get(r->mem, 0, &r->info);
-    r->stride = 0;
-    for (uint32_t l = 0; l < r->info.n_layer; ++l) {
-        pm_kv_layer_info_get(r->mem, 0, l, &r->li[l]);
-        r->kb[l] = r->li[l].k_row_bytes;
-        r->vb[l] = r->li[l].v_row_bytes * (r->info.v_trans ? r->li[l].n_embd_v_gqa : 1);
-        r->stride += r->kb[l] + r->vb[l];
-    }
+    r->mem = r->m.mem;
+    r->n_vocab = r->m.n_vocab;
+    r->n_ubatch = r->m.n_ubatch;
+    r->n_seq_max = r->m.n_seq_max;
     return true;
 }
 
@@ -337,14 +154,15 @@ static pm_status do_decode(replay *r, char **args, int n_args, step_ctx *sc) {
     static int32_t nsid[MAX_TOKENS], sid[MAX_TOKENS * 4];
     static int8_t out[MAX_TOKENS];
     int n = -1, n_pos = -1, n_seq = -1, n_out = -1, n_flat = 0;
-    uint8_t *rows = NULL;
-    size_t n_rows = 0;
-    bool have_rows = false;
+    uint8_t *rows = NULL, *rs = NULL;
+    size_t n_rows = 0, n_rs = 0;
+    bool have_rows = false, have_rs = false;
     for (int a = 0; a < n_args; ++a) {
         char *eq = strchr(args[a], '=');
         RCHECK(r, eq != NULL, "decode argument %s", args[a]);
         if (r->broken) {
             free(rows);
+            free(rs);
             return PM_E_INVALID_ARG;
         }
         *eq = '\0';
@@ -369,16 +187,20 @@ static pm_status do_decode(replay *r, char **args, int n_args, step_ctx *sc) {
         } else if (strcmp(k, "rows") == 0) {
             have_rows = vec_hex(v, &rows, &n_rows) == 0;
             RCHECK(r, have_rows, "rows");
+        } else if (strcmp(k, "rs") == 0 && !have_rs) {
+            have_rs = vec_hex(v, &rs, &n_rs) == 0;
+            RCHECK(r, have_rs, "rs");
         } else {
             RCHECK(r, 0, "unknown decode argument %s", k);
         }
     }
     RCHECK(r, n > 0 && (n_pos < 0 || n_pos == n) && (n_seq < 0 || n_seq == n) && (n_out < 0 || n_out == n),
            "decode lists: %d tokens, %d pos, %d seqs, %d outputs", n, n_pos, n_seq, n_out);
-    RCHECK(r, !have_rows || n_rows == r->stride * (uint64_t)n, "rows: %zu bytes for %d tokens of %llu", n_rows,
-           n, (unsigned long long)r->stride);
+    RCHECK(r, !have_rows || n_rows == r->m.stride * (uint64_t)n, "rows: %zu bytes for %d tokens of %llu", n_rows,
+           n, (unsigned long long)r->m.stride);
     if (r->broken) {
         free(rows);
+        free(rs);
         return PM_E_INVALID_ARG;
     }
     pm_batch *b = NULL;
@@ -396,12 +218,8 @@ static pm_status do_decode(replay *r, char **args, int n_args, step_ctx *sc) {
         st = pm_mem_init_batch(r->mem, b, r->n_ubatch, r->n_vocab, false, &ctx);
     }
     uint32_t n_ub = st == PM_OK ? pm_mctx_n_ubatch(ctx) : 0;
-    uint8_t *kbuf = NULL, *vbuf = NULL;
     uint32_t *idx = malloc(sizeof(uint32_t) * (size_t)n);
-    if (have_rows) {
-        kbuf = malloc(n * r->stride + 1);
-        vbuf = malloc(n * r->stride + 1);
-    }
+    char err[512];
     for (uint32_t u = 0; u < n_ub && st == PM_OK && !r->broken; ++u) {
         pm_ubatch_info ui;
         pm_mctx_ubatch_info(ctx, u, &ui);
@@ -409,29 +227,30 @@ static pm_status do_decode(replay *r, char **args, int n_args, step_ctx *sc) {
         if (st == PM_OK) {
             st = pm_mctx_apply(ctx, u);
         }
-        for (uint32_t l = 0; have_rows && st == PM_OK && l < r->info.n_layer; ++l) {
-            uint64_t ko = 0, vo = 0;
-            for (uint32_t q = 0; q < l; ++q) {
-                ko += r->kb[q];
-                vo += r->vb[q];
-            }
-            for (uint32_t q = 0; q < r->info.n_layer; ++q) {
-                vo += r->kb[q];
-            }
-            for (uint32_t t = 0; t < ui.n_tokens; ++t) {
-                const uint8_t *row = rows + (uint64_t)idx[t] * r->stride;
-                memcpy(kbuf + t * r->kb[l], row + ko, (size_t)r->kb[l]);
-                memcpy(vbuf + t * r->vb[l], row + vo, (size_t)r->vb[l]);
-            }
-            st = pm_mctx_store(ctx, u, r->li[l].il, kbuf, ui.n_tokens * r->kb[l], vbuf,
-                               ui.n_tokens * r->vb[l], false);
-            RCHECK(r, st == PM_OK, "pm_mctx_store: %s", status_name(st));
+        if (st == PM_OK && have_rows) {
+            st = vm_store_kv(&r->m, ctx, u, idx, ui.n_tokens, rows, err, sizeof err);
+            RCHECK(r, st == PM_OK, "%s", err);
         }
     }
+    if (st == PM_OK && have_rs && !r->broken) {
+        /* the batch's sequences, ascending, each once */
+        pm_seq_id ids[PM_MAX_SEQ];
+        uint32_t n_ids = 0;
+        for (pm_seq_id q = 0; q < PM_MAX_SEQ; ++q) {
+            bool in = n_seq < 0 && q == 0;
+            for (int i = 0; i < n_flat && !in; ++i) {
+                in = sid[i] == q;
+            }
+            if (in) {
+                ids[n_ids++] = q;
+            }
+        }
+        pm_status st2 = vm_store_rs(&r->m, ids, n_ids, rs, n_rs, false, err, sizeof err);
+        RCHECK(r, st2 == PM_OK, "%s", err);
+    }
     free(idx);
-    free(kbuf);
-    free(vbuf);
     free(rows);
+    free(rs);
     pm_mctx_free(ctx);
     pm_batch_free(b);
     return st;
@@ -485,6 +304,11 @@ static void step(replay *r, char *val, pm_status want) {
     char **args = tok + 1;
     int na = nt - 1;
     int64_t a[4] = {0, 0, 0, 0};
+    const char *rs_arg = NULL; /* seq_rm S P0 P1 rs=hex:... (rollback rows) */
+    if (strcmp(op, "seq_rm") == 0 && na == 4 && strncmp(args[3], "rs=", 3) == 0) {
+        rs_arg = args[3] + 3;
+        na = 3;
+    }
     step_ctx sc = {NULL, 0, 0};
     retake(r, &sc);
     pm_status st = PM_E_INVALID_ARG;
@@ -504,6 +328,18 @@ static void step(replay *r, char *val, pm_status want) {
         if (strcmp(op, "seq_rm") == 0 && na == 3) {
             st = pm_mem_seq_rm(r->mem, (pm_seq_id)a[0], (pm_pos)a[1], (pm_pos)a[2], &res);
             sc.result = res;
+            if (st == PM_OK && rs_arg != NULL) {
+                uint8_t *rs;
+                size_t n_rs;
+                char err[512] = "rs: not hex";
+                pm_seq_id q = (pm_seq_id)a[0];
+                bool ok = vec_hex(rs_arg, &rs, &n_rs) == 0;
+                if (ok) {
+                    ok = vm_store_rs(&r->m, &q, 1, rs, n_rs, true, err, sizeof err) == PM_OK;
+                    free(rs);
+                }
+                RCHECK(r, ok, "%s", err);
+            }
         } else if (strcmp(op, "seq_cp") == 0 && na == 4) {
             st = pm_mem_seq_cp(r->mem, (pm_seq_id)a[0], (pm_seq_id)a[1], (pm_pos)a[2], (pm_pos)a[3]);
         } else if (strcmp(op, "seq_keep") == 0 && na == 1) {
@@ -602,7 +438,7 @@ static void replay_case(const char *file, const vec_case *c) {
     r.line = c->line;
     n_cases++;
     if (!build(&r)) {
-        pm_memory_free(r.mem);
+        vm_free(&r.m);
         return;
     }
     for (size_t i = 0; i < c->n_items && !r.broken; ++i) {
@@ -627,7 +463,7 @@ static void replay_case(const char *file, const vec_case *c) {
             expect(&r, it);
         }
     }
-    pm_memory_free(r.mem);
+    vm_free(&r.m);
 }
 
 /* ---- files ------------------------------------------------------------------------------- */
@@ -685,7 +521,7 @@ static void test_all_vectors(void) {
         char path[2048], err[512];
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
         vec_file f;
-        int rc = vec_load(path, PARAMS, EVENTS, &f, err, sizeof err);
+        int rc = vec_load(path, VM_PARAMS, EVENTS, &f, err, sizeof err);
         CHECK_MSG(rc == 0, "%s", err);
         if (rc == 0) {
             CHECK_MSG(f.n_cases > 0, "%s has no cases", path);
@@ -724,7 +560,7 @@ static void test_reader_rejects(void) {
         fclose(fp);
         vec_file f;
         char err[256] = "";
-        int rc = vec_load(path, PARAMS, EVENTS, &f, err, sizeof err);
+        int rc = vec_load(path, VM_PARAMS, EVENTS, &f, err, sizeof err);
         CHECK_MSG(rc != 0 && strstr(err, path) != NULL, "accepted: %s", bad[i]);
         if (rc == 0) {
             vec_free(&f);
@@ -736,13 +572,35 @@ static void test_reader_rejects(void) {
         fclose(fp);
         vec_file f;
         char err[256] = "";
-        CHECK(vec_load(path, PARAMS, EVENTS, &f, err, sizeof err) == 0);
+        CHECK(vec_load(path, VM_PARAMS, EVENTS, &f, err, sizeof err) == 0);
         if (f.n_cases == 1) {
             CHECK_EQ_STR(f.cases[0].name, "x-1");
             CHECK_EQ_STR(vec_param(&f.cases[0], "size"), "256");
             CHECK_EQ_INT(f.cases[0].n_items, 4);
             CHECK(vec_param(&f.cases[0], "step") == NULL);
         }
+        vec_free(&f);
+    }
+    /* keys of a part the kind does not have, and unknown kinds, are refused by vm_build */
+    static const char *const wrong[] = {
+        "[case r]\nkind = recurrent\narch = mamba\nn_layer = 1\nn_seq_max = 1\nsize = 4\n",
+        "[case k]\nkind = kv\nn_layer = 1\nn_seq_max = 1\nrec_layers = 0\n",
+        "[case i]\nkind = hybrid\nn_layer = 1\nn_seq_max = 1\nswa_size = 4\n",
+        "[case x]\nkind = mystery\nn_layer = 1\n",
+    };
+    for (size_t i = 0; i < sizeof wrong / sizeof wrong[0]; ++i) {
+        fp = fopen(path, "wb");
+        if (fp == NULL) {
+            break;
+        }
+        fputs(wrong[i], fp);
+        fclose(fp);
+        vec_file f;
+        char err[256] = "";
+        CHECK(vec_load(path, VM_PARAMS, EVENTS, &f, err, sizeof err) == 0);
+        vm_mem m;
+        CHECK_MSG(vm_build(&f.cases[0], &m, err, sizeof err) != 0 && m.mem == NULL, "built: %s", wrong[i]);
+        CHECK_MSG(strstr(err, i < 3 ? "does not belong" : "unsupported kind") != NULL, "%s", err);
         vec_free(&f);
     }
     remove(path);

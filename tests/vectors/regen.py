@@ -933,7 +933,10 @@ class Gen:
         self.build = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)" if self.lcp else "llama.cpp b11739"
         self.gen_worker = OracleWorker()
         self.gen_worker.start()
-        self.models = self.gen_worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"])
+        import regen_mem
+
+        self.models = self.gen_worker.ensure_models(["llama", "llama_hd64", "llama_yarn", "llama_neox"]
+                                                    + regen_mem.MODELS)
         if self.lcp:
             from pymem._oracle.lcp import LcpWorker
 
@@ -985,6 +988,7 @@ def main() -> int:
     ap.add_argument("--llama", choices=["py-sync", "llama-cpp-python"], default="py-sync",
                     help="record from b11739 (kv_*.txt) or from llama-cpp-python 0.3.36 / 0c1e570 "
                          "(kv_0c1e570.txt, format 10, written by that build itself)")
+    ap.add_argument("--file", action="append", help="only this vector file (repeatable; --check compares only it)")
     args = ap.parse_args()
     import test_vectors as tv
 
@@ -993,7 +997,11 @@ def main() -> int:
     failed = 0
     n_cases = 0
     try:
-        files = LCP_FILES if g.lcp else FILES
+        import regen_mem
+
+        files = {**LCP_FILES, **regen_mem.LCP_FILES} if g.lcp else {**FILES, **regen_mem.FILES}
+        if args.file:
+            files = {f: b for f, b in files.items() if f in args.file}
         src = ("llama.cpp 0c1e570 (llama-cpp-python==0.3.36, built by tools/build_lcp.sh); regen.py --llama "
                "llama-cpp-python" if g.lcp else "llama.cpp b11739 (llama-cpp-py-sync==0.11739)")
         for fname, builders in files.items():
@@ -1033,7 +1041,7 @@ def main() -> int:
         return 1 if bad else 0
     for f, t in texts.items():
         (HERE / f).write_text(t)
-    if g.lcp:
+    if g.lcp or args.file:
         return 0
     CORPUS.mkdir(parents=True, exist_ok=True)
     for old in CORPUS.glob("llama_*"):
