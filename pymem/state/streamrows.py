@@ -33,9 +33,8 @@ class GatheredRows:
 
     def __init__(self, sources: Dict[int, Tuple[Any, int]], stream: np.ndarray, cell: np.ndarray, row: int,
                  cols: bool = False, embd: int = 1) -> None:
-        self.sources = sources
-        self.stream = stream
-        self.cell = cell
+        self.sources, self.stream, self.cell = _compose(sources, np.asarray(stream, np.int64),
+                                                        np.asarray(cell, np.int64), bool(cols))
         self.row = int(row)
         self.cols = bool(cols)
         self.embd = int(embd) if cols else 1
@@ -158,6 +157,39 @@ class GatheredRows:
 
     def __repr__(self) -> str:
         return f"<GatheredRows {self.n} cells x {self.row * self.embd} bytes{' (transposed)' if self.cols else ''}>"
+
+
+def _compose(sources: Dict[int, Tuple[Any, int]], stream: np.ndarray, cell: np.ndarray, cols: bool
+             ) -> Tuple[Dict[int, Tuple[Any, int]], np.ndarray, np.ndarray]:
+    """Sources that are themselves gathered (an edit of an edited state) are replaced by the
+    buffers they gather from, so rows are always read from the original input."""
+    if not any(isinstance(v, GatheredRows) for v, _ in sources.values()):
+        return sources, stream, cell
+    out: Dict[int, Tuple[Any, int]] = {}
+    keys: Dict[Tuple[int, int], int] = {}
+    ns, nc = np.empty_like(stream), np.empty_like(cell)
+
+    def key(buf: Any, cc: int) -> int:
+        k = keys.get((id(buf), cc))
+        if k is None:
+            k = keys[(id(buf), cc)] = len(out)
+            out[k] = (buf, cc)
+        return k
+
+    for s, (buf, cc) in sources.items():
+        m = stream == s
+        if isinstance(buf, GatheredRows):
+            if buf.cols != cols:   # pragma: no cover (one cache has one V layout)
+                raise ValueError("gathered rows of another layout")
+            lut = np.zeros(max(buf.sources, default=0) + 1, np.int64)
+            for k, (b, c) in buf.sources.items():
+                lut[k] = key(b, c)
+            ns[m] = lut[buf.stream[cell[m]]]
+            nc[m] = buf.cell[cell[m]]
+        else:
+            ns[m] = key(buf, cc)
+            nc[m] = cell[m]
+    return out, ns, nc
 
 
 def row_pieces(x: Any) -> List[Any] | Iterator[Any]:
