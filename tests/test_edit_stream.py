@@ -250,3 +250,24 @@ def test_large_session_edit_peak_memory(tmp_path):
             head = np.frombuffer(buf, np.int32).reshape(len(keep), row // 4)[:, :3]
             assert (head[:, 0] == l).all() and (head[:, 1] == kv).all()
             assert head[:, 2].tolist() == keep
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_random_op_mixes(meta, monkeypatch, name):
+    """Seeded random sequences of 1-4 operations (any ids, ranges, refusals included)."""
+    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    for unified, fa in ((True, False), (False, True)):
+        sess = Session.from_memory(filled(meta[name], unified, fa, seed=11), list(range(16)))
+        streamed = 0
+        for _ in range(30):
+            ops = []
+            for _ in range(int(rng.integers(1, 5))):
+                k = rng.choice(["seq_rm", "seq_cp", "seq_keep", "seq_mv", "truncate"])
+                a, b = (int(x) for x in rng.integers(0, 4, 2))
+                p0 = int(rng.integers(-1, 12))
+                p1 = -1 if p0 < 0 or rng.random() < 0.3 else p0 + int(rng.integers(0, 10))
+                ops.append({"seq_rm": ("seq_rm", int(rng.integers(-1, 4)), p0, p1), "seq_cp": ("seq_cp", a, b, p0, p1),
+                            "seq_keep": ("seq_keep", a), "seq_mv": ("seq_mv", a, b),
+                            "truncate": ("truncate", int(rng.integers(0, 17)))}[k])
+            streamed += _same_edit(monkeypatch, sess, ops) is not None
+        assert streamed >= 5
