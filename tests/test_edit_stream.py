@@ -241,6 +241,20 @@ def test_large_session_edit_peak_memory(tmp_path):
     print(f"edit of a {size / 2**20:.0f} MiB session: peak RSS {peak / 1024:.0f} MiB, "
           f"+{grew / 2**20:.1f} MiB over a tiny file")
     assert grew < size // 2, (grew, size)
+    # the same from Python: Session.load + edit + save
+    api = ("import sys\nfrom pymem.state import Session\ns = Session.load(sys.argv[1])\n"
+           "e = s.edit([('seq_rm', 0, 100, 1100), ('seq_keep', 0)])\nassert e.edit_streamed\ne.save(sys.argv[2])\n"
+           "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+           "sys.stderr.write('PEAK %s\\n' % hwm)\n")
+    peaks = []
+    for f in (small, big):
+        r = subprocess.run([sys.executable, "-c", api, str(f), str(tmp_path / "api.out")], capture_output=True,
+                           cwd=tmp_path, text=True)
+        assert r.returncode == 0, r.stderr
+        peaks.append(int(r.stderr.rsplit("PEAK", 1)[1].split()[0]))
+    print(f"Python API: +{(peaks[1] - peaks[0]) / 1024:.1f} MiB")
+    assert (peaks[1] - peaks[0]) * 1024 < size // 2
+    assert (tmp_path / "api.out").read_bytes() == (tmp_path / "big.out").read_bytes()
     out = state.load(tmp_path / "big.out")
     keep = [i for i in range(n) if not 100 <= i < 1100]
     st = out.state.sections[0].streams[0]
@@ -271,3 +285,27 @@ def test_random_op_mixes(meta, monkeypatch, name):
                             "truncate": ("truncate", int(rng.integers(0, 17)))}[k])
             streamed += _same_edit(monkeypatch, sess, ops) is not None
         assert streamed >= 5
+
+
+def test_mrope_cells_with_ext(monkeypatch):
+    """Cells carrying M-RoPE ext (x, y, tok), unified and per stream, V transposed or not."""
+    for unified, fa in ((True, False), (False, True)):
+        mem = pymem.KVCache(n_layer=2, n_head_kv=1, n_embd_head_k=32, size=256, n_seq_max=3, v_trans=not fa,
+                            unified=unified, n_pos_per_embd=4, arch="qwen2vl")
+        n = 12
+        pos = np.stack([np.full(n, 2), np.arange(n) // 4, np.arange(n) % 4, np.zeros(n, int)]).astype(np.int32)
+        mem.decode(pymem.Batch(n_tokens=n, pos=pos, seq_ids=[[0]] * n))
+        mem.decode(pymem.Batch(n_tokens=5, pos=np.arange(5)[None, :].repeat(4, 0), seq_ids=[[1]] * 5))
+        rng = np.random.default_rng(2)
+        for il in mem.layers:
+            for s in range(mem.n_stream):
+                for view in (mem.k(il, s), mem.v(il, s)):
+                    view.view(np.uint8)[...] = rng.integers(0, 256, view.view(np.uint8).shape, dtype=np.uint8)
+        sess = Session.from_memory(mem, [])
+        assert sess.layout.sections[0].cell_ext
+        assert any(c.ext and c.ext[0] != c.ext[1] for c in sess.state.sections[0].streams[0].cells)
+        for ops in ([("seq_cp", 0, 2)], [("seq_rm", 0, 1, 2)], [("seq_mv", 1, 2), ("seq_rm", 0, 0, 1)],
+                    [("seq_keep", 0)]):
+            _same_edit(monkeypatch, sess, ops)
+        for q in (0, 1):
+            _same_edit(monkeypatch, state.parse(mem.state_write(q, envelope="llama")), [("seq_mv", q, 2)])

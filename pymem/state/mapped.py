@@ -97,7 +97,8 @@ def release(view: Any) -> None:
         import numpy as np
 
         base = np.frombuffer(whole, dtype=np.uint8).ctypes.data
-        start = np.frombuffer(mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv, dtype=np.uint8).ctypes.data - base
+        flat = mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")
+        start = np.frombuffer(flat, dtype=np.uint8).ctypes.data - base
     except (TypeError, ValueError, AttributeError):
         return
     page = mmap.PAGESIZE
