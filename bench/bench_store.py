@@ -152,8 +152,7 @@ def main(argv: List[str] = None) -> int:
     def fetch_assemble() -> None:
         p = st._plan(ctx, toks, n)
         assert p.n == n
-        blocks, raw = st._gather(ctx, toks, p.n, p.tail_src)
-        out["sec"] = A.assemble(ctx.lay, blocks, raw, 0, buf)
+        out["sec"] = st._assemble(ctx, toks, p, 0)
 
     fetch_assemble()
     buf = bytearray(out["sec"])               # the store reuses its assembly buffer the same way

@@ -42,12 +42,14 @@ def filled(layout, seq, n, seed=0):
     return kv
 
 
+@pytest.mark.parametrize("backend", ["memory", "fs"])   # blocks copied into place / read into place
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
-def test_roundtrip_every_prefix_kind(layout):
+def test_roundtrip_every_prefix_kind(layout, backend, tmp_path):
     n, B = 53, 16
     src = filled(layout, 1, n)
     P = list(range(1000, 1000 + n))
-    with pymem.store.open(str(memory_url(None)), block_tokens=B, fingerprint="unit") as st:
+    url = str(memory_url(None)) if backend == "memory" else str(tmp_path / "st")
+    with pymem.store.open(url, block_tokens=B, fingerprint="unit") as st:
         r = st.put(src, P, 1)
         assert r.n_tokens == n and r.entries_added >= 4
         for dst_seq, m in itertools.product((1, 2), (n, 3 * B, 2 * B + 5)):

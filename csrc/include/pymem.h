@@ -124,6 +124,22 @@ const char *pm_kernels_name(void);                /* active kernel table */
 pm_status pm_kernels_select(const char *name);    /* "scalar", "avx2", "avx512", "neon", or "auto" */
 uint32_t pm_kernels_available(const char **names, uint32_t cap);  /* names usable on this CPU */
 
+/* Copy runs of rows and take the XXH3-128 of the source bytes in run order, in one pass: each
+ * chunk is hashed right after it is copied, while it is in the CPU's cache (the prompt-cache
+ * store checks a stored value's checksum while it moves the value's rows into place).  A run
+ * moves n_rows rows of row_bytes from src (rows src_stride apart) to dst (dst_stride apart);
+ * with dst NULL it is only hashed.  digest receives the canonical (big-endian) XXH3-128, as
+ * xxHash's XXH128_canonicalFromHash and Python's xxhash.xxh3_128().digest() give it. */
+typedef struct pm_copy_run {
+    const void *src;
+    void *dst;
+    uint64_t n_rows;
+    uint64_t row_bytes;
+    uint64_t src_stride;
+    uint64_t dst_stride;
+} pm_copy_run;
+pm_status pm_copy_hash128(const pm_copy_run *runs, uint64_t n_runs, uint8_t *digest);
+
 const char *pm_status_str(pm_status status);     /* static text, never NULL */
 const char *pm_last_error(void);                 /* detail of the last failure on this thread */
 const char *pm_version(void);

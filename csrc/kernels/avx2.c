@@ -182,6 +182,9 @@ static void pmk_fwht_f32_avx2(float *x, size_t n, float scale) {
     }
 }
 
+#define PMK_COPY_HASH pmk_copy_hash_avx2
+#include "copyhash.inc"
+
 const pmk_table pmk_avx2 = {
     .name = "avx2",
     .needs = PMK_CPU_AVX2,
@@ -191,6 +194,7 @@ const pmk_table pmk_avx2 = {
     .mask_row = pmk_mask_row_avx2,
     .rope_f32 = pmk_rope_f32_avx2,
     .fwht_f32 = pmk_fwht_f32_avx2,
+    .copy_hash = pmk_copy_hash_avx2,
 };
 
 #else

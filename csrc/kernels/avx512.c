@@ -176,6 +176,9 @@ static void pmk_fwht_f32_avx512(float *x, size_t n, float scale) {
     }
 }
 
+#define PMK_COPY_HASH pmk_copy_hash_avx512
+#include "copyhash.inc"
+
 const pmk_table pmk_avx512 = {
     .name = "avx512",
     .needs = PMK_CPU_AVX2 | PMK_CPU_AVX512,
@@ -185,6 +188,7 @@ const pmk_table pmk_avx512 = {
     .mask_row = pmk_mask_row_avx512,
     .rope_f32 = pmk_rope_f32_avx512,
     .fwht_f32 = pmk_fwht_f32_avx512,
+    .copy_hash = pmk_copy_hash_avx512,
 };
 
 #else

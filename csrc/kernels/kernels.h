@@ -35,6 +35,9 @@ typedef struct pmk_table {
     /* Fast Walsh-Hadamard transform of n floats (n power of two), scaled by 1/sqrt(n)
      * first, butterflies (u+v, u-v) with len = 1, 2, 4, ...: ggml's CPU fwht. */
     void (*fwht_f32)(float *x, size_t n, float scale);
+    /* pm_copy_hash128 after its checks (kernels/copyhash.inc: xxHash's vector path follows the
+     * file's instruction set; the digest is the same everywhere). */
+    void (*copy_hash)(const pm_copy_run *runs, size_t n_runs, uint8_t digest[16]);
 } pmk_table;
 
 #define PMK_CPU_AVX2 1u

@@ -166,6 +166,9 @@ static void pmk_fwht_f32_neon(float *x, size_t n, float scale) {
     }
 }
 
+#define PMK_COPY_HASH pmk_copy_hash_neon
+#include "copyhash.inc"
+
 const pmk_table pmk_neon = {
     .name = "neon",
     .needs = PMK_CPU_NEON,
@@ -175,6 +178,7 @@ const pmk_table pmk_neon = {
     .mask_row = pmk_mask_row_neon,
     .rope_f32 = pmk_rope_f32_neon,
     .fwht_f32 = pmk_fwht_f32_neon,
+    .copy_hash = pmk_copy_hash_neon,
 };
 
 #else

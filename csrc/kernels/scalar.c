@@ -43,6 +43,9 @@ static void pmk_fwht_f32_scalar(float *x, size_t n, float scale) {
     }
 }
 
+#define PMK_COPY_HASH pmk_copy_hash_scalar
+#include "copyhash.inc"
+
 const pmk_table pmk_scalar = {
     .name = "scalar",
     .needs = 0,
@@ -52,4 +55,5 @@ const pmk_table pmk_scalar = {
     .mask_row = pmk_mask_row_scalar,
     .rope_f32 = pmk_rope_f32_scalar,
     .fwht_f32 = pmk_fwht_f32_scalar,
+    .copy_hash = pmk_copy_hash_scalar,
 };

@@ -345,75 +345,103 @@ def _assemble_stream(chunks: Sequence[PartData], seq_id: int, fmt: int, m: int, 
     for c in chunks[1:]:
         if c.header() != h0:
             raise CorruptValueError("blocks of one prefix disagree on the layer layout")
-    c0 = chunks[0]
-    rec = 6 if c0.cell_ext else 3
-    nl = len(c0.layers)
-    pre = len(head) + 4 + empty_before
-    size = pre + 4 + 4 * rec * m + (16 if fmt >= 11 else 8)
-    for L in c0.layers:
-        size += 12 + m * L.k_row
-        if L.v is not None:
-            size += (12 + m * L.v_row * L.v_embd) if c0.v_trans else (12 + m * L.v_row)
-    if out_buf is not None and len(out_buf) >= size + post:
-        out: Any = memoryview(out_buf)[:size + post]      # every byte is written below
-    else:
-        out = bytearray(size + post)
-    buf = np.frombuffer(out, np.uint8)
-    out[:len(head)] = head
-    struct.pack_into("<I", out, len(head), n_stream)
-    buf[len(head) + 4:pre] = 0            # empty streams before the sequence's (cell_count 0)
-    buf[size:] = 0                        # and after it
-    struct.pack_into("<I", out, pre, m)
-    o = pre + 4
-    cells = buf[o:o + 4 * rec * m].view("<i4").reshape(m, rec)
-    cells[:, 0] = np.arange(m, dtype=np.int32)
-    cells[:, 1] = 1
-    cells[:, rec - 1] = seq_id
-    if c0.cell_ext:
-        a = 0
-        for c in chunks:
-            cells[a:a + c.n, 2:5] = c.ext
-            a += c.n
-    o += 4 * rec * m
-    if fmt >= 11:
-        struct.pack_into("<4I", out, o, c0.v_trans, nl, c0.k_rot, c0.v_rot)
-        o += 16
-    else:
-        struct.pack_into("<2I", out, o, c0.v_trans, nl)
-        o += 8
-    for l, L in enumerate(c0.layers):
-        struct.pack_into("<iQ", out, o, L.k_type, L.k_row)
-        o += 12
-        dst = buf[o:o + m * L.k_row].reshape(m, L.k_row)
-        a = 0
-        for c in chunks:
-            dst[a:a + c.n] = c.layers[l].k
-            a += c.n
-        o += m * L.k_row
-    for l, L in enumerate(c0.layers):
-        if L.v is None:
-            continue
-        if c0.v_trans:
-            struct.pack_into("<iII", out, o, L.v_type, L.v_row, L.v_embd)
-            o += 12
-            el, ne = L.v_row, L.v_embd
-            dst = buf[o:o + ne * m * el].reshape(ne, m * el)
-            a = 0
-            for c in chunks:
-                dst[:, a * el:(a + c.n) * el] = c.layers[l].v
-                a += c.n
-            o += ne * m * el
-        else:
-            struct.pack_into("<iQ", out, o, L.v_type, L.v_row)
-            o += 12
-            dst = buf[o:o + m * L.v_row].reshape(m, L.v_row)
-            a = 0
-            for c in chunks:
-                dst[a:a + c.n] = c.layers[l].v
-                a += c.n
-            o += m * L.v_row
-    assert o == size
+    sl = StreamLayout.of(chunks[0], m, fmt, len(head), empty_before, post)
+    out, buf = sl.start(chunks[0], seq_id, head, n_stream, out_buf)
+    a = 0
+    for c in chunks:
+        sl.put(buf, c, a)
+        a += c.n
     return out
+
+
+@dataclass
+class StreamLayout:
+    """Where everything goes in an assembled sequence blob of one stream of ``m`` cells."""
+
+    m: int
+    fmt: int
+    head_len: int
+    pre: int                          # offset of the stream's cell_count
+    post: int                         # bytes of empty streams after it
+    size: int                         # bytes up to the end of the stream
+    cells: int                        # offset of the cell records
+    rec: int                          # int32 words per cell record
+    k_off: List[int]                  # per layer: offset of its K rows
+    v_off: List[Optional[int]]        # per layer: offset of its V data (None: no V)
+
+    @classmethod
+    def of(cls, c0: PartData, m: int, fmt: int, head_len: int, empty_before: int, post: int) -> "StreamLayout":
+        rec = 6 if c0.cell_ext else 3
+        pre = head_len + 4 + empty_before
+        o = pre + 4 + 4 * rec * m + (16 if fmt >= 11 else 8)
+        k_off: List[int] = []
+        v_off: List[Optional[int]] = []
+        for L in c0.layers:
+            k_off.append(o + 12)
+            o += 12 + m * L.k_row
+        for L in c0.layers:
+            if L.v is None:
+                v_off.append(None)
+                continue
+            v_off.append(o + 12)
+            o += 12 + (m * L.v_row * L.v_embd if c0.v_trans else m * L.v_row)
+        return cls(m, fmt, head_len, pre, post, o, pre + 4, rec, k_off, v_off)
+
+    def start(self, c0: PartData, seq_id: int, head: bytes, n_stream: int,
+              out_buf: Optional[bytearray]) -> Tuple[Any, np.ndarray]:
+        """The blob with everything but the cells' ext words and the rows written: the envelope,
+        stream counts, cell records, layer headers (in ``out_buf`` when it is large enough)."""
+        size, m, rec = self.size, self.m, self.rec
+        if out_buf is not None and len(out_buf) >= size + self.post:
+            out: Any = memoryview(out_buf)[:size + self.post]      # every byte is written
+        else:
+            out = bytearray(size + self.post)
+        buf = np.frombuffer(out, np.uint8)
+        out[:len(head)] = head
+        struct.pack_into("<I", out, len(head), n_stream)
+        buf[len(head) + 4:self.pre] = 0       # empty streams before the sequence's (cell_count 0)
+        buf[size:] = 0                        # and after it
+        struct.pack_into("<I", out, self.pre, m)
+        cells = self.cell_records(buf)
+        cells[:, 0] = np.arange(m, dtype=np.int32)
+        cells[:, 1] = 1
+        cells[:, rec - 1] = seq_id
+        o = self.cells + 4 * rec * m
+        if self.fmt >= 11:
+            struct.pack_into("<4I", out, o, c0.v_trans, len(c0.layers), c0.k_rot, c0.v_rot)
+        else:
+            struct.pack_into("<2I", out, o, c0.v_trans, len(c0.layers))
+        for L, ko, vo in zip(c0.layers, self.k_off, self.v_off):
+            struct.pack_into("<iQ", out, ko - 12, L.k_type, L.k_row)
+            if vo is None:
+                continue
+            if c0.v_trans:
+                struct.pack_into("<iII", out, vo - 12, L.v_type, L.v_row, L.v_embd)
+            else:
+                struct.pack_into("<iQ", out, vo - 12, L.v_type, L.v_row)
+        return out, buf
+
+    def cell_records(self, buf: np.ndarray) -> np.ndarray:
+        return buf[self.cells:self.cells + 4 * self.rec * self.m].view("<i4").reshape(self.m, self.rec)
+
+    def v_dst(self, buf: np.ndarray, L: LayerData, vo: int, v_trans: int) -> np.ndarray:
+        """Layer V data as (v_embd, m * el) (transposed) or (m, v_row)."""
+        if v_trans:
+            return buf[vo:vo + L.v_embd * self.m * L.v_row].reshape(L.v_embd, self.m * L.v_row)
+        return buf[vo:vo + self.m * L.v_row].reshape(self.m, L.v_row)
+
+    def put(self, buf: np.ndarray, c: PartData, a: int) -> None:
+        """Copy chunk ``c`` (cells a .. a + c.n of the stream) into place."""
+        if c.cell_ext:
+            self.cell_records(buf)[a:a + c.n, 2:5] = c.ext
+        for L, ko, vo in zip(c.layers, self.k_off, self.v_off):
+            buf[ko + a * L.k_row:ko + (a + c.n) * L.k_row] = L.k.reshape(-1)
+            if vo is None:
+                continue
+            if c.v_trans:
+                self.v_dst(buf, L, vo, 1)[:, a * L.v_row:(a + c.n) * L.v_row] = L.v
+            else:
+                buf[vo + a * L.v_row:vo + (a + c.n) * L.v_row] = L.v.reshape(-1)
 
 
 def assemble(lay: Layout, blocks: Sequence[List[PartData]], raw: Sequence[Any], seq_id: int,

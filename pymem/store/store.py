@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _errors as E
 from . import assemble as A
+from . import gather as G
 from . import keys as K
 from . import policy
 from . import values as V
@@ -22,6 +23,7 @@ __all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
 
 _PROBE_SLOTS = 8
 _GONE_MAX = 1 << 16
+_CKPT_BATCH = 256           # checkpoint candidates looked up per backend round trip
 _NOSEED = b"\0" * 16
 
 
@@ -88,6 +90,7 @@ class Store:
         self._buf = bytearray()           # assembly buffer reused across restores
         self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
         self._fetch_bufs: List[bytearray] = []   # per block index, for backends with get_into
+        self._gather_scratch = bytearray()       # headers / transposed V of blocks read in place
         self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
@@ -140,10 +143,15 @@ class Store:
             return V.open_value(v, kind, seed, key)
         except CorruptValueError as exc:
             if touch:
-                self.backend.delete([key.hex()])
-                self.backend.incr("corrupt")
-                self._forget(key.hex(), f"a corrupt value was deleted ({exc})")
+                self._corrupt(key, exc)
             raise
+
+    def _corrupt(self, key: bytes, exc: CorruptValueError) -> None:
+        """Delete a value found corrupt, count it, remember why; raises ``exc``."""
+        self.backend.delete([key.hex()])
+        self.backend.incr("corrupt")
+        self._forget(key.hex(), f"a corrupt value was deleted ({exc})")
+        raise exc
 
     def _forget(self, key: str, why: str) -> None:
         """Remember why a key went away (this process only), for lookup reasons."""
@@ -183,8 +191,9 @@ class Store:
         if N <= 0:
             return _Plan(0, "no tokens", 0)
         j = 0
-        if lay.n_full:
-            while (j + 1) * B <= N and self._has(chain.block(j)):
+        if lay.n_full:    # one backend round trip for every full block of the prompt
+            have = self.backend.present([chain.block(i).hex() for i in range(N // B)])
+            while j < len(have) and have[j]:
                 j += 1
         else:
             j = N // B
@@ -196,9 +205,7 @@ class Store:
                     return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
             m = j * B
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
-        for m in range(hi, 0, -1):      # one backend look-up per candidate (checkpoints are rare)
-            if not self._has(chain.ckpt(m)):
-                continue
+        for m in self._stored_ckpts(chain, hi):
             src = m
             if m % B and lay.n_full:
                 src = self._tail_src(chain, m, T)
@@ -206,6 +213,14 @@ class Store:
                     continue
             return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
         return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
+
+    def _stored_ckpts(self, chain: K.Chain, hi: int) -> Iterable[int]:
+        """Token counts m <= hi with a stored checkpoint, longest first (one backend round trip
+        per batch of candidates)."""
+        for top in range(hi, 0, -_CKPT_BATCH):
+            ms = range(top, max(top - _CKPT_BATCH, 0), -1)
+            have = self.backend.present([chain.ckpt(m).hex() for m in ms])
+            yield from (m for m, h in zip(ms, have) if h)
 
     def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
         B, lay = self.block_tokens, c.lay
@@ -402,6 +417,13 @@ class Store:
             raw = A.decode_ckpt(pl, n_raw)
         return blocks, raw
 
+    def _assemble(self, c: _Ctx, toks: np.ndarray, p: _Plan, seq_id: int) -> Any:
+        """The sequence blob of the plan's prefix, for ``seq_id``."""
+        if G.applies(c.lay, p.n, self.block_tokens):
+            return G.gather_kv(self, c, toks, p, seq_id)
+        blocks, raw = self._gather(c, toks, p.n, p.tail_src)
+        return A.assemble(c.lay, blocks, raw, seq_id, self._buf)
+
     def _restore(self, c: _Ctx, toks: np.ndarray, seq_id: int, limit: int) -> Tuple[int, str]:
         c.target.check_seq(seq_id)
         reason = ""
@@ -411,8 +433,7 @@ class Store:
             if p.n == 0:
                 break
             try:
-                blocks, raw = self._gather(c, toks, p.n, p.tail_src)
-                sec = A.assemble(c.lay, blocks, raw, seq_id, self._buf)
+                sec = self._assemble(c, toks, p, seq_id)
             except KeyError:
                 reason = "an entry was evicted during the restore"
                 continue

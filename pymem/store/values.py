@@ -11,13 +11,13 @@ under, so a value copied under another key, or stored for another model or layou
 from __future__ import annotations
 
 import struct
-from typing import Tuple
+from typing import Any, NamedTuple, Sequence, Tuple
 
 import xxhash
 
 from .errors import CorruptValueError
 
-__all__ = ["MAGIC", "VERSION", "KINDS", "seal", "open_value", "HEADER"]
+__all__ = ["MAGIC", "VERSION", "KINDS", "seal", "open_value", "open_header", "check_sum", "Header", "HEADER"]
 
 MAGIC = b"PMSV"
 VERSION = 1
@@ -41,43 +41,62 @@ def open_value(value: bytes, kind: str, seed: bytes, key: bytes) -> Tuple[int, m
     """Check a value's envelope and checksum; returns ``(n_tokens, payload)``.  Raises
     :class:`CorruptValueError` naming the problem."""
     mv = memoryview(value)
-    if len(mv) < HEADER + _SUM:
-        raise CorruptValueError(f"value of {len(mv)} bytes is shorter than its envelope")
-    magic, ver, k, _r, n, s, kk, plen = _HDR.unpack_from(mv, 0)
+    h = open_header(mv, len(mv))
+    check_sum([mv[:HEADER + h.plen]], mv[HEADER + h.plen:])
+    h.check(kind, seed, key)
+    return h.n_tokens, mv[HEADER:HEADER + h.plen]
+
+
+class Header(NamedTuple):
+    kind: int
+    n_tokens: int
+    seed: bytes
+    key: bytes
+    plen: int
+
+    def check(self, kind: str, seed: bytes, key: bytes) -> None:
+        """The value is what the caller asked for (kind, fingerprint, key)."""
+        if _KIND_NAMES.get(self.kind) != kind:
+            raise CorruptValueError(f"kind {_KIND_NAMES.get(self.kind, self.kind)!r}, expected {kind!r}")
+        if self.seed != seed:
+            raise CorruptValueError("stored for another model or memory layout")
+        if self.key != key:
+            raise CorruptValueError("stored under another key")
+
+
+def open_header(head: Any, size: int) -> Header:
+    """Parse the envelope header (the first :data:`HEADER` bytes) of a value of ``size`` bytes and
+    check its magic, version and payload length."""
+    if size < HEADER + _SUM:
+        raise CorruptValueError(f"value of {size} bytes is shorter than its envelope")
+    magic, ver, k, _r, n, s, kk, plen = _HDR.unpack_from(head, 0)
     if magic != MAGIC:
         raise CorruptValueError(f"bad magic {bytes(magic)!r}")
     if ver != VERSION:
         raise CorruptValueError(f"envelope version {ver} (this pymem reads {VERSION})")
-    if HEADER + plen + _SUM != len(mv):
-        raise CorruptValueError(f"payload length {plen} does not match the value size {len(mv)}")
+    if HEADER + plen + _SUM != size:
+        raise CorruptValueError(f"payload length {plen} does not match the value size {size}")
+    return Header(k, int(n), bytes(s), bytes(kk), int(plen))
+
+
+def check_sum(pieces: Sequence[Any], digest: Any) -> None:
+    """The value's checksum: ``pieces`` are its bytes before the checksum, in order (they may lie
+    in several buffers), ``digest`` the stored 16 bytes."""
     h = xxhash.xxh3_128()
-    h.update(mv[:HEADER + plen])
-    if h.digest() != bytes(mv[HEADER + plen:]):
+    for p in pieces:
+        h.update(p)
+    if h.digest() != bytes(digest):
         raise CorruptValueError("checksum mismatch")
-    if _KIND_NAMES.get(k) != kind:
-        raise CorruptValueError(f"kind {_KIND_NAMES.get(k, k)!r}, expected {kind!r}")
-    if bytes(s) != seed:
-        raise CorruptValueError("stored for another model or memory layout")
-    if bytes(kk) != key:
-        raise CorruptValueError("stored under another key")
-    return int(n), mv[HEADER:HEADER + plen]
 
 
 def check_value(value: bytes, key: bytes) -> Tuple[str, int, bytes]:
     """Check a value against its own envelope only (checksum, key): ``(kind, n_tokens, seed)``.
     Used by ``verify``, which does not know the fingerprint a value was stored under."""
     mv = memoryview(value)
-    if len(mv) < HEADER + _SUM:
-        raise CorruptValueError(f"value of {len(mv)} bytes is shorter than its envelope")
-    magic, ver, k, _r, n, s, kk, plen = _HDR.unpack_from(mv, 0)
-    if magic != MAGIC or ver != VERSION or k not in _KIND_NAMES:
+    h = open_header(mv, len(mv))
+    if h.kind not in _KIND_NAMES:
         raise CorruptValueError("bad envelope")
-    if HEADER + plen + _SUM != len(mv):
-        raise CorruptValueError("payload length does not match the value size")
-    h = xxhash.xxh3_128()
-    h.update(mv[:HEADER + plen])
-    if h.digest() != bytes(mv[HEADER + plen:]):
-        raise CorruptValueError("checksum mismatch")
-    if bytes(kk) != key:
+    check_sum([mv[:HEADER + h.plen]], mv[HEADER + h.plen:])
+    if h.key != key:
         raise CorruptValueError("stored under another key")
-    return _KIND_NAMES[k], int(n), bytes(s)
+    return _KIND_NAMES[h.kind], h.n_tokens, h.seed

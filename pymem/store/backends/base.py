@@ -11,7 +11,8 @@ Contract (every backend, checked by the shared backend tests):
   also across processes and after a writer is killed; it returns False (and changes nothing) when the
   key already exists.  Values are immutable: a key is never overwritten, only deleted.
 * ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``;
-  ``get_into`` (optional to override) does the same into a caller's reusable buffer.
+  ``get_into`` and ``get_scattered`` (optional to override) do the same into a caller's reusable
+  buffer / into several buffers.
 * ``delete`` of absent keys is not an error; it returns how many keys it removed.
 * ``scan`` yields every entry's metadata (no values), in no particular order.
 * Counters are integers kept atomically across processes (hits, misses, tokens_saved, ...).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 __all__ = ["Backend", "Entry"]
 
@@ -76,6 +77,32 @@ class Backend(abc.ABC):
         buffers instead of allocating (and page-faulting) fresh bytes for every value."""
         v = self.get(key, touch=touch)
         return None if v is None else memoryview(v)
+
+    def get_scattered(self, key: str, bufs: Sequence[memoryview], *, touch: bool = True) -> Optional[int]:
+        """Read the value into the writable byte buffers ``bufs`` in order, when their lengths add
+        up to its size; returns the value's size (None: absent).  When the sizes differ nothing is
+        read and the caller sees the mismatch in the returned size.  Lets a restore read block
+        values straight to their places in the assembled state (backends that can: the embedded
+        one, with one ``preadv``)."""
+        v = self.get(key, touch=touch)
+        if v is None:
+            return None
+        if len(v) == sum(b.nbytes for b in bufs):
+            mv, o = memoryview(v), 0
+            for b in bufs:
+                b[:] = mv[o:o + b.nbytes]
+                o += b.nbytes
+        return len(v)
+
+    def present(self, keys: Sequence[str]) -> List[bool]:
+        """Which of ``keys`` are stored (one round trip where the backend can)."""
+        return [self.entry(k) is not None for k in keys]
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """Refresh ``last_used`` (LRU) of the stored ones among ``keys``, as a get would; for a
+        caller that read them with ``touch=False`` (one write for many values)."""
+        for k in keys:
+            self.get(k, touch=True)
 
     def total_bytes(self) -> int:
         """Sum of the sizes of all entries (backends may answer from a counter)."""

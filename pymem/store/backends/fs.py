@@ -29,7 +29,7 @@ import re
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ...state.files import publish, write_temp
 from .base import Backend, Entry
@@ -48,6 +48,10 @@ __all__ = ["FSBackend"]
 _FORMAT = "pymem-store-fs 1"
 _INDEX = "index.sqlite"
 _VALUES = "v"
+try:
+    _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "preadv") else 0
+except (ValueError, OSError):
+    _IOV_MAX = 16
 _TMP = ".tmp-"
 _HEX = re.compile(r"[0-9a-f]+")
 _SCAN_CHUNK = 1000
@@ -288,6 +292,51 @@ class FSBackend(Backend):
             self._write(lambda db: db.execute("UPDATE entries SET last_used = ? WHERE key = ? AND "
                                               "last_used < ?", (now, key, now)), "get (touch)")
         return data
+
+    def get_scattered(self, key: str, bufs: Sequence[memoryview], *, touch: bool = True) -> Optional[int]:
+        """One ``preadv`` of the value file into ``bufs`` (see :meth:`Backend.get_scattered`).  No
+        index read: values are immutable files renamed into place whole, and the caller checks
+        the envelope (a file whose index row is gone is a value that was just evicted)."""
+        check_key(key)
+        want = sum(b.nbytes for b in bufs)
+        if not _IOV_MAX or len(bufs) > _IOV_MAX:
+            return super().get_scattered(key, bufs, touch=touch)
+        try:
+            fd = os.open(self._value_path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fail(f"cannot read value {key}", exc) from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size == want and os.preadv(fd, bufs, 0) != size:
+                return None          # truncated from outside while being read: absent, as in get()
+        except OSError as exc:
+            raise self._fail(f"cannot read value {key}", exc) from exc
+        finally:
+            os.close(fd)
+        if touch:
+            self.touch([key])
+        return size
+
+    def present(self, keys: Sequence[str]) -> List[bool]:
+        keys = [check_key(k) for k in keys]
+        have: set = set()
+        for a in range(0, len(keys), 500):
+            part = keys[a:a + 500]
+            rows = self._read(f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(part))})",
+                              tuple(part), "present")
+            have.update(r[0] for r in rows)
+        return [k in have for k in keys]
+
+    def touch(self, keys: Iterable[str]) -> None:
+        keys = [check_key(k) for k in keys]
+        if not keys:
+            return
+        now = time.time()
+        old = now - self.touch_interval
+        self._write(lambda db: db.executemany("UPDATE entries SET last_used = ? WHERE key = ? AND last_used < ?",
+                                              [(now, k, old) for k in keys]), "touch")
 
     def entry(self, key: str) -> Optional[Entry]:
         check_key(key)

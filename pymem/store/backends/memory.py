@@ -7,7 +7,7 @@ import dataclasses
 import threading
 import time
 import weakref
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .base import Backend, Entry
 
@@ -65,6 +65,20 @@ class MemoryBackend(Backend):
             if touch:
                 d.items[key] = (dataclasses.replace(it[0], last_used=time.time()), it[1])
             return it[1]
+
+    def present(self, keys: Sequence[str]) -> List[bool]:
+        d = self._data()
+        with d.lock:
+            return [k in d.items for k in keys]
+
+    def touch(self, keys: Iterable[str]) -> None:
+        d = self._data()
+        now = time.time()
+        with d.lock:
+            for k in keys:
+                it = d.items.get(k)
+                if it is not None:
+                    d.items[k] = (dataclasses.replace(it[0], last_used=now), it[1])
 
     def entry(self, key: str) -> Optional[Entry]:
         d = self._data()

@@ -22,7 +22,7 @@ import contextlib
 import re
 import time
 import uuid
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .base import Backend, Entry
@@ -189,6 +189,25 @@ class RedisBackend(Backend):
             pipe.get(self._v + k)
             exists, out = pipe.execute()
         return None if (not exists or out is None) else bytes(out)
+
+    def present(self, keys: Sequence[str]) -> List[bool]:
+        ks = [self._m + self._kb(check_key(k)) for k in keys]
+        with self._errors("present"):
+            pipe = self._r.pipeline(transaction=False)
+            for k in ks:
+                pipe.exists(k)
+            return [bool(x) for x in pipe.execute()] if ks else []
+
+    def touch(self, keys: Iterable[str]) -> None:
+        ks = [self._m + self._kb(check_key(k)) for k in keys]
+        if not ks:
+            return
+        with self._errors("touch"):
+            pipe = self._r.pipeline(transaction=False)
+            now = repr(time.time())
+            for k in ks:
+                self._touch(keys=[k], args=[now, "1"], client=pipe)
+            pipe.execute()
 
     def entry(self, key: str) -> Optional[Entry]:
         k = self._kb(check_key(key))
