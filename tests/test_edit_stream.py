@@ -309,3 +309,23 @@ def test_mrope_cells_with_ext(monkeypatch):
             _same_edit(monkeypatch, sess, ops)
         for q in (0, 1):
             _same_edit(monkeypatch, state.parse(mem.state_write(q, envelope="llama")), [("seq_mv", q, 2)])
+
+
+def test_release_drops_only_read_only_mapped_pages(tmp_path):
+    import mmap
+
+    from pymem.state import mapped
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(range(256)) * 64)
+    with open(p, "rb") as f:
+        ro = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with open(p, "r+b") as f:
+        cp = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    cp[5] = 0xEE                      # a private change: must survive
+    mapped.release(memoryview(cp)[:8192])
+    mapped.release(memoryview(ro)[100:9000])
+    mapped.release(b"plain bytes")
+    assert cp[5] == 0xEE and ro[:256] == bytes(range(256)) and ro[-1] == 255
+    ro.close()
+    cp.close()
