@@ -165,8 +165,6 @@ def _seq_table(obj: Any) -> str:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from . import state
-
     ops = getattr(args, "ops", None) or []
     if not ops and args.set_version is None:
         raise CLIError("nothing to do: give at least one edit (--seq-rm, --seq-cp, --seq-keep, --seq-mv, "

@@ -21,9 +21,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import importlib
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, 
 
 from ..llama import _bridge_lcp as _lcp
 from ..llama._loader import OracleUnavailable
-from .worker import CONTEXT_METHODS, OracleError, OracleWorker, _EOF, _read_frame, _send
+from .worker import CONTEXT_METHODS, OracleWorker, _EOF, _read_frame, _send
 
 __all__ = ["LcpWorker", "Model", "Context", "load", "lcp_available"]
 
@@ -378,43 +376,8 @@ class LcpWorker(OracleWorker):
     ``info()`` reports the llama-cpp-python version, its folder and the state format its
     build writes."""
 
-    def _spawn(self) -> None:
-        import tempfile
-
-        c2p_r, c2p_w = os.pipe()
-        p2c_r, p2c_w = os.pipe()
-        if self._stderr_mode == "capture":
-            fd, path = tempfile.mkstemp(prefix="pymem-lcp-", suffix=".stderr")
-            os.close(fd)
-            self._errfd = os.open(path, os.O_RDWR | os.O_APPEND)
-            os.unlink(path)
-            err: Any = self._errfd
-        else:
-            err = None
-        env = dict(os.environ)
-        env.setdefault("GGML_NO_BACKTRACE", "1")
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self._env_extra)
-        root = str(Path(__file__).resolve().parent.parent.parent)  # the folder holding this pymem
-        cfg = {"sys_path": [root] + [p for p in sys.path if p != root], "rfd": p2c_r, "wfd": c2p_w,
-               "echo_log": self._stderr_mode == "capture"}
-        try:
-            self._proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(cfg)],
-                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                          pass_fds=(p2c_r, c2p_w), env=env, close_fds=True)
-        finally:
-            os.close(p2c_r)
-            os.close(c2p_w)
-        self._rfd, self._wfd = c2p_r, p2c_w
-        self._pending_free = []
-        status, payload = self._recv(time.monotonic() + self.start_timeout, "startup")
-        if status == "unavailable":
-            self._teardown(kill=True)
-            raise OracleUnavailable(payload)
-        if status != "ready":
-            self._teardown(kill=True)
-            raise OracleError(f"unexpected worker handshake {status!r}: {payload!r}")
-        self.child_info = payload
+    _bootstrap = _BOOTSTRAP
+    _stderr_prefix = "pymem-lcp-"
 
     def ensure_models(self, *a: Any, **k: Any) -> Dict[str, str]:
         raise NotImplementedError("generate tiny models with the py-sync OracleWorker; this one loads them")

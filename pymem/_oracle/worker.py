@@ -295,6 +295,9 @@ class OracleWorker:
     "inherit" (child writes to this process's stderr).
     """
 
+    _bootstrap = _BOOTSTRAP                 # what the child runs (a subclass may run another binding)
+    _stderr_prefix = "pymem-oracle-"
+
     def __init__(self, timeout: Optional[float] = 120.0, start_timeout: float = 120.0,
                  env: Optional[Dict[str, str]] = None, stderr: str = "capture") -> None:
         if stderr not in ("capture", "inherit"):
@@ -335,7 +338,7 @@ class OracleWorker:
         c2p_r, c2p_w = os.pipe()
         p2c_r, p2c_w = os.pipe()
         if self._stderr_mode == "capture":
-            fd, path = tempfile.mkstemp(prefix="pymem-oracle-", suffix=".stderr")
+            fd, path = tempfile.mkstemp(prefix=self._stderr_prefix, suffix=".stderr")
             os.close(fd)
             self._errfd = os.open(path, os.O_RDWR | os.O_APPEND)
             os.unlink(path)
@@ -350,7 +353,7 @@ class OracleWorker:
                "echo_log": self._stderr_mode == "capture"}
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, json.dumps(cfg)],
+                [sys.executable, "-c", self._bootstrap, json.dumps(cfg)],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, pass_fds=(p2c_r, c2p_w),
                 env=env, close_fds=True)
         finally:

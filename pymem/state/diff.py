@@ -79,7 +79,6 @@ def _first_row(a: Any, b: Any, row: int) -> int:
     if row <= 0:
         return -1
     n = min(len(a), len(b)) // row
-    lo, hi = 0, n
     # linear scan in blocks: memoryview comparison is fast
     step = max(1, (1 << 20) // row)
     for s in range(0, n, step):

@@ -14,7 +14,7 @@ scratch buffer, so nothing outside changes on failure.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Tuple
 
 import numpy as np
 

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Union
 
 import numpy as np
 import xxhash
@@ -164,7 +164,6 @@ def _part_names(kind: str, n: int) -> List[str]:
 
 def layout_settings(mem: Any) -> Dict[str, Any]:
     """Every memory parameter that changes the bytes of a sequence state, flattened."""
-    from ..memory import type_name  # noqa: F401  (keeps the import graph explicit)
 
     kind = mem.kind
     out: Dict[str, Any] = {"kind": kind}

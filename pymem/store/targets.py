@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
