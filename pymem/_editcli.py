@@ -57,7 +57,8 @@ def finish(args: argparse.Namespace, obj: Any, new: Any, ops: List[Any], t0: flo
         sys.stderr.write(f"pymem edit: error: --strict: an edit changed nothing; {args.output} not written\n")
     if args.json:
         json.dump({"file": args.file, "output": args.output, "written": write, "dry_run": bool(args.dry_run),
-                   "edits": [str(o) for o in ops], "edit_path": new.edit_path, "notes": list(new.edit_notes or []),
+                   "edits": [str(o) for o in ops], "edit_path": new.edit_path,
+                   "streamed": bool(getattr(new, "edit_streamed", False)), "notes": list(new.edit_notes or []),
                    "noop": noop, "tokens": sync, "warnings": warnings, "before": _side(obj), "after": _side(new)},
                   sys.stdout)
         sys.stdout.write("\n")

@@ -38,6 +38,10 @@ seq_keep, seq_mv and truncate; shifts of attention caches need the model's RoPE
 parameters and are refused).  The state is restored (a whole restore packs the cells at
 0..n-1 in blob order), the operations applied in order, pending updates (K-shift, stream
 copies) applied as llama.cpp does before its next decode, and the state written back.
+The structure path does not hold the state in memory: the operations run on a skeleton
+of the cells, and the result's rows are gathered from the (memory-mapped) input while it is
+saved (:mod:`pymem.state.streamedit`; ``result.edit_streamed``), so editing a large file
+takes a few MiB beyond its cell lists.
 
 Errors: :class:`pymem.StateError` (truncated, foreign or corrupt input, naming what and
 where), :class:`LayoutAmbiguousError` (a subclass), :class:`EditError` (an edit llama.cpp

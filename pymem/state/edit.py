@@ -49,7 +49,7 @@ def _convert_format(st: MemoryState, fmt: int) -> MemoryState:
             if fmt == 10 and any(x.k_rot or x.v_rot for x in s.streams if x.cells):
                 raise EditError("a cache with a Hadamard rotation (k_rot/v_rot) has no format-10 form")
             s = KVSection(s.streams, fmt, s.cell_ext, 0)
-            s.nbytes = len(s.dump())
+            s.nbytes = s.measure()
         new.append(s)
     offs = []
     o = 0

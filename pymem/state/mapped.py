@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from . import files
 from .envelopes import PathLike, Progress
 
-__all__ = ["read", "same_bytes", "MAP_MIN"]
+__all__ = ["read", "same_bytes", "release", "MAP_MIN"]
 
 #: files from this size on are mapped
 MAP_MIN = 16 << 20
@@ -58,15 +58,54 @@ def same_bytes(a: Any, b: Any) -> bool:
                 yield memoryview(c).cast("B")
 
     ia, ib = pieces(a), pieces(b)
+    held: list = []   # pieces of a mapping read so far: their pages go back once compared
     ca = cb = memoryview(b"")
     while True:
         if not len(ca):
             ca = next(ia, memoryview(b""))
+            held.append(ca)
         if not len(cb):
             cb = next(ib, memoryview(b""))
+            held.append(cb)
+        if len(held) > 64:
+            for h in held[:-2]:
+                release(h)
+            del held[:-2]
         if not len(ca) or not len(cb):
+            for h in held:
+                release(h)
             return not len(ca) and not len(cb)
         n = min(len(ca), len(cb))
         if ca[:n] != cb[:n]:
             return False
         ca, cb = ca[n:], cb[n:]
+
+
+def release(view: Any) -> None:
+    """Hand the pages under ``view`` back to the page cache when it is a read-only view of a
+    read-only file mapping (``MADV_DONTNEED``: the data stay in the file; reading again
+    faults them back in).  Row data of a large file, once written or compared, then stop
+    counting towards the resident set.  Anything else: nothing happens."""
+    try:
+        mv = view if isinstance(view, memoryview) else memoryview(view)
+        obj = mv.obj
+        if not isinstance(obj, mmap.mmap) or not mv.nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        whole = memoryview(obj)
+        if not whole.readonly:   # ACCESS_COPY / ACCESS_WRITE: private changes must not be dropped
+            return
+        import numpy as np
+
+        base = np.frombuffer(whole, dtype=np.uint8).ctypes.data
+        flat = mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B")
+        start = np.frombuffer(flat, dtype=np.uint8).ctypes.data - base
+    except (TypeError, ValueError, AttributeError):
+        return
+    page = mmap.PAGESIZE
+    a = start // page * page
+    b = min(len(obj), -(-(start + mv.nbytes) // page) * page)
+    if 0 <= a < b:
+        try:
+            obj.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except (OSError, ValueError):
+            pass

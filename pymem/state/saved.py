@@ -52,6 +52,7 @@ class _Saved:
         self.edit_notes: List[str] = []
         self.token_sync: Optional[Dict[str, Any]] = None   # set by edit(): see pymem.state.tokens.follow
         self.noop: List[str] = []                           # set by edit(): operations that changed nothing
+        self.edit_streamed = False   # set by edit(): rows gathered from the input on demand (streamedit)
 
     # implemented by subclasses
     def chunks(self) -> Iterator[bytes]:  # pragma: no cover
@@ -174,6 +175,33 @@ class _Saved:
 
         if model is not None and not isinstance(model, (str, os.PathLike, Hparams)):
             raise E.InvalidArgumentError(f"model must be a GGUF path, not {type(model).__name__}")
+        streamed = None
+        if model is None:   # rows gathered from the input while saving (pymem.state.streamedit)
+            from . import streamedit
+
+            streamed = streamedit.run(self, run, s_id, out_seq, flags, ids)
+        if streamed is not None:
+            new_sec, notes = streamed
+        else:
+            new_sec, notes = self._edit_in_memory(model, run, ids, s_id, out_seq, flags)
+        if self.state.scope == "seq" and self.state.layout.pattern[:2] == ("kv", "kv") and \
+                any(op.name in ("seq_rm", "seq_add", "seq_div") for op in run):
+            (_, base), (_, swa) = self.state.kv_sections()[:2]
+            if sum(len(x.cells) for x in base.streams) > sum(len(x.cells) for x in swa.streams):
+                notes.append("this sequence state omits the SWA cells outside the window (llama.cpp does not save "
+                             "them): positions an edit brings back into the window have no SWA cells")
+        res = self._rebuild(new_sec, tokens, out_seq)
+        res.edit_path = path
+        res.edit_notes = notes
+        res.edit_streamed = streamed is not None
+        from .tokens import follow   # the token list follows the cache; no-op and shared-cell notes
+
+        follow(self, res, run, s_id if self.state.scope == "seq" else None, tokens)
+        return res
+
+    def _edit_in_memory(self, model: Any, run: List[Op], ids: List[int], s_id: int, out_seq: int,
+                        flags: int) -> Tuple[bytes, List[str]]:
+        """The edit in a pymem memory holding the whole state: the new sections' bytes, notes."""
         try:
             mem = _build_memory(self.state, model, self.arch, extra_ids=ids)
         except E.UnsupportedError as exc:
@@ -185,25 +213,20 @@ class _Saved:
                 else mem.state_write()
         finally:
             mem.close()
-        if self.state.scope == "seq" and self.state.layout.pattern[:2] == ("kv", "kv") and \
-                any(op.name in ("seq_rm", "seq_add", "seq_div") for op in run):
-            (_, base), (_, swa) = self.state.kv_sections()[:2]
-            if sum(len(x.cells) for x in base.streams) > sum(len(x.cells) for x in swa.streams):
-                notes.append("this sequence state omits the SWA cells outside the window (llama.cpp does not save "
-                             "them): positions an edit brings back into the window have no SWA cells")
-        res = self._rebuild(new_sec, tokens, out_seq)
-        res.edit_path = path
-        res.edit_notes = notes
-        from .tokens import follow   # the token list follows the cache; no-op and shared-cell notes
+        return new_sec, notes
 
-        follow(self, res, run, s_id if self.state.scope == "seq" else None, tokens)
-        return res
-
-    def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "_Saved":  # pragma: no cover
+    def _rebuild(self, sec: Any, tokens: List[int], seq_id: int) -> "_Saved":  # pragma: no cover
         raise NotImplementedError
 
-    def _new_state(self, sec: bytes, seq_id: Optional[int]) -> MemoryState:
+    def _new_state(self, sec: Any, seq_id: Optional[int]) -> MemoryState:
+        """The edited state from its bytes, or from its parsed sections (a streamed edit)."""
         lay = self.state.layout
+        if isinstance(sec, list):
+            offs, o = [], 0
+            for x in sec:
+                offs.append(o)
+                o += x.nbytes
+            return MemoryState(lay, sec, offs, self.state.format, self.state.scope, seq_id, self.state.flags)
         secs, offs, end = _parse_sections(memoryview(sec), 0, len(sec), lay, self.state.format, "edited state")
         if end != len(sec):
             raise StateError(f"edited state: {len(sec) - end} bytes left over at offset {end}")  # pragma: no cover
@@ -288,7 +311,7 @@ class Session(_Saved):
     def _extra_summary(self) -> Dict[str, Any]:
         return {"magic": "ggsn", "version": self.version, "n_tokens": len(self.tokens), "tokens": list(self.tokens)}
 
-    def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "Session":
+    def _rebuild(self, sec: Any, tokens: List[int], seq_id: int) -> "Session":
         return Session(self.version, tokens, self.arch, self._new_state(sec, None))
 
     @classmethod
@@ -383,7 +406,7 @@ class SeqState(_Saved):
         return {"magic": "ggsq", "version": self.version, "seq_id": self.seq_id, "n_tokens": len(self.tokens),
                 "tokens": list(self.tokens)}
 
-    def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "SeqState":
+    def _rebuild(self, sec: Any, tokens: List[int], seq_id: int) -> "SeqState":
         return SeqState(self.version, tokens, self._new_state(sec, seq_id))
 
     def with_version(self, version: int) -> "SeqState":
@@ -484,7 +507,7 @@ class Blob(_Saved):
             d["flags"] = self.state.flags
         return d
 
-    def _rebuild(self, sec: bytes, tokens: List[int], seq_id: int) -> "Blob":
+    def _rebuild(self, sec: Any, tokens: List[int], seq_id: int) -> "Blob":
         st = self._new_state(sec, seq_id if self.state.scope == "seq" else None)
         return Blob(self.envelope, st, self.arch, seq_id if self.envelope == "seq" else self.seq_id)
 

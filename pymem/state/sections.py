@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from .._errors import StateError
+from .streamrows import row_pieces
 
 __all__ = ["KVCell", "KVLayer", "KVStream", "KVSection", "RecSection", "parse_kv", "parse_rec"]
 
@@ -111,33 +113,54 @@ class KVSection:
     def dump(self) -> bytes:
         return b"".join(self.pieces())
 
-    def pieces(self) -> list:
-        """The bytes of :meth:`dump` as a list of pieces (row data as zero-copy views)."""
-        out = [struct.pack("<I", len(self.streams))]
+    def pieces(self) -> Iterator[Any]:
+        """The bytes of :meth:`dump` as pieces (row data as zero-copy views, or gathered in
+        bounded chunks for an edited state: see :mod:`pymem.state.streamrows`)."""
+        yield struct.pack("<I", len(self.streams))
         for st in self.streams:
-            out.append(struct.pack("<I", len(st.cells)))
+            yield struct.pack("<I", len(st.cells))
             if not st.cells:
                 continue
-            for c in st.cells:
-                out.append(struct.pack("<iI", c.pos, len(c.seq_ids)))
-                if self.cell_ext:
-                    out.append(struct.pack("<iii", *(c.ext or (0, 0, -1))))
-                out.append(struct.pack(f"<{len(c.seq_ids)}i", *c.seq_ids))
-            out.append(struct.pack("<II", st.v_trans, len(st.layers)))
+            yield _cell_bytes(st.cells, self.cell_ext)
+            yield struct.pack("<II", st.v_trans, len(st.layers))
             if self.format >= 11:
-                out.append(struct.pack("<II", st.k_rot, st.v_rot))
+                yield struct.pack("<II", st.k_rot, st.v_rot)
             for L in st.layers:
-                out.append(struct.pack("<iQ", L.k_type, L.k_row))
-                out.append(L.k)
+                yield struct.pack("<iQ", L.k_type, L.k_row)
+                yield from row_pieces(L.k)
             for L in st.layers:
                 if L.v_type is None:
                     continue
                 if st.v_trans:
-                    out.append(struct.pack("<iII", L.v_type, L.v_row, L.v_embd))
+                    yield struct.pack("<iII", L.v_type, L.v_row, L.v_embd)
                 else:
-                    out.append(struct.pack("<iQ", L.v_type, L.v_row))
-                out.append(L.v)
-        return out
+                    yield struct.pack("<iQ", L.v_type, L.v_row)
+                yield from row_pieces(L.v)
+
+    def measure(self) -> int:
+        """The byte count of :meth:`dump`, without producing the row data."""
+        n = 4
+        for st in self.streams:
+            n += 4
+            if not st.cells:
+                continue
+            n += sum(8 + 4 * len(c.seq_ids) + (12 if self.cell_ext else 0) for c in st.cells)
+            n += 8 + (8 if self.format >= 11 else 0)
+            for L in st.layers:
+                n += 12 + len(L.k)
+                if L.v_type is not None:
+                    n += 12 + len(L.v)
+        return n
+
+
+def _cell_bytes(cells: list, ext: bool) -> bytes:
+    out = []
+    for c in cells:
+        out.append(struct.pack("<iI", c.pos, len(c.seq_ids)))
+        if ext:
+            out.append(struct.pack("<iii", *(c.ext or (0, 0, -1))))
+        out.append(struct.pack(f"<{len(c.seq_ids)}i", *c.seq_ids))
+    return b"".join(out)
 
 
 def parse_kv(buf: bytes | memoryview, off: int = 0, format: int = 11, cell_ext: bool = False,
@@ -214,23 +237,27 @@ class RecSection:
     def dump(self) -> bytes:
         return b"".join(self.pieces())
 
-    def pieces(self) -> list:
-        """The bytes of :meth:`dump` as a list of pieces (row data as zero-copy views)."""
-        out = [struct.pack("<I", len(self.cells))]
-        for c in self.cells:
-            out.append(struct.pack("<iI", c.pos, len(c.seq_ids)))
-            out.append(struct.pack(f"<{len(c.seq_ids)}i", *c.seq_ids))
-        out.append(struct.pack("<II", self.s_trans, self.n_layer))
+    def pieces(self) -> Iterator[Any]:
+        """The bytes of :meth:`dump` as pieces (see :meth:`KVSection.pieces`)."""
+        yield struct.pack("<I", len(self.cells))
+        yield _cell_bytes(self.cells, False)
+        yield struct.pack("<II", self.s_trans, self.n_layer)
         for L in self.layers:
-            out.append(struct.pack("<iQ", L.r_type, L.r_row))
-            out.append(L.r)
+            yield struct.pack("<iQ", L.r_type, L.r_row)
+            yield from row_pieces(L.r)
             if L.p_row is not None:
-                out.append(struct.pack("<Q", L.p_row))
-                out.append(L.p)
+                yield struct.pack("<Q", L.p_row)
+                yield from row_pieces(L.p)
         for L in self.layers:
-            out.append(struct.pack("<iQ", L.s_type, L.s_row))
-            out.append(L.s)
-        return out
+            yield struct.pack("<iQ", L.s_type, L.s_row)
+            yield from row_pieces(L.s)
+
+    def measure(self) -> int:
+        """The byte count of :meth:`dump`, without producing the row data."""
+        n = 4 + sum(8 + 4 * len(c.seq_ids) for c in self.cells) + 8
+        for L in self.layers:
+            n += 12 + len(L.r) + (8 + len(L.p) if L.p_row is not None else 0) + 12 + len(L.s)
+        return n
 
 
 def parse_rec(buf: bytes | memoryview, off: int, n_recr: int, ple: list[bool] | None = None,
