@@ -267,7 +267,7 @@ class Rec:
                     p = nxt.get(s[0], 0)
                     nxt[s[0]] = p + 1
                 resolved.append((t, p, s))
-            args.append("rows=hex:" + self._rows(resolved, before, after).hex())
+            args += self._row_args(resolved, before, after)
         if diverge:
             assert rc == 0, f"{self.name}: expected llama.cpp to accept the batch ({diverge})"
             self.comment(f"llama.cpp accepts this batch (rc 0) and {diverge}; pymem rejects it with BATCH "
@@ -281,6 +281,10 @@ class Rec:
         if rc != 0:
             self.out("expect_error = " + {-1: "BATCH", 1: "NO_SLOT"}[rc])
         return rc
+
+    def _row_args(self, items, before: bytes, after: bytes) -> list:
+        """The step's row arguments (MemRec adds the other parts' rows)."""
+        return ["rows=hex:" + self._rows(items, before, after).hex()]
 
     def _rows(self, items, before: bytes, after: bytes) -> bytes:
         """The K/V rows llama.cpp computed for the batch tokens, in batch order."""

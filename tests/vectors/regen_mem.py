@@ -194,38 +194,15 @@ class MemRec(Rec):
         return kvs, rec
 
     # -- steps ----------------------------------------------------------------------------------------
-    def decode(self, items, output=None, rows: bool = True, diverge: str = "") -> int:
-        assert not diverge
-        self._live()
-        assert not self.resynced, "no decode after a resync"
-        items = [(t, p, [s] if isinstance(s, int) else list(s)) for t, p, s in items]
-        auto = all(it[1] is None for it in items)
-        nxt = {s: self.ctx.pos_max(s) + 1 for s in range(self.n_seq_max)} if auto else {}
-        before, rc, after = self.ctx.many([("state_get",), ("decode", items, output), ("state_get",)])
-        args = ["decode", "tokens=" + ",".join(str(t) for t, _, _ in items)]
-        if not auto:
-            args.append("pos=" + ",".join(str(p) for _, p, _ in items))
-        args.append("seqs=" + ",".join("+".join(map(str, s)) for _, _, s in items))
-        if output is not None:
-            flags = [output] * len(items) if isinstance(output, bool) else output
-            args.append("output=" + ",".join(str(int(bool(x))) for x in flags))
-        if rc == 0 and rows:
-            resolved = []
-            for t, p, s in items:
-                if auto:
-                    p = nxt.get(s[0], 0)
-                    nxt[s[0]] = p + 1
-                resolved.append((t, p, s))
-            kb, ka = self._sections(before, True)[0], self._sections(after, True)
-            if self.kv_specs:
-                args.append("rows=hex:" + self._kv_rows(resolved, kb, ka[0]).hex())
-            if self.rec_spec is not None:
-                seqs = sorted({q for _, _, s in items for q in s})
-                args.append("rs=hex:" + self._rec_rows(ka[1], seqs).hex())
-        self.out("step = " + " ".join(args))
-        if rc != 0:
-            self.out("expect_error = " + {-1: "BATCH", 1: "NO_SLOT"}[rc])
-        return rc
+    def _row_args(self, items, before: bytes, after: bytes) -> list:
+        out = []
+        kb, ka = self._sections(before, True)[0], self._sections(after, True)
+        if self.kv_specs:
+            out.append("rows=hex:" + self._kv_rows(items, kb, ka[0]).hex())
+        if self.rec_spec is not None:
+            seqs = sorted({q for _, _, s in items for q in s})
+            out.append("rs=hex:" + self._rec_rows(ka[1], seqs).hex())
+        return out
 
     def _kv_rows(self, items, before: list, after: list) -> bytes:
         per_token = [b""] * len(items)
