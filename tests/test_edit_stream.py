@@ -18,9 +18,9 @@ import pytest
 import pymem
 from pymem import cli, state
 from pymem.state import EditError, SeqState, Session, streamedit
-from pymem._oracle import tinymodels
 
-from test_state import MODELS, filled
+from test_scale import peak_kib
+from test_state import MODELS, filled, meta  # noqa: F401  (fixture)
 
 OPS = [
     [("seq_rm", 0, 4, 8)],
@@ -39,17 +39,6 @@ OPS = [
     [("seq_cp", 0, 300)],
     [("seq_add", 2, 3, -1, 5), ("seq_div", 0, 8, -1, 2)],
 ]
-
-
-@pytest.fixture(scope="module")
-def meta(tmp_path_factory):
-    d = tmp_path_factory.mktemp("meta_stream")
-    out = {}
-    for n in MODELS + ["llama_hd64"]:
-        p = d / f"{n}.gguf"
-        tinymodels.write_metadata_gguf(p, tinymodels.spec(n))
-        out[n] = str(p)
-    return out
 
 
 def _reference(monkeypatch, obj, ops):
@@ -215,18 +204,6 @@ def write_rows_session(path, n_cells, n_layer, row):
     return os.path.getsize(path)
 
 
-PEAK = ("import sys, resource\nfrom pymem import cli\nrc = cli.main(sys.argv[1:])\n"
-        "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
-        "sys.stderr.write('PEAK %s\\n' % hwm)\nsys.exit(rc)\n")
-
-
-def _peak_kib(cwd, *argv, env=None):
-    r = subprocess.run([sys.executable, "-c", PEAK, *map(str, argv)], capture_output=True, text=True, cwd=cwd,
-                       env=env)
-    assert r.returncode == 0, r.stderr
-    return int(r.stderr.rsplit("PEAK", 1)[1].split()[0])
-
-
 def test_large_session_edit_peak_memory(tmp_path):
     big = tmp_path / "big.session"
     n, L, row = 3072, 4, 4096
@@ -235,8 +212,8 @@ def test_large_session_edit_peak_memory(tmp_path):
     small = tmp_path / "small.session"
     write_rows_session(small, 16, L, 256)
     edit = ["--seq-rm", "0:100:1100", "--seq-keep", "0", "-q"]
-    base = _peak_kib(tmp_path, "edit", small, *edit, "-o", tmp_path / "small.out")
-    peak = _peak_kib(tmp_path, "edit", big, *edit, "-o", tmp_path / "big.out")
+    base, _ = peak_kib(tmp_path, "edit", small, *edit, "-o", tmp_path / "small.out")
+    peak, _ = peak_kib(tmp_path, "edit", big, *edit, "-o", tmp_path / "big.out")
     grew = (peak - base) * 1024
     print(f"edit of a {size / 2**20:.0f} MiB session: peak RSS {peak / 1024:.0f} MiB, "
           f"+{grew / 2**20:.1f} MiB over a tiny file")

@@ -140,6 +140,21 @@ def fmt_floats(xs) -> str:
     return " ".join(out)
 
 
+def new_cells(before: list, after: list) -> dict:
+    """Cells of a stream after a decode that were not there before: (pos, seq ids) -> the
+    ranks of those cells in the after-state (a cell that was there before counts once)."""
+    old: dict = {}
+    for c in before:
+        old[c] = old.get(c, 0) + 1
+    new: dict = {}
+    for rank, c in enumerate(after):
+        if old.get(c, 0) > 0:
+            old[c] -= 1
+        else:
+            new.setdefault(c, []).append(rank)
+    return new
+
+
 class Rec:
     """One case: runs every step in llama.cpp and writes the case text."""
 
@@ -292,15 +307,7 @@ class Rec:
         sb, sa = parse_blob(before, True, rot), parse_blob(after, True, rot)
         per_token = {}
         for st in range(len(sa)):
-            old: dict = {}
-            for c in sb[st].cells:
-                old[c] = old.get(c, 0) + 1
-            new: dict = {}
-            for rank, c in enumerate(sa[st].cells):
-                if old.get(c, 0) > 0:
-                    old[c] -= 1
-                else:
-                    new.setdefault(c, []).append(rank)
+            new = new_cells(sb[st].cells, sa[st].cells)
             for i, (t, p, s) in enumerate(items):
                 if (0 if self.unified else s[0]) != st:
                     continue

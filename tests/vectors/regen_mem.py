@@ -210,15 +210,7 @@ class MemRec(Rec):
             lay = self.kv_rows[part]
             got: dict = {}
             for st in range(len(sa)):
-                old: dict = {}
-                for c in sb[st].cells:
-                    old[c] = old.get(c, 0) + 1
-                new: dict = {}
-                for rank, c in enumerate(sa[st].cells):
-                    if old.get(c, 0) > 0:
-                        old[c] -= 1
-                    else:
-                        new.setdefault(c, []).append(rank)
+                new = R.new_cells(sb[st].cells, sa[st].cells)
                 for i, (t, p, s) in enumerate(items):
                     if (0 if self.unified else s[0]) != st:
                         continue
