@@ -210,3 +210,50 @@ def store_roundtrip(path, directory):
     ref.eval(toks[:n])
     assert seq_state(b) == seq_state(ref)
     return n
+
+
+def store_prefill(path, directory):
+    """Store.prefill with llama_cpp.Llama targets: the first prompt decodes everything, a longer
+    one in a fresh Llama restores the stored prefix and decodes the rest through Llama.eval, so
+    Llama's own tokens and scores stay true; its next-token logits equal a full eval's (1e-4)."""
+    import numpy as np
+
+    import pymem
+    import pymem.store
+
+    P = [(7 * i + 3) % 100 for i in range(70)]
+    Q = P + [(5 * i + 1) % 100 for i in range(20)]
+    with pymem.store.open(directory, block_tokens=16, checkpoint_every=1) as st:
+        a = _llama(path)
+        r1 = st.prefill(a, P)
+        assert (r1.n_restored, r1.n_decoded) == (0, 70), r1
+        assert a.n_tokens == 70 and list(a.input_ids[:70]) == P
+        b = _llama(path)
+        r2 = st.prefill(b, Q)
+        assert r2.n_restored >= 64 and r2.n_restored + r2.n_decoded == len(Q), (r2, st.last_reason)
+        assert b.n_tokens == len(Q) and list(b.input_ids[:len(Q)]) == Q
+        ref = _llama(path)
+        ref.eval(Q)
+        def logits(llm):   # Llama keeps no scores without logits_all: llama.cpp's last row
+            import llama_cpp as L
+
+            p = L.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(p, shape=(llm.n_vocab(),)).copy()
+
+        lb, lr = logits(b), logits(ref)
+        rel = float(np.max(np.abs(lb - lr)) / np.max(np.abs(lr)))
+        assert rel < 1e-4, rel
+        # Llama continues from there: the next eval starts at len(Q)
+        b.eval([1, 2])
+        assert b.n_tokens == len(Q) + 2
+        # a sequence other than 0, and a full hit
+        try:
+            st.prefill(_llama(path), Q, seq_id=1)
+        except pymem.InvalidArgumentError as exc:
+            assert "sequence 0 only" in str(exc)
+        else:
+            raise AssertionError("prefill into seq 1 of a Llama was accepted")
+        c = _llama(path)
+        r3 = st.prefill(c, Q)
+        assert r3.n_restored == len(Q) - 1 and c.n_tokens == len(Q), r3
+    return {"restored": r2.n_restored, "rel": rel}

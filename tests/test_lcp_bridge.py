@@ -71,3 +71,10 @@ def test_lcp_prompt_cache_store(lcp, models, tmp_path, name):
     """pymem.store with llama-cpp-python Llama targets (put / lookup / restore)."""
     n = lcp.call("run", "lcp_scenarios:store_roundtrip", models[name], str(tmp_path / "store"))
     assert n > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "mamba", "jamba"])
+def test_lcp_prefill(lcp, models, tmp_path, name):
+    """Store.prefill on llama_cpp.Llama: restore + Llama.eval of the rest, logits as a full eval."""
+    r = lcp.call("run", "lcp_scenarios:store_prefill", models[name], str(tmp_path / "store"))
+    assert r["restored"] >= 64 and r["rel"] < 1e-4

@@ -290,6 +290,30 @@ class LcpLive(_bridge._Live):
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(self.L.llama_memory_seq_rm(self.mem, seq, p0, p1))
 
+    # prefill (pymem.store) decodes through Llama's own eval, so Llama's token bookkeeping stays true
+    def can_eval(self) -> bool:
+        return self.kind == "llama_cpp.Llama"
+
+    def set_tokens(self, tokens: Any, seq: int) -> None:
+        """The context's sequence ``seq`` now holds exactly ``tokens`` (restored): tell Llama."""
+        o = self._llama(seq)
+        n = len(tokens)
+        o.input_ids[:n] = tokens
+        o.n_tokens = n
+
+    def eval_tokens(self, tokens: Any, pos0: int, seq: int) -> None:
+        o = self._llama(seq)
+        if int(o.n_tokens) != int(pos0):
+            raise _E().InvalidStateError(f"Llama holds {o.n_tokens} tokens, the decode starts at {pos0}")
+        o.eval([int(t) for t in tokens])
+
+    def _llama(self, seq: int) -> Any:
+        if not self.can_eval():
+            raise _E().UnsupportedError(f"decoding needs a llama_cpp.Llama (got a {self.kind})")
+        if int(seq) != 0:
+            raise _E().InvalidArgumentError(f"a llama_cpp.Llama decodes sequence 0 only (got seq_id {seq})")
+        return self.owner
+
     def after_import(self) -> None:
         # Llama keeps the tokens it believes are in the memory (n_tokens, input_ids) and reuses
         # their longest common prefix with the next prompt; after an import they are unknown.

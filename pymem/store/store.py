@@ -482,11 +482,13 @@ class Store:
         if N == 0:
             raise E.InvalidArgumentError("prefill needs at least one token")
         seq = int(seq_id)
+        t.check_decode(seq)
         with self._lock:                # decoding runs outside the lock: one Store serves many contexts
             m, reason = self._restore(c, toks, seq, N - 1)
         self.last_reason = reason
         if m == 0:
             t.seq_rm(seq, 0)
+        t.set_tokens(toks[:m], seq)
         B, lay = self.block_tokens, c.lay
         stops: List[int] = []
         if lay.needs_ckpt:

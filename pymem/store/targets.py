@@ -166,7 +166,28 @@ class LiveTarget(_Target):
             raise TargetError(f"prefill needs an in-process context (got a {lv.kind})")
         return lv.ffi, lv.lib, lv.ptr
 
+    def check_decode(self, seq: int) -> None:
+        """Raise unless this context can decode into ``seq`` (before prefill changes anything)."""
+        if getattr(self.lv, "can_eval", lambda: False)():
+            self.lv._llama(seq)
+        else:
+            self._api()
+
+    def set_tokens(self, tokens: np.ndarray, seq: int) -> None:
+        """Sequence ``seq`` now holds exactly ``tokens`` (after a restore, or empty): bindings that
+        keep their own token list (llama_cpp.Llama) are told."""
+        if getattr(self.lv, "can_eval", lambda: False)():
+            self.lv.set_tokens(tokens, seq)
+
     def decode(self, tokens: np.ndarray, pos0: int, seq: int, logits_last: bool) -> None:
+        if getattr(self.lv, "can_eval", lambda: False)():     # llama_cpp.Llama: its own eval
+            try:
+                self.lv.eval_tokens(tokens, pos0, seq)
+            except E.Error as exc:
+                raise TargetError(str(exc)) from None
+            except Exception as exc:  # llama-cpp-python raises RuntimeError / ValueError
+                raise StoreError(f"Llama.eval failed at position {pos0}: {exc}") from exc
+            return
         ffi, lib, ptr = self._api()
         n_batch = max(1, int(lib.llama_n_batch(ptr)))
         total = len(tokens)
@@ -196,6 +217,9 @@ class LiveTarget(_Target):
         return last_logits(self.ctx)
 
     def seq_rm(self, seq: int, p0: int) -> None:
+        if getattr(self.lv, "can_eval", lambda: False)():
+            self.lv.seq_rm(seq, p0, -1)
+            return
         ffi, lib, ptr = self._api()
         lib.llama_memory_seq_rm(lib.llama_get_memory(ptr), seq, p0, -1)
 
