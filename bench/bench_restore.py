@@ -11,9 +11,9 @@
 3. ``state_read`` / ``state_write_into`` of a unified 65,536-cell, 64-sequence cache (whole and
    one sequence) against memcpy.
 
-The memories are pymem's own (``from_gguf`` of bench_store's random-weight model: 4 layers of
-width 1024, 4 KV heads of 64, F16, V transposed), so the cache contents are zeros; the store does
-not look at them.  Medians; ratios are memcpy time / pymem time (1.0 = memcpy speed).
+The memories are pymem's own (``from_gguf`` of a metadata-only GGUF of bench_store's model: 4
+layers of width 1024, 4 KV heads of 64, F16, V transposed; no llama.cpp needed), so the cache
+contents are zeros; the store does not look at them.  Medians; ratios are memcpy time / pymem time (1.0 = memcpy speed).
 """
 from __future__ import annotations
 
@@ -36,7 +36,17 @@ import pymem.store
 from pymem.store import keys as K
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_store import bench_model  # noqa: E402
+from bench_store import bench_spec  # noqa: E402
+
+
+def meta_model(name: str, folder: str) -> str:
+    """A metadata-only GGUF of a tiny-model spec (hyper-parameters, no tensors: no llama.cpp)."""
+    from pymem._oracle import tinymodels
+
+    path = os.path.join(folder, name + ".gguf")
+    if not os.path.exists(path):
+        tinymodels.write_metadata_gguf(path, tinymodels.spec(name))
+    return path
 
 
 def med(f: Callable[[], Any], reps: int) -> float:
@@ -77,8 +87,8 @@ class Redis:
             self.proc.wait()
 
 
-def fetch_assemble(urls: List[str], tokens: List[int], reps: int) -> None:
-    path = bench_model(1024, 4)
+def fetch_assemble(urls: List[str], tokens: List[int], reps: int, folder: str) -> None:
+    path = meta_model(bench_spec(1024, 4), folder)
     print("## 1. fetch + assemble of a stored prompt (4 layers x 1024, F16, V transposed; median)")
     print(f"{'tokens':>7} {'MB':>7} {'backend':10} {'pymem ms':>9} {'memcpy ms':>10} {'ratio':>6}")
     for n in tokens:
@@ -107,10 +117,8 @@ def fetch_assemble(urls: List[str], tokens: List[int], reps: int) -> None:
         mem.close()
 
 
-def ckpt_search(urls: List[str], n: int, reps: int) -> None:
-    from pymem._oracle import tinymodels
-
-    path = tinymodels.ensure_models(["mamba"])["mamba"]
+def ckpt_search(urls: List[str], n: int, reps: int, folder: str) -> None:
+    path = meta_model("mamba", folder)
     mem = pymem.from_gguf(path, 16, n_seq_max=1)
     P = np.random.default_rng(1).integers(1, 100, n).tolist()
     mem.decode(pymem.Batch(tokens=P[:300], pos=list(range(300)), seq_ids=[[0]] * 300))
@@ -161,9 +169,9 @@ def main(argv: List[str] = None) -> int:
         urls = [f"memory://bench-restore-{os.getpid()}", os.path.join(d, "store")]
         if redis_url:
             urls.append(redis_url)
-        fetch_assemble(urls, tokens, a.reps)
+        fetch_assemble(urls, tokens, a.reps, d)
         ckpt_search([u + ("-ck" if u.startswith("memory") else "") for u in urls[:1]]
-                    + [os.path.join(d, "ck")] + urls[2:], 1024 if a.quick else 8192, a.reps)
+                    + [os.path.join(d, "ck")] + urls[2:], 1024 if a.quick else 8192, a.reps, d)
         if not a.quick:
             state_io(a.reps)
     return 0

@@ -37,7 +37,8 @@ def _capi() -> Any:
     return capi
 
 
-def bench_model(width: int, layers: int) -> str:
+def bench_spec(width: int, layers: int) -> str:
+    """Register the benchmark model's tiny-model spec; returns its name."""
     tm = _tiny()
     name = f"bench_llama_w{width}_l{layers}"
     if name not in tm.SPECS:
@@ -45,7 +46,12 @@ def bench_model(width: int, layers: int) -> str:
         kv = tm._common(n_embd=width, n_layer=layers, n_ff=width * 2, n_head=heads, n_head_kv=heads_kv)
         lay = tm._layout("llama", "kv", layers, width, [heads] * layers, [heads_kv] * layers)
         tm.SPECS[name] = tm.TinySpec(name, "llama", tuple(kv), lay, "store benchmark model")
-    return tm.ensure_models([name])[name]
+    return name
+
+
+def bench_model(width: int, layers: int) -> str:
+    name = bench_spec(width, layers)
+    return _tiny().ensure_models([name])[name]
 
 
 def med(f: Callable[[], Any], reps: int, setup: Callable[[], Any] = lambda: None) -> float:
