@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int fail(char *err, size_t cap, const char *fmt, ...) {
+int vec_fail(char *err, size_t cap, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, cap, fmt, ap);
@@ -17,7 +17,7 @@ static int fail(char *err, size_t cap, const char *fmt, ...) {
 
 #define BAIL(...)                                                                              \
     do {                                                                                       \
-        fail(err, errcap, __VA_ARGS__);                                                        \
+        vec_fail(err, errcap, __VA_ARGS__);                                                        \
         vec_free(out);                                                                         \
         return -1;                                                                             \
     } while (0)
@@ -74,7 +74,7 @@ int vec_load(const char *path, const char *const *params, const char *const *eve
     memset(out, 0, sizeof(*out));
     FILE *fp = fopen(path, "rb");
     if (fp == NULL) {
-        return fail(err, errcap, "%s: %s", path, strerror(errno));
+        return vec_fail(err, errcap, "%s: %s", path, strerror(errno));
     }
     size_t len = 0, cap = 0;
     char *text = NULL;
@@ -85,7 +85,7 @@ int vec_load(const char *path, const char *const *params, const char *const *eve
             if (t == NULL) {
                 free(text);
                 fclose(fp);
-                return fail(err, errcap, "%s: out of memory", path);
+                return vec_fail(err, errcap, "%s: out of memory", path);
             }
             text = t;
         }

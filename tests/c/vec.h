@@ -47,6 +47,8 @@ const char *vec_param(const vec_case *c, const char *key);
 /* Integers / float32 values separated by blanks (or `sep`, e.g. ','); the count, or -1 on a
  * malformed value or more than cap values. */
 int vec_ints(const char *s, char sep, int64_t *out, int cap);
+/* Format a message into err (cap bytes); returns -1, for `return vec_fail(...)`. */
+int vec_fail(char *err, size_t cap, const char *fmt, ...);
 int vec_floats(const char *s, float *out, int cap);
 /* `hex:...` bytes into a malloc'ed buffer (free it; a 1-byte buffer when empty); -1 if
  * malformed. */

@@ -1,7 +1,6 @@
 /* vec_mem.c - memories of every kind from a shared-vector case (see vec_mem.h). */
 #include "vec_mem.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,14 +20,6 @@ const char *const VM_PARAMS[] = {
 #define N_COMMON 6
 #define N_KV 28   /* VM_PARAMS[6..34) */
 #define N_SWA 6   /* [34..40) */
-
-static int fail(char *err, size_t cap, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, cap, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 static int word_index(const char *w, const char *const *words) {
     for (int i = 0; words[i] != NULL; ++i) {
@@ -51,16 +42,16 @@ static int get_int(const vec_case *c, const char *key, int64_t dflt, int64_t *ou
     const char *v = vec_param(c, key);
     *out = dflt;
     if (v == NULL) {
-        return dflt == INT64_MIN ? fail(err, cap, "case %s: parameter %s missing", c->name, key) : 0;
+        return dflt == INT64_MIN ? vec_fail(err, cap, "case %s: parameter %s missing", c->name, key) : 0;
     }
-    return vec_ints(v, ' ', out, 1) == 1 ? 0 : fail(err, cap, "case %s: parameter %s: %s", c->name, key, v);
+    return vec_ints(v, ' ', out, 1) == 1 ? 0 : vec_fail(err, cap, "case %s: parameter %s: %s", c->name, key, v);
 }
 
 static int get_ints(const vec_case *c, const char *key, int64_t *out, int need, char *err, size_t cap) {
     const char *v = vec_param(c, key);
     int n = v ? vec_ints(v, ' ', out, VM_MAX_LAYERS) : -1;
     if (n < 0 || (need >= 0 && n != need)) {
-        return fail(err, cap, "case %s: parameter %s: %s", c->name, key, v ? v : "(missing)");
+        return vec_fail(err, cap, "case %s: parameter %s: %s", c->name, key, v ? v : "(missing)");
     }
     return n;
 }
@@ -89,7 +80,7 @@ static int kv_params(const vec_case *c, const char *prefix, int64_t nl, pm_kv_pa
     float fc[6][VM_MAX_LAYERS];
     int n_held = layer_list(vec_param(c, OWN("layers")), held);
     if (n_held < 0) {
-        return fail(err, cap, "case %s: parameter %s", c->name, key);
+        return vec_fail(err, cap, "case %s: parameter %s", c->name, key);
     }
     REQ(get_ints(c, "n_head_kv", hkv, (int)nl, err, cap));
     REQ(get_ints(c, "n_embd_head_k", hk, (int)nl, err, cap));
@@ -101,25 +92,25 @@ static int kv_params(const vec_case *c, const char *prefix, int64_t nl, pm_kv_pa
     for (int k = 0; k < 6; ++k) {
         const char *v = vec_param(c, FKEYS[k]);
         if (v == NULL || vec_floats(v, fc[k], VM_MAX_LAYERS) != nl) {
-            return fail(err, cap, "case %s: parameter %s", c->name, FKEYS[k]);
+            return vec_fail(err, cap, "case %s: parameter %s", c->name, FKEYS[k]);
         }
     }
     int n_ff = 0;
     if (vec_param(c, "rope_freq_factors") != NULL) {
         n_ff = vec_floats(vec_param(c, "rope_freq_factors"), buf->ff, 1024);
         if (n_ff <= 0) {
-            return fail(err, cap, "case %s: rope_freq_factors", c->name);
+            return vec_fail(err, cap, "case %s: rope_freq_factors", c->name);
         }
     }
     char modes_buf[1024];
     char *modes[VM_MAX_LAYERS];
     const char *mv = vec_param(c, "rope_mode");
     if (mv == NULL || strlen(mv) >= sizeof modes_buf) {
-        return fail(err, cap, "case %s: rope_mode", c->name);
+        return vec_fail(err, cap, "case %s: rope_mode", c->name);
     }
     strcpy(modes_buf, mv);
     if (vec_split(modes_buf, modes, VM_MAX_LAYERS) != nl) {
-        return fail(err, cap, "case %s: rope_mode needs %lld words", c->name, (long long)nl);
+        return vec_fail(err, cap, "case %s: rope_mode needs %lld words", c->name, (long long)nl);
     }
     static const char *const MODE_W[] = {"norm", "neox", "mrope", "imrope", "vision", "none", "off", NULL};
     static const int32_t MODE_V[] = {PM_ROPE_NORM, PM_ROPE_NEOX, PM_ROPE_MROPE, PM_ROPE_IMROPE,
@@ -128,7 +119,7 @@ static int kv_params(const vec_case *c, const char *prefix, int64_t nl, pm_kv_pa
     for (int k = 0; k < n_held; ++k) {
         int64_t il = held[k];
         if (il < 0 || il >= nl) {
-            return fail(err, cap, "case %s: layer %lld", c->name, (long long)il);
+            return vec_fail(err, cap, "case %s: layer %lld", c->name, (long long)il);
         }
         pm_kv_layer *L = &buf->layers[k];
         L->il = (uint32_t)il;
@@ -137,7 +128,7 @@ static int kv_params(const vec_case *c, const char *prefix, int64_t nl, pm_kv_pa
         L->n_embd_head_v = (uint32_t)hv[il];
         int m = word_index(modes[il], MODE_W);
         if (m < 0) {
-            return fail(err, cap, "case %s: rope mode %s", c->name, modes[il]);
+            return vec_fail(err, cap, "case %s: rope mode %s", c->name, modes[il]);
         }
         L->has_rope = strcmp(modes[il], "off") != 0;
         L->rope.mode = MODE_V[m];
@@ -159,10 +150,10 @@ static int kv_params(const vec_case *c, const char *prefix, int64_t nl, pm_kv_pa
     const char *sw = vec_param(c, OWN("swa_type"));
     memset(p, 0, sizeof *p);
     if (!tk || !tv || pm_type_from_name(tk, &p->type_k) != PM_OK || pm_type_from_name(tv, &p->type_v) != PM_OK) {
-        return fail(err, cap, "case %s: cache types", c->name);
+        return vec_fail(err, cap, "case %s: cache types", c->name);
     }
     if (sw == NULL || word_index(sw, SWA_W) < 0) {
-        return fail(err, cap, "case %s: %s", c->name, key);
+        return vec_fail(err, cap, "case %s: %s", c->name, key);
     }
     p->swa_type = word_index(sw, SWA_W);
     p->n_layer_model = (uint32_t)nl;
@@ -202,7 +193,7 @@ static int rec_params(const vec_case *c, int64_t nl, pm_rec_params *p, pm_rec_la
     int64_t held[VM_MAX_LAYERS], er[VM_MAX_LAYERS], es[VM_MAX_LAYERS], x;
     int n = layer_list(vec_param(c, "rec_layers"), held);
     if (n < 0) {
-        return fail(err, cap, "case %s: parameter rec_layers", c->name);
+        return vec_fail(err, cap, "case %s: parameter rec_layers", c->name);
     }
     REQ(get_ints(c, "n_embd_r", er, (int)nl, err, cap));
     REQ(get_ints(c, "n_embd_s", es, (int)nl, err, cap));
@@ -210,7 +201,7 @@ static int rec_params(const vec_case *c, int64_t nl, pm_rec_params *p, pm_rec_la
     memset(layers, 0, sizeof(pm_rec_layer) * VM_MAX_LAYERS);
     for (int k = 0; k < n; ++k) {
         if (held[k] < 0 || held[k] >= nl) {
-            return fail(err, cap, "case %s: recurrent layer %lld", c->name, (long long)held[k]);
+            return vec_fail(err, cap, "case %s: recurrent layer %lld", c->name, (long long)held[k]);
         }
         layers[k].il = (uint32_t)held[k];
         layers[k].n_embd_r = (uint32_t)er[held[k]];
@@ -218,7 +209,7 @@ static int rec_params(const vec_case *c, int64_t nl, pm_rec_params *p, pm_rec_la
     }
     const char *tr = vec_param(c, "type_r"), *ts = vec_param(c, "type_s");
     if (!tr || !ts || pm_type_from_name(tr, &p->type_r) != PM_OK || pm_type_from_name(ts, &p->type_s) != PM_OK) {
-        return fail(err, cap, "case %s: recurrent types", c->name);
+        return vec_fail(err, cap, "case %s: recurrent types", c->name);
     }
     p->n_layer_model = (uint32_t)nl;
     p->n_layer = (uint32_t)n;
@@ -241,7 +232,7 @@ int vm_build(const vec_case *c, vm_mem *m, char *err, size_t cap) {
     const char *kind = vec_param(c, "kind");
     int k = kind ? word_index(kind, KINDS) : -1;
     if (k < 0) {
-        return fail(err, cap, "case %s: unsupported kind %s", c->name, kind ? kind : "(none)");
+        return vec_fail(err, cap, "case %s: unsupported kind %s", c->name, kind ? kind : "(none)");
     }
     m->kind = KINDS[k];
     for (size_t i = 0; i < c->n_items; ++i) {
@@ -249,14 +240,14 @@ int vm_build(const vec_case *c, vm_mem *m, char *err, size_t cap) {
         bool ok = w < 0 || w < N_COMMON || (w < N_COMMON + N_KV ? HAS[k][0]
                                                                 : w < N_COMMON + N_KV + N_SWA ? HAS[k][1] : HAS[k][2]);
         if (!ok) {
-            return fail(err, cap, "case %s line %d: %s does not belong to kind %s", c->name, c->items[i].line,
+            return vec_fail(err, cap, "case %s line %d: %s does not belong to kind %s", c->name, c->items[i].line,
                         c->items[i].key, kind);
         }
     }
     int64_t nl = 0, x = 0;
     REQ(get_int(c, "n_layer", INT64_MIN, &nl, err, cap));
     if (nl <= 0 || nl > VM_MAX_LAYERS) {
-        return fail(err, cap, "case %s: n_layer %lld", c->name, (long long)nl);
+        return vec_fail(err, cap, "case %s: n_layer %lld", c->name, (long long)nl);
     }
     static kv_buf kb0, kb1;
     static pm_rec_layer rl[VM_MAX_LAYERS];
@@ -286,7 +277,7 @@ int vm_build(const vec_case *c, vm_mem *m, char *err, size_t cap) {
     default: st = pm_hybrid_iswa_new(&p0, &p1, &pr, &m->mem); break;
     }
     if (st != PM_OK) {
-        return fail(err, cap, "case %s: constructing %s: %s (%s)", c->name, kind, pm_status_str(st), pm_last_error());
+        return vec_fail(err, cap, "case %s: constructing %s: %s (%s)", c->name, kind, pm_status_str(st), pm_last_error());
     }
     m->n_kv = pm_memory_n_kv(m->mem);
     for (uint32_t p = 0; p < m->n_kv; ++p) {
@@ -334,7 +325,7 @@ pm_status vm_store_kv(vm_mem *m, pm_mctx *ctx, uint32_t u, const uint32_t *idx, 
             }
             st = pm_mctx_store(ctx, u, P->li[l].il, kbuf, n * P->kb[l], vbuf, n * P->vb[l], false);
             if (st != PM_OK) {
-                fail(err, cap, "pm_mctx_store(part %u, layer %u): %s", p, P->li[l].il, pm_last_error());
+                vec_fail(err, cap, "pm_mctx_store(part %u, layer %u): %s", p, P->li[l].il, pm_last_error());
             }
             ko += P->kb[l];
             vo += P->vb[l];
@@ -348,7 +339,7 @@ pm_status vm_store_kv(vm_mem *m, pm_mctx *ctx, uint32_t u, const uint32_t *idx, 
 pm_status vm_store_rs(vm_mem *m, const pm_seq_id *seqs, uint32_t n, const uint8_t *rs, size_t len, bool rollback,
                       char *err, size_t cap) {
     if (!m->has_rec || len != m->rs_stride * n) {
-        fail(err, cap, "rs: %zu bytes for %u sequences, expected %llu each%s", len, n,
+        vec_fail(err, cap, "rs: %zu bytes for %u sequences, expected %llu each%s", len, n,
              (unsigned long long)m->rs_stride, m->has_rec ? "" : " (no recurrent part)");
         return PM_E_INVALID_ARG;
     }
@@ -360,7 +351,7 @@ pm_status vm_store_rs(vm_mem *m, const pm_seq_id *seqs, uint32_t n, const uint8_
     for (uint32_t i = 0; i < n && st == PM_OK; ++i) {
         pm_seq_id q = seqs[i];
         if (q < 0 || (uint32_t)q >= size || tail[q] < 0 || (rollback && plane[q] == 0)) {
-            fail(err, cap, "rs: sequence %d has no recurrent cell%s", q, rollback ? " with a pending rollback" : "");
+            vec_fail(err, cap, "rs: sequence %d has no recurrent cell%s", q, rollback ? " with a pending rollback" : "");
             st = PM_E_INVALID_ARG;
             break;
         }

@@ -140,6 +140,30 @@ def fmt_floats(xs) -> str:
     return " ".join(out)
 
 
+def kv_params(kw: dict, ropes: list, fmt: int) -> list:
+    """The case parameters of a KV part (``kw``: its pm_kv_params fields; ``ropes``: per model
+    layer, the RoPE or None), as (key, value) pairs in the grammar's order."""
+    p = [("layers", " ".join(map(str, kw["layers"])) or "none"),
+         ("n_head_kv", " ".join(map(str, kw["n_head_kv"]))),
+         ("n_embd_head_k", " ".join(map(str, kw["n_embd_head_k"]))),
+         ("n_embd_head_v", " ".join(map(str, kw["n_embd_head_v"]))),
+         ("size", kw["size"]), ("n_seq_max", kw["n_seq_max"]), ("type_k", kw["type_k"]),
+         ("type_v", kw["type_v"]), ("v_trans", int(kw["v_trans"])), ("unified", int(kw["unified"])),
+         ("n_swa", kw["n_swa"]), ("swa_type", kw["swa_type"]), ("n_pos_per_embd", kw["n_pos_per_embd"]),
+         ("n_embd_v_gqa_max", kw["n_embd_v_gqa_max"]), ("k_rot", kw["k_rot"]), ("v_rot", kw["v_rot"]),
+         ("can_shift", int(kw["can_shift"])), ("format", fmt),
+         ("rope_mode", " ".join("off" if r is None else str(r.mode) for r in ropes)),
+         ("rope_n_rot", " ".join(str(r.n_rot if r else 0) for r in ropes)),
+         ("rope_n_ctx_orig", " ".join(str(r.n_ctx_orig if r else 0) for r in ropes))]
+    for k in ("freq_base", "freq_scale", "ext_factor", "attn_factor", "beta_fast", "beta_slow"):
+        p.append((f"rope_{k}", fmt_floats(getattr(r, k) if r else 0 for r in ropes)))
+    ffs = {tuple(r.freq_factors) for r in ropes if r is not None and r.freq_factors is not None}
+    assert len(ffs) <= 1, "per-layer freq factors differ"
+    if ffs:
+        p.append(("rope_freq_factors", fmt_floats(next(iter(ffs)))))
+    return p
+
+
 def new_cells(before: list, after: list) -> dict:
     """Cells of a stream after a decode that were not there before: (pos, seq ids) -> the
     ranks of those cells in the after-state (a cell that was there before counts once)."""
@@ -186,25 +210,7 @@ class Rec:
                           f"{int(unified)}, flash_attn {int(flash_attn)}, type_k {type_k}, type_v {type_v}"
                           + (f", n_ubatch {n_ubatch}" if n_ubatch else ""))
         ropes = kw["rope"]
-        p = [("kind", "kv"), ("arch", kw["arch"]), ("n_layer", kw["n_layer"]),
-             ("layers", " ".join(map(str, kw["layers"]))),
-             ("n_head_kv", " ".join(map(str, kw["n_head_kv"]))),
-             ("n_embd_head_k", " ".join(map(str, kw["n_embd_head_k"]))),
-             ("n_embd_head_v", " ".join(map(str, kw["n_embd_head_v"]))),
-             ("size", kw["size"]), ("n_seq_max", kw["n_seq_max"]), ("type_k", kw["type_k"]),
-             ("type_v", kw["type_v"]), ("v_trans", int(kw["v_trans"])), ("unified", int(kw["unified"])),
-             ("n_swa", kw["n_swa"]), ("swa_type", kw["swa_type"]), ("n_pos_per_embd", kw["n_pos_per_embd"]),
-             ("n_embd_v_gqa_max", kw["n_embd_v_gqa_max"]), ("k_rot", kw["k_rot"]), ("v_rot", kw["v_rot"]),
-             ("can_shift", int(kw["can_shift"])), ("format", format),
-             ("rope_mode", " ".join("off" if r is None else str(r.mode) for r in ropes)),
-             ("rope_n_rot", " ".join(str(r.n_rot if r else 0) for r in ropes)),
-             ("rope_n_ctx_orig", " ".join(str(r.n_ctx_orig if r else 0) for r in ropes))]
-        for k in ("freq_base", "freq_scale", "ext_factor", "attn_factor", "beta_fast", "beta_slow"):
-            p.append((f"rope_{k}", fmt_floats(getattr(r, k) if r else 0 for r in ropes)))
-        ffs = {tuple(r.freq_factors) for r in ropes if r is not None and r.freq_factors is not None}
-        assert len(ffs) <= 1, "per-layer freq factors differ"
-        if ffs:
-            p.append(("rope_freq_factors", fmt_floats(next(iter(ffs)))))
+        p = [("kind", "kv"), ("arch", kw["arch"]), ("n_layer", kw["n_layer"])] + kv_params(kw, ropes, format)
         p += [("n_vocab", 128), ("n_ubatch", self.ctx.n_ubatch())]
         self.lines += [f"{k} = {v}" for k, v in p]
         self.n_ubatch = self.ctx.n_ubatch()
@@ -378,7 +384,7 @@ class Rec:
         pre = self.ctx.state_get()
         n = self.ctx.state_set(lb) if whole else self.ctx.state_seq_set(lb, seq)
         if probe and n != 0:
-            why += f" - llama.cpp accepts it"
+            why += " - llama.cpp accepts it"
             expect = None
         if why:
             self.comment(why)
@@ -937,7 +943,7 @@ FUZZ_CONFIGS = {
 # ---------------------------------------------------------------------------------------------
 class Gen:
     def __init__(self, args: argparse.Namespace) -> None:
-        from pymem._oracle import OracleWorker, tinymodels
+        from pymem._oracle import OracleWorker
 
         self.args = args
         self.lcp = args.llama == "llama-cpp-python"

@@ -116,25 +116,7 @@ class MemRec(Rec):
                 for k, v in other.kwargs.items():
                     if k not in ("layers", "size", "n_swa", "swa_type", "k_rot", "v_rot", "rope"):
                         assert v == kw[k], (k, v, kw[k])
-            ropes = self._ropes()
-            p += [("layers", " ".join(map(str, kw["layers"])) or "none"),
-                  ("n_head_kv", " ".join(map(str, kw["n_head_kv"]))),
-                  ("n_embd_head_k", " ".join(map(str, kw["n_embd_head_k"]))),
-                  ("n_embd_head_v", " ".join(map(str, kw["n_embd_head_v"]))),
-                  ("size", kw["size"]), ("n_seq_max", kw["n_seq_max"]), ("type_k", kw["type_k"]),
-                  ("type_v", kw["type_v"]), ("v_trans", int(kw["v_trans"])), ("unified", int(kw["unified"])),
-                  ("n_swa", kw["n_swa"]), ("swa_type", kw["swa_type"]), ("n_pos_per_embd", kw["n_pos_per_embd"]),
-                  ("n_embd_v_gqa_max", kw["n_embd_v_gqa_max"]), ("k_rot", kw["k_rot"]), ("v_rot", kw["v_rot"]),
-                  ("can_shift", int(kw["can_shift"])), ("format", self.format),
-                  ("rope_mode", " ".join("off" if r is None else str(r.mode) for r in ropes)),
-                  ("rope_n_rot", " ".join(str(r.n_rot if r else 0) for r in ropes)),
-                  ("rope_n_ctx_orig", " ".join(str(r.n_ctx_orig if r else 0) for r in ropes))]
-            for k in ("freq_base", "freq_scale", "ext_factor", "attn_factor", "beta_fast", "beta_slow"):
-                p.append((f"rope_{k}", R.fmt_floats(getattr(r, k) if r else 0 for r in ropes)))
-            ffs = {tuple(r.freq_factors) for r in ropes if r is not None and r.freq_factors is not None}
-            assert len(ffs) <= 1, "per-layer freq factors differ"
-            if ffs:
-                p.append(("rope_freq_factors", R.fmt_floats(next(iter(ffs)))))
+            p += R.kv_params(kw, self._ropes(), self.format)
             if len(self.kv_specs) == 2:
                 sw = self.kv_specs[1].kwargs
                 p += [("swa_layers", " ".join(map(str, sw["layers"])) or "none"), ("swa_size", sw["size"]),
