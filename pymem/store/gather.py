@@ -42,11 +42,7 @@ def gather_kv(st: "Store", c: "_Ctx", toks: np.ndarray, p: "_Plan", seq_id: int)
     src = p.tail_src or n
     chain = K.Chain(c.seed, B, toks[:max(n, src)])
     # the first block the ordinary way: its header fixes the layout of every block of the prefix
-    key0 = chain.block(0)
-    nt, pl = st._fetch(key0, "block", c.seed, slot=0)
-    (p0,) = A.decode_payload(pl, 1)
-    if nt != B or p0.n != B:
-        st._corrupt(key0, CorruptValueError("block 0 holds the wrong number of cells"))
+    (p0,), pl = st._block(c, chain, 0)
     head = struct.pack("<Ii", A.SEQ_MAGIC, int(seq_id))
     stream = min(max(int(seq_id), 0), p0.n_stream - 1) if p0.n_stream > 1 else 0
     sl = A.StreamLayout.of(p0, n, c.lay.format, len(head), 4 * stream, 4 * (p0.n_stream - 1 - stream))
@@ -57,12 +53,10 @@ def gather_kv(st: "Store", c: "_Ctx", toks: np.ndarray, p: "_Plan", seq_id: int)
         reader.read(chain.block(i), i, c.seed)
     st.backend.touch(reader.keys)
     if n % B:
-        key = chain.prefix(src)
-        nt, pl = st._fetch(key, "tail" if src % B else "block", c.seed, slot=n // B)
-        (q,) = A.decode_payload(pl, 1)
-        if nt != src or (src - 1) // B != n // B or q.n != (src - 1) % B + 1 or q.header() != p0.header():
-            st._corrupt(key, CorruptValueError("tail does not match the blocks before it"))
-        sl.put(buf, A.head_cells(q, n % B), n // B * B)
+        (q,) = st._tail(c, chain, n, src)
+        if q.header() != p0.header():
+            raise CorruptValueError("blocks of one prefix disagree on the layer layout")
+        sl.put(buf, q, n // B * B)
     return out
 
 

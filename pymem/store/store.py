@@ -391,31 +391,37 @@ class Store:
         chain = K.Chain(c.seed, B, toks[:max(n, src)])
         blocks: List[List[A.PartData]] = []
         if lay.n_full:
-            for i in range(n // B):
-                nt, pl = self._fetch(chain.block(i), "block", c.seed, slot=i)
-                parts = A.decode_payload(pl, lay.n_full)
-                if nt != (i + 1) * B or any(p.n != B for p in parts):
-                    self.backend.delete([chain.block(i).hex()])
-                    raise CorruptValueError(f"block {i} holds the wrong number of cells")
-                blocks.append(parts)
+            blocks = [self._block(c, chain, i)[0] for i in range(n // B)]
             if n % B:
-                key = chain.prefix(src)
-                nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed, slot=n // B)
-                parts = A.decode_payload(pl, lay.n_full)
-                if nt != src or (src - 1) // B != n // B or any(p.n != (src - 1) % B + 1 for p in parts):
-                    self.backend.delete([key.hex()])
-                    raise CorruptValueError("tail holds the wrong number of cells")
-                blocks.append([A.head_cells(p, n % B) for p in parts])
+                blocks.append(self._tail(c, chain, n, src))
         raw: List[Any] = []
         if lay.needs_ckpt:
             key = chain.ckpt(n)
             nt, pl = self._fetch(key, "ckpt", c.seed, slot=n // B + 1)
             n_raw = sum(1 for r in lay.roles if r != "full") + int(lay.recurrent)
             if nt != n:
-                self.backend.delete([key.hex()])
-                raise CorruptValueError("checkpoint of the wrong length")
+                self._corrupt(key, CorruptValueError("checkpoint of the wrong length"))
             raw = A.decode_ckpt(pl, n_raw)
         return blocks, raw
+
+    def _block(self, c: _Ctx, chain: K.Chain, i: int) -> Tuple[List[A.PartData], memoryview]:
+        """Full block i of a prefix: its full-attention parts and its payload."""
+        B, key = self.block_tokens, chain.block(i)
+        nt, pl = self._fetch(key, "block", c.seed, slot=i)
+        parts = A.decode_payload(pl, c.lay.n_full)
+        if nt != (i + 1) * B or any(p.n != B for p in parts):
+            self._corrupt(key, CorruptValueError(f"block {i} holds the wrong number of cells"))
+        return parts, pl
+
+    def _tail(self, c: _Ctx, chain: K.Chain, n: int, src: int) -> List[A.PartData]:
+        """The cells of the last partial block of an n-token prefix, from the entry at ``src``
+        tokens (a tail, or the full block holding them)."""
+        B, key = self.block_tokens, chain.prefix(src)
+        nt, pl = self._fetch(key, "tail" if src % B else "block", c.seed, slot=n // B)
+        parts = A.decode_payload(pl, c.lay.n_full)
+        if nt != src or (src - 1) // B != n // B or any(p.n != (src - 1) % B + 1 for p in parts):
+            self._corrupt(key, CorruptValueError("tail holds the wrong number of cells"))
+        return [A.head_cells(p, n % B) for p in parts]
 
     def _assemble(self, c: _Ctx, toks: np.ndarray, p: _Plan, seq_id: int) -> Any:
         """The sequence blob of the plan's prefix, for ``seq_id``."""

@@ -79,6 +79,8 @@ class LiveTarget(_Target):
         self.ctx = ctx
         self.model_path = self.lv.model_path
         self.mem = self._layout()
+        # llama_cpp.Llama decodes through its own eval (it keeps its own token list)
+        self.evals = bool(getattr(self.lv, "can_eval", lambda: False)())
 
     def _layout(self) -> Any:
         """An empty pymem memory laid out as the context's (cached per context once the cache
@@ -168,7 +170,7 @@ class LiveTarget(_Target):
 
     def check_decode(self, seq: int) -> None:
         """Raise unless this context can decode into ``seq`` (before prefill changes anything)."""
-        if getattr(self.lv, "can_eval", lambda: False)():
+        if self.evals:
             self.lv._llama(seq)
         else:
             self._api()
@@ -176,11 +178,11 @@ class LiveTarget(_Target):
     def set_tokens(self, tokens: np.ndarray, seq: int) -> None:
         """Sequence ``seq`` now holds exactly ``tokens`` (after a restore, or empty): bindings that
         keep their own token list (llama_cpp.Llama) are told."""
-        if getattr(self.lv, "can_eval", lambda: False)():
+        if self.evals:
             self.lv.set_tokens(tokens, seq)
 
     def decode(self, tokens: np.ndarray, pos0: int, seq: int, logits_last: bool) -> None:
-        if getattr(self.lv, "can_eval", lambda: False)():     # llama_cpp.Llama: its own eval
+        if self.evals:
             try:
                 self.lv.eval_tokens(tokens, pos0, seq)
             except E.Error as exc:
@@ -217,7 +219,7 @@ class LiveTarget(_Target):
         return last_logits(self.ctx)
 
     def seq_rm(self, seq: int, p0: int) -> None:
-        if getattr(self.lv, "can_eval", lambda: False)():
+        if self.evals:
             self.lv.seq_rm(seq, p0, -1)
             return
         ffi, lib, ptr = self._api()
