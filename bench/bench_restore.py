@@ -170,8 +170,7 @@ def main(argv: List[str] = None) -> int:
         if redis_url:
             urls.append(redis_url)
         fetch_assemble(urls, tokens, a.reps, d)
-        ckpt_search([u + ("-ck" if u.startswith("memory") else "") for u in urls[:1]]
-                    + [os.path.join(d, "ck")] + urls[2:], 1024 if a.quick else 8192, a.reps, d)
+        ckpt_search(urls, 1024 if a.quick else 8192, a.reps, d)   # (another model: other keys)
         if not a.quick:
             state_io(a.reps)
     return 0
