@@ -222,16 +222,12 @@ pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uin
     if (pmi_kv_partial_skips(kv, flags) || count_only(kv, w, seq)) {
         return PM_OK;
     }
-    uint32_t *cells = malloc(sizeof(uint32_t) * (size_t)kv->size + 1);
-    if (cells == NULL) {
-        return pmi_fail(PM_E_NOMEM, "out of memory");
-    }
+    uint32_t *cells = kv->work; /* scratch owned by the cache: a write allocates nothing */
     pmi_w_u32(w, kv->n_stream);
     for (uint32_t st = 0; st < kv->n_stream; ++st) {
         uint32_t n = select_cells(kv, st, seq, cells);
         write_stream(kv, w, st, seq, cells, n);
     }
-    free(cells);
     return PM_OK;
 }
 
