@@ -47,10 +47,8 @@ pm_status pmi_cells_init(pmi_cells *c, uint32_t size) {
         c->pos[i] = -1;
         c->ext[i] = EXT_RESET;
     }
-    for (uint32_t n = 0; n < c->ncap; ++n) {
-        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
-    }
-    c->nfree = 0;
+    c->nfree = PMI_NONE; /* every node fresh */
+    c->nfresh = 0;
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
         c->root[s] = PMI_NONE;
     }
@@ -118,12 +116,7 @@ pm_status pmi_cells_reserve(pmi_cells *c, uint64_t extra) {
         return pmi_fail(PM_E_NOMEM, "out of memory growing the sequence index");
     }
     c->nprio = pr;
-    /* chain the new nodes in front of the free list */
-    uint32_t old = c->ncap;
-    for (uint32_t n = old; n < (uint32_t)want; ++n) {
-        c->nl[n] = n + 1 < (uint32_t)want ? n + 1 : c->nfree;
-    }
-    c->nfree = old;
+    /* the new nodes are fresh (nfresh <= the old ncap: nothing to chain) */
     c->ncap = (uint32_t)want;
     return PM_OK;
 }
@@ -242,6 +235,23 @@ void pmi_cells_reset(pmi_cells *c) {
     memset(c->seq, 0, sizeof(uint64_t) * PMI_SEQ_WORDS * c->size);
     memset(c->used_bits, 0, sizeof(uint64_t) * c->nwords);
     c->used = 0;
+    c->has_shift = false;
+    c->shift_bound = 0;
+    pmi_idx_clear(c);
+}
+
+void pmi_cells_reset_packed(pmi_cells *c, uint32_t cc) {
+    for (uint32_t i = cc; i < c->size; ++i) {
+        c->pos[i] = -1;
+        c->ext[i] = EXT_RESET;
+        c->shift[i] = 0;
+    }
+    memset(c->seq + (size_t)cc * PMI_SEQ_WORDS, 0, sizeof(uint64_t) * PMI_SEQ_WORDS * (c->size - cc));
+    for (uint32_t w = 0; w < c->nwords; ++w) {
+        uint32_t lo = w * 64;
+        c->used_bits[w] = cc >= lo + 64 ? UINT64_MAX : cc > lo ? (1ULL << (cc - lo)) - 1 : 0;
+    }
+    c->used = cc;
     c->has_shift = false;
     c->shift_bound = 0;
     pmi_idx_clear(c);

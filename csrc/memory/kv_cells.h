@@ -43,6 +43,7 @@ typedef struct pmi_cells {
     uint32_t *nl, *nr;
     uint32_t *nprio;     /* heap priority of each node (a hash of its cell) */
     uint32_t ncap, nfree, nlive;
+    uint32_t nfresh;     /* nodes nfresh..ncap-1 are free and off the free list */
     uint32_t *tmp;       /* 4 * size scratch entries for the range operations */
     /* undo journal */
     bool jon;
@@ -93,13 +94,37 @@ void pmi_cells_reset(pmi_cells *c);
 void pmi_cells_reset_shift(pmi_cells *c);
 void pmi_cells_rm(pmi_cells *c, uint32_t i);
 void pmi_cells_seq_add(pmi_cells *c, uint32_t i, pm_seq_id s); /* needs a reserved node */
-/* Bulk restores: set sequence bits without indexing, then build every sequence's index from
- * the cells at once.  keys/stack hold at least as many entries as memberships (nodes must be
- * reserved).  Not journaled: use outside transactions only. */
-void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s);
-/* counts: the members of each sequence (PM_MAX_SEQ entries) when the caller counted them while
- * setting the bits, else NULL (counted here from the cells) */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint64_t *stack, const uint32_t *counts);
+/* A whole restore of cc cells packed at 0..cc-1 (not journaled: outside transactions only).
+ * reset_packed empties every index, resets every cell from cc up and counts 0..cc-1 as used;
+ * the caller loads each of those (position, ext or NULL for the reset value, the 4 sequence words)
+ * and, in ascending runs of cells, hands them to the bulk index build: bulk_start with at
+ * least as many nodes reserved as memberships, cap[s] >= the members of s (PM_MAX_SEQ
+ * entries) and a stack of pmi_cells_bulk_stack_len(cap) entries; bulk_cells for the cells
+ * [i0, i1) loaded since; bulk_finish once every cell is in. */
+void pmi_cells_reset_packed(pmi_cells *c, uint32_t cc);
+static inline void pmi_cells_load(pmi_cells *c, uint32_t i, pm_pos pos, const pmi_ext *e,
+                                  uint64_t w0, uint64_t w1, uint64_t w2, uint64_t w3) {
+    static const pmi_ext reset = {0, 0, -1};
+    uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
+    c->pos[i] = pos;
+    c->shift[i] = 0;
+    c->ext[i] = e != NULL ? *e : reset;
+    sw[0] = w0;
+    sw[1] = w1;
+    sw[2] = w2;
+    sw[3] = w3;
+}
+#define PMI_BULK_SENTINELS 8
+typedef struct pmi_bulk {
+    uint64_t *stack;
+    uint32_t base[PM_MAX_SEQ], sp[PM_MAX_SEQ]; /* each sequence's stack: bottom, one past the top */
+    uint64_t last[PM_MAX_SEQ];                 /* its last key */
+    uint64_t unsorted[PM_MAX_SEQ / 64];        /* a key came after a larger one */
+} pmi_bulk;
+uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap);
+void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64_t *stack);
+void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1);
+void pmi_cells_bulk_finish(pmi_cells *c, pmi_bulk *b);
 /* Whole-range operations on one sequence (cost: the cells in the range, see kv_cells.c).
  * rm / shift / keep return the lowest cell they emptied (PMI_NONE if none).  shift adds d to
  * the positions in [p0, p1) or, with div > 0, divides them by div.  cp needs reserved nodes. */

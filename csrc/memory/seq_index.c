@@ -174,10 +174,8 @@ void pmi_idx_clear(pmi_cells *c) {
         c->root[s] = PMI_NONE;
         c->cnt[s] = 0;
     }
-    for (uint32_t n = 0; n < c->ncap; ++n) {
-        c->nl[n] = n + 1 < c->ncap ? n + 1 : PMI_NONE;
-    }
-    c->nfree = 0;
+    c->nfree = PMI_NONE; /* every node fresh: O(1), no chain to rebuild */
+    c->nfresh = 0;
     c->nlive = 0;
 }
 
@@ -275,74 +273,131 @@ pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p) {
 
 /* ---- bulk index build ------------------------------------------------------------------------ */
 
-void pmi_cells_seq_set_bit(pmi_cells *c, uint32_t i, pm_seq_id s) {
-    c->seq[(size_t)i * PMI_SEQ_WORDS + ((uint32_t)s >> 6)] |= 1ULL << ((uint32_t)s & 63);
+/* The bulk build: every sequence's treap is the Cartesian tree of its priorities over its keys
+ * in ascending order, built left to right on a stack of (priority << 32 | node) entries (the
+ * right spine; priorities fall from the bottom up), in linear time, all sequences at once as
+ * the cells arrive in ascending order (their keys are then ascending unless positions go
+ * down, fixed in pmi_cells_bulk_finish).  Each stack sits on PMI_BULK_SENTINELS entries of
+ * UINT64_MAX that never pop (no priority exceeds UINT32_MAX), so the count a new node pops is
+ * taken branch-free from the top 8 (the stack is monotonic), with a loop only when all 8 pop;
+ * the right child link goes through a select (the new node itself when the spine was empty,
+ * overwritten right after).  The shape is the one repeated inserts give: a function of the
+ * keys alone. */
+uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap) {
+    uint64_t n = 0;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        n += cap[s] ? (uint64_t)cap[s] + PMI_BULK_SENTINELS : 0;
+    }
+    return n;
 }
 
-/* Build the index of every sequence from the cells' bits (the trees must be empty): gather
- * each sequence's keys, sort them (already sorted for packed restores), and build the treap
- * as the Cartesian tree of the priorities with a stack, in linear time. */
-void pmi_cells_build_index(pmi_cells *c, uint64_t *keys, uint64_t *stack, const uint32_t *counts) {
-    uint32_t cnt[PM_MAX_SEQ] = {0}, at[PM_MAX_SEQ];
-    if (counts != NULL) {
-        memcpy(cnt, counts, sizeof cnt);
-    }
-    for (uint32_t w = 0; w < c->nwords && counts == NULL; ++w) {
-        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
-            const uint64_t *sw = c->seq + (size_t)(w * 64 + (uint32_t)__builtin_ctzll(bits)) * PMI_SEQ_WORDS;
-            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
-                for (uint64_t b = sw[k]; b; b &= b - 1) {
-                    cnt[k * 64 + (uint32_t)__builtin_ctzll(b)]++;
-                }
-            }
-        }
-    }
+void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64_t *stack) {
     uint32_t o = 0;
+    b->stack = stack;
+    memset(b->unsorted, 0, sizeof b->unsorted);
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        at[s] = o;
-        o += cnt[s];
-    }
-    /* one pass: every membership's key into its sequence's slice, in cell order */
-    for (uint32_t w = 0; w < c->nwords; ++w) {
-        for (uint64_t bits = c->used_bits[w]; bits; bits &= bits - 1) {
-            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(bits);
-            const uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
-            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
-                for (uint64_t b = sw[k]; b; b &= b - 1) {
-                    keys[at[k * 64 + (uint32_t)__builtin_ctzll(b)]++] = key_of(c->pos[i], i);
-                }
+        b->sp[s] = b->base[s] = o + PMI_BULK_SENTINELS;
+        b->last[s] = 0;
+        if (cap[s]) {
+            for (uint32_t k = 0; k < PMI_BULK_SENTINELS; ++k) {
+                stack[o + k] = UINT64_MAX;
             }
+            o += cap[s] + PMI_BULK_SENTINELS;
         }
     }
-    uint32_t off = 0; /* an offset, not a pointer: keys may be NULL when nothing is a member */
-    for (uint32_t s = 0; s < PM_MAX_SEQ; off += cnt[s], ++s) {
-        uint32_t n = cnt[s];
-        if (n == 0) {
+    c->nfree = PMI_NONE; /* every index is empty: every node is fresh, taken in order */
+    c->nfresh = 0;
+}
+
+/* Cells i..j-1, each a member of s alone, onto s's stack: the loop keeps the stack top, the
+ * last key and the node counter in registers (one dependency chain per node: the pop count). */
+static void bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
+    uint64_t *restrict stk = b->stack;
+    uint64_t *restrict nkey = c->nkey;
+    uint32_t *restrict nl = c->nl;
+    uint32_t *restrict nr = c->nr;
+    uint32_t *restrict nprio = c->nprio;
+    const pm_pos *restrict pos = c->pos;
+    uint64_t last = b->last[s], down = 0;
+    uint32_t sp = b->sp[s], nd = c->nfresh;
+    for (uint32_t x = i; x < j; ++x, ++nd) {
+        uint64_t key = key_of(pos[x], x);
+        down |= key < last;
+        last = key;
+        uint32_t pr = prio_of(key);
+        uint64_t below = (uint64_t)pr << 32;
+        nkey[nd] = key;
+        nprio[nd] = pr;
+        const uint64_t *top = stk + sp;
+        uint32_t k = ((uint32_t)(top[-1] < below) + (uint32_t)(top[-2] < below)) +
+                     ((uint32_t)(top[-3] < below) + (uint32_t)(top[-4] < below));
+        if (__builtin_expect(k == 4, 0)) { /* 6% of nodes pop 4 or more */
+            while (top[-1 - (int)k] < below) { /* stops at the sentinels */
+                ++k;
+            }
+        }
+        uint32_t has = (uint32_t)0 - (uint32_t)(k != 0);
+        uint32_t low = (uint32_t)top[-(int)k - 1 + (int)(k != 0)]; /* the lowest popped entry if k > 0 */
+        nl[nd] = low | ~has;
+        sp -= k;
+        uint32_t par = (uint32_t)stk[sp - 1];
+        par = par == PMI_NONE ? nd : par; /* a sentinel: the spine was empty */
+        nr[par] = nd;
+        nr[nd] = PMI_NONE;
+        stk[sp++] = below | nd;
+    }
+    c->nfresh = nd;
+    c->cnt[s] += j - i;
+    b->sp[s] = sp;
+    b->last[s] = last;
+    b->unsorted[s >> 6] |= down << (s & 63);
+}
+
+void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1) {
+    uint32_t i = i0;
+    while (i < i1) {
+        const uint64_t *sw = c->seq + (size_t)i * PMI_SEQ_WORDS;
+        uint32_t j = i + 1;
+        if (pmi_cells_seq_multi(c, i)) {
+            /* several sequences: one run of one cell for each */
+            for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
+                for (uint64_t bits = sw[k]; bits; bits &= bits - 1) {
+                    bulk_run(c, b, k * 64 + (uint32_t)__builtin_ctzll(bits), i, j);
+                }
+            }
+        } else if (!pmi_cells_seq_none(c, i)) {
+            while (j < i1 && memcmp(c->seq + (size_t)j * PMI_SEQ_WORDS, sw, sizeof(uint64_t) * PMI_SEQ_WORDS) == 0) {
+                ++j;
+            }
+            bulk_run(c, b, (uint32_t)pmi_cells_seq_get(c, i), i, j);
+        }
+        i = j;
+    }
+}
+
+void pmi_cells_bulk_finish(pmi_cells *c, pmi_bulk *b) {
+    c->nlive = c->nfresh;
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        if (c->cnt[s] == 0) {
             continue;
         }
-        uint64_t *ks = keys + off;
-        for (uint32_t j = 1; j < n; ++j) {
-            if (ks[j] < ks[j - 1]) {
-                qsort(ks, n, sizeof(uint64_t), pmi_cmp_u64);
-                break;
-            }
+        c->root[s] = (uint32_t)b->stack[b->base[s]]; /* the bottom of the right spine */
+        if (!((b->unsorted[s >> 6] >> (s & 63)) & 1)) {
+            continue;
         }
-        /* cart_push with each node's priority kept on the stack next to it (no dependent
-         * load of nprio per comparison) */
-        uint32_t sp = 0;
+        /* positions went down: the same nodes get the keys in ascending order and the tree
+         * is built again (the stacks are spent: their memory holds the keys) */
+        uint32_t n = pmi_tr_collect(c, c->root[s], c->tmp, 0);
+        uint64_t *keys = b->stack;
         for (uint32_t j = 0; j < n; ++j) {
-            uint32_t nd = node_new(c, ks[j]), pr = c->nprio[nd], last = PMI_NONE;
-            while (sp > 0 && (uint32_t)(stack[sp - 1] >> 32) < pr) {
-                last = (uint32_t)stack[--sp];
-            }
-            c->nl[nd] = last;
-            if (sp > 0) {
-                c->nr[(uint32_t)stack[sp - 1]] = nd;
-            }
-            stack[sp++] = ((uint64_t)pr << 32) | nd;
+            keys[j] = c->nkey[c->tmp[j]];
         }
-        c->root[s] = (uint32_t)stack[0];
-        c->cnt[s] = n;
+        qsort(keys, n, sizeof(uint64_t), pmi_cmp_u64);
+        for (uint32_t j = 0; j < n; ++j) {
+            c->nkey[c->tmp[j]] = keys[j];
+            c->nprio[c->tmp[j]] = prio_of(keys[j]);
+        }
+        c->root[s] = pmi_tr_build(c, c->tmp, n);
     }
 }
 

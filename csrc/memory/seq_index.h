@@ -28,9 +28,16 @@ static inline uint32_t prio_of(uint64_t key) {
     return k ^ (k >> 16);
 }
 
+/* The free nodes are the free list (chained through nl) and every node from nfresh up, which
+ * no tree has used since the last clear: a clear is O(1) and a bulk build after it takes nodes
+ * in sequence. */
 static inline uint32_t node_new(pmi_cells *c, uint64_t key) {
     uint32_t n = c->nfree;
-    c->nfree = c->nl[n];
+    if (n != PMI_NONE) {
+        c->nfree = c->nl[n];
+    } else {
+        n = c->nfresh++;
+    }
     c->nkey[n] = key;
     c->nprio[n] = prio_of(key);
     c->nl[n] = PMI_NONE;

@@ -332,6 +332,7 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
             const uint8_t *ids = cp->buf + q;
             for (uint32_t k = 0; k < nid; ++k) {
                 int32_t id = pmi_rd_i32(ids + 4ull * k);
+                sec->ids[(uint32_t)id % PM_MAX_SEQ]++; /* only kept when every id is valid */
                 if (id < 0 || (uint32_t)id >= kv->n_seq_max) {
                     snprintf(what, sizeof what, "KV stream %u cell %u", s, i);
                     return pmi_fail(PM_E_FORMAT, "%s: seq id %d is out of range [0, %u) (offset %llu)", what,
@@ -425,19 +426,22 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
     return PM_OK;
 }
 
-static pm_status sections_alloc(const pmi_kv *kv, pmi_kv_section **out) {
+static pm_status sections_alloc(const pmi_kv *kv, pm_seq_id seq, pmi_kv_section **out) {
     pmi_kv_section *secs = calloc(kv->n_stream, sizeof(pmi_kv_section));
     const uint8_t **ptrs = calloc((size_t)kv->n_stream * 2 * (kv->n_layer ? kv->n_layer : 1),
                                   sizeof(uint8_t *));
-    if (secs == NULL || ptrs == NULL) {
+    uint32_t *ids = seq == -1 ? calloc((size_t)kv->n_stream * PM_MAX_SEQ, sizeof(uint32_t)) : NULL;
+    if (secs == NULL || ptrs == NULL || (seq == -1 && ids == NULL)) {
         free(secs);
         free(ptrs);
+        free(ids);
         return pmi_fail(PM_E_NOMEM, "out of memory");
     }
     uint32_t nl = kv->n_layer ? kv->n_layer : 1;
     for (uint32_t s = 0; s < kv->n_stream; ++s) {
         secs[s].k = ptrs + (size_t)s * 2 * nl;
         secs[s].v = ptrs + (size_t)s * 2 * nl + nl;
+        secs[s].ids = ids ? ids + (size_t)s * PM_MAX_SEQ : NULL;
     }
     *out = secs;
     return PM_OK;
@@ -449,6 +453,7 @@ static void sections_free(pmi_kv_section *secs, uint32_t n) {
             pmi_copy_free(&secs[s].copy);
         }
         free((void *)secs[0].k);
+        free(secs[0].ids);
         free(secs);
     }
 }
@@ -490,7 +495,7 @@ pm_status pmi_kv_state_parse(const pmi_kv *kv, pmi_reader *r, pm_seq_id seq, uin
         return PM_OK;
     }
     if (st == PM_OK) {
-        st = sections_alloc(kv, &plan->secs);
+        st = sections_alloc(kv, seq, &plan->secs);
     }
     if (st == PM_OK) {
         plan->slots = calloc(kv->n_stream, sizeof(uint32_t *));
@@ -550,6 +555,103 @@ static void apply_data(pmi_kv *kv, uint32_t st, const pmi_kv_section *sec, const
     }
 }
 
+/* ids of the cell records of a whole restore (8 or 20 bytes each, then 4 per id) */
+static uint64_t section_ids(const pmi_kv *kv, const pmi_kv_section *sec) {
+    return (sec->meta_len - (uint64_t)sec->cc * (kv->cell_ext ? 20 : 8)) / 4;
+}
+
+/* Whole restore inside a transaction: clear, then every membership through the journaled
+ * seq_add (each indexed on its own). */
+static pm_status meta_whole_journaled(pmi_kv *kv, const pmi_kv_section *secs) {
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        pm_status st = pmi_cells_reserve(&kv->cells[s], section_ids(kv, &secs[s]));
+        if (st != PM_OK) {
+            return st;
+        }
+    }
+    pmi_kv_clear(kv, false);
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        pmi_cells *c = &kv->cells[s];
+        const uint8_t *p = secs[s].meta;
+        for (uint32_t i = 0; i < secs[s].cc; ++i) {
+            pmi_cells_pos_set(c, i, pmi_rd_i32(p));
+            uint32_t nid = pmi_rd_u32(p + 4);
+            p += 8;
+            if (kv->cell_ext) {
+                pmi_ext e = {pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
+                pmi_cells_ext_set(c, i, e);
+                p += 12;
+            }
+            for (uint32_t q = 0; q < nid; ++q) {
+                pmi_cells_seq_add(c, i, pmi_rd_i32(p + 4ull * q));
+            }
+            p += 4ull * nid;
+        }
+        kv->head[s] = 0;
+    }
+    return PM_OK;
+}
+
+/* Whole restore outside a transaction: reserve and allocate first (a failure changes
+ * nothing), then each stream is reset around its cells packed at 0..cc-1, every cell is
+ * written once from its record and, 64 cells at a time while they are in L1, joins the
+ * sequence index (built in bulk, linear time). */
+static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
+    pm_status st = PM_OK;
+    uint64_t most = 0;
+    for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
+        most = PMI_MAX(most, pmi_cells_bulk_stack_len(secs[s].ids));
+        st = pmi_cells_reserve(&kv->cells[s], section_ids(kv, &secs[s]));
+    }
+    uint64_t *stack = NULL;
+    if (st == PM_OK && most > 0 && (stack = malloc(sizeof(uint64_t) * most)) == NULL) {
+        st = pmi_fail(PM_E_NOMEM, "out of memory");
+    }
+    if (st != PM_OK) {
+        return st;
+    }
+    pmi_bulk bulk;
+    for (uint32_t s = 0; s < kv->n_stream; ++s) {
+        pmi_cells *c = &kv->cells[s];
+        const uint32_t cc = secs[s].cc;
+        const uint8_t *p = secs[s].meta;
+        pmi_cells_reset_packed(c, cc);
+        pmi_cells_bulk_start(c, &bulk, secs[s].ids, stack);
+        for (uint32_t i0 = 0; i0 < cc; i0 += 64) {
+            uint32_t i1 = PMI_MIN(cc, i0 + 64);
+            for (uint32_t i = i0; i < i1; ++i) {
+                pm_pos pos = pmi_rd_i32(p);
+                uint32_t nid = pmi_rd_u32(p + 4);
+                pmi_ext e, *ep = NULL;
+                p += 8;
+                if (kv->cell_ext) {
+                    e = (pmi_ext){pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
+                    ep = &e;
+                    p += 12;
+                }
+                /* the sequence words in registers (a blob may repeat an id: bits, not counts;
+                 * no array indexed by id: its stores would not forward to the copy's loads) */
+                uint64_t w0 = 0, w1 = 0, w2 = 0, w3 = 0;
+                for (uint32_t q = 0; q < nid; ++q) {
+                    uint32_t id = pmi_rd_u32(p + 4ull * q); /* parse checked: < n_seq_max */
+                    uint64_t bit = 1ULL << (id & 63);
+                    w0 |= (id >> 6) == 0 ? bit : 0;
+                    w1 |= (id >> 6) == 1 ? bit : 0;
+                    w2 |= (id >> 6) == 2 ? bit : 0;
+                    w3 |= (id >> 6) == 3 ? bit : 0;
+                }
+                p += 4ull * nid;
+                pmi_cells_load(c, i, pos, ep, w0, w1, w2, w3);
+            }
+            pmi_cells_bulk_cells(c, &bulk, i0, i1);
+        }
+        pmi_cells_bulk_finish(c, &bulk);
+        kv->head[s] = 0;
+    }
+    free(stack);
+    return PM_OK;
+}
+
 pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
     pmi_kv_section *secs = plan->secs;
     pm_status st = PM_OK;
@@ -557,63 +659,7 @@ pm_status pmi_kv_state_meta(pmi_kv *kv, pmi_kv_plan *plan) {
         return PM_OK;
     }
     if (plan->seq == -1) {
-        /* whole restore: reserve, then clear and pack every stream at cells 0..cc-1; the
-         * sequence index is built in bulk (outside a transaction) from sorted keys */
-        uint64_t most = 0;
-        for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
-            uint64_t ids = (secs[s].meta_len - (uint64_t)secs[s].cc * (kv->cell_ext ? 20 : 8)) / 4;
-            most = PMI_MAX(most, ids);
-            st = pmi_cells_reserve(&kv->cells[s], ids);
-        }
-        bool bulk = !kv->tx_on;
-        uint64_t *keys = NULL;
-        uint64_t *stack = NULL;
-        if (st == PM_OK && bulk && most > 0) {
-            keys = malloc(sizeof(uint64_t) * most);
-            stack = malloc(sizeof(uint64_t) * most);
-            if (keys == NULL || stack == NULL) {
-                st = pmi_fail(PM_E_NOMEM, "out of memory");
-            }
-        }
-        if (st != PM_OK) {
-            free(keys);
-            free(stack);
-            return st;
-        }
-        pmi_kv_clear(kv, false);
-        uint32_t cnt[PM_MAX_SEQ];
-        for (uint32_t s = 0; s < kv->n_stream; ++s) {
-            pmi_cells *c = &kv->cells[s];
-            const uint8_t *p = secs[s].meta;
-            memset(cnt, 0, sizeof cnt);
-            for (uint32_t i = 0; i < secs[s].cc; ++i) {
-                pmi_cells_pos_set(c, i, pmi_rd_i32(p));
-                uint32_t nid = pmi_rd_u32(p + 4);
-                p += 8;
-                if (kv->cell_ext) {
-                    pmi_ext e = {pmi_rd_i32(p), pmi_rd_i32(p + 4), pmi_rd_i32(p + 8)};
-                    pmi_cells_ext_set(c, i, e);
-                    p += 12;
-                }
-                for (uint32_t q = 0; q < nid; ++q) {
-                    pm_seq_id id = pmi_rd_i32(p + 4ull * q);
-                    if (!bulk) {
-                        pmi_cells_seq_add(c, i, id);
-                    } else if (!pmi_cells_seq_has(c, i, id)) { /* a blob may repeat an id */
-                        pmi_cells_seq_set_bit(c, i, id);
-                        cnt[id]++;
-                    }
-                }
-                p += 4ull * nid;
-            }
-            if (bulk) {
-                pmi_cells_build_index(c, keys, stack, cnt);
-            }
-            kv->head[s] = 0;
-        }
-        free(keys);
-        free(stack);
-        return PM_OK;
+        return kv->tx_on ? meta_whole_journaled(kv, secs) : meta_whole_bulk(kv, secs);
     }
     /* per-sequence restore into stream(seq), section by section: seq_rm, find_slot,
      * apply_ubatch (the data follows in pmi_kv_state_data, after every part placed) */

@@ -18,6 +18,8 @@ typedef struct pmi_kv_section {
     pmi_copy copy;
     const uint8_t **k;    /* per layer: rows */
     const uint8_t **v;    /* per layer: rows or transposed elements */
+    uint32_t *ids;        /* whole restores: the ids listed for each sequence (PM_MAX_SEQ
+                           * entries; a repeated id counts twice) */
 } pmi_kv_section;
 
 /* A restore in three steps: parse (validates, changes nothing), meta (cells and heads; a
