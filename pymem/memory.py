@@ -72,6 +72,7 @@ class Memory:
         # reusable out-parameters for the hot small calls (used under the lock)
         self._o_pos = ffi.new("pm_pos *")
         self._o_bool = ffi.new("bool *")
+        self._o_u64 = ffi.new("uint64_t *")
         self.arch = arch
         #: the GGUF file the memory was built for (set by from_gguf; copies and pickles keep it)
         self.model_path: Optional[str] = None
@@ -206,7 +207,12 @@ class Memory:
     # -- state ---------------------------------------------------------------------------------
     @staticmethod
     def _state_args(w: str, seq_id: int, flags: int, envelope: Optional[str]) -> tuple:
-        env = 0 if envelope is None else _enum(_ENVELOPE, envelope, "envelope")
+        if envelope is None:
+            env = 0
+        elif type(envelope) is str and envelope in _ENVELOPE:  # the common spellings, fast
+            env = _ENVELOPE[envelope]
+        else:
+            env = _enum(_ENVELOPE, envelope, "envelope")
         return i32(seq_id, "seq_id", w), u32(flags, "flags", w), env
 
     def state_size(self, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None) -> int:
@@ -233,32 +239,48 @@ class Memory:
     def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None) -> int:
         """Write the state into a writable buffer without allocating; returns the bytes written.
         Raises BufferTooSmallError (with ``.needed``) when it does not fit."""
-        a = self._state_args("state_write_into", seq_id, flags, envelope)
+        w = "state_write_into"
+        s, f, env = self._state_args(w, seq_id, flags, envelope)
         view = ffi.from_buffer(buffer, require_writable=True)
-        written = ffi.new("uint64_t *")
+        g = self._guard
         try:
-            try:
-                self._guard.call("state_write_into", lib.pm_mem_state_write, *a, view, len(view), written)
-            except E.BufferTooSmallError as exc:
-                exc.needed = int(written[0])
-                del exc                   # no reference cycle through this frame (see _release)
-                raise
+            with g.lock:              # Guard.call inlined (a hot path): lock, live memory, status
+                h = g.handle
+                if h is None:
+                    raise E.InvalidStateError(f"operation on a closed {g.owner}")
+                st = lib.pm_mem_state_write(h.ptr, s, f, env, view, len(view), self._o_u64)
+                n = int(self._o_u64[0])
+                if st:
+                    try:
+                        check(st, w)
+                    except E.BufferTooSmallError as exc:
+                        exc.needed = n
+                        del exc           # no reference cycle through this frame (see _release)
+                        raise
         finally:
             _release(view)
-        return int(written[0])
+        return n
 
     def state_read(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None,
                    allow_trailing: bool = False) -> int:
         """Restore a state (whole, or into sequence seq_id as llama.cpp does).  Returns the bytes
         consumed.  On any error raises StateError and the memory is unchanged."""
-        a = self._state_args("state_read", seq_id, flags, envelope)
+        w = "state_read"
+        s, f, env = self._state_args(w, seq_id, flags, envelope)
         view = ffi.from_buffer(data)
-        consumed = ffi.new("uint64_t *")
+        g = self._guard
         try:
-            self._guard.call("state_read", lib.pm_mem_state_read, *a, view, len(view), bool(allow_trailing), consumed)
+            with g.lock:              # Guard.call inlined (a hot path): lock, live memory, status
+                h = g.handle
+                if h is None:
+                    raise E.InvalidStateError(f"operation on a closed {g.owner}")
+                st = lib.pm_mem_state_read(h.ptr, s, f, env, view, len(view), bool(allow_trailing), self._o_u64)
+                if st:
+                    check(st, w)
+                n = int(self._o_u64[0])
         finally:
             _release(view)
-        return int(consumed[0])
+        return n
 
     def state_check(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None) -> int:
         """Validate a state for this memory without changing anything; returns the bytes it
