@@ -130,6 +130,22 @@ static inline pm_status pmi_copy_need(const pmi_reader *r, uint64_t m0, pmi_copy
 
 /* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
  * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */
+/* memcpy of a large block as pieces of 256 KB: glibc's memcpy of one multi-megabyte block
+ * runs about a fifth slower than the same bytes in pieces on the machines measured (bench/
+ * README.md); the tensor copies of state reads and writes go through here. */
+static inline void pmi_copy_big(void *dst, const void *src, size_t n) {
+    const size_t piece = (size_t)256 << 10;
+    uint8_t *d = (uint8_t *)dst;
+    const uint8_t *s = (const uint8_t *)src;
+    while (n > piece) {
+        memcpy(d, s, piece);
+        d += piece;
+        s += piece;
+        n -= piece;
+    }
+    memcpy(d, s, n);
+}
+
 static inline uint32_t pmi_popcount64(uint64_t x) {
     x = x - ((x >> 1) & 0x5555555555555555ULL);
     x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);

@@ -118,6 +118,7 @@ static inline void pmi_cells_load(pmi_cells *c, uint32_t i, pm_pos pos, const pm
 typedef struct pmi_bulk {
     uint64_t *stack;
     uint32_t base[PM_MAX_SEQ], sp[PM_MAX_SEQ]; /* each sequence's stack: bottom, one past the top */
+    uint32_t end[PM_MAX_SEQ];                  /* and the end of its region */
     uint64_t last[PM_MAX_SEQ];                 /* its last key */
     uint64_t unsorted[PM_MAX_SEQ / 64];        /* a key came after a larger one */
 } pmi_bulk;

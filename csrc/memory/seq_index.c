@@ -286,7 +286,7 @@ pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p) {
 uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap) {
     uint64_t n = 0;
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        n += cap[s] ? (uint64_t)cap[s] + PMI_BULK_SENTINELS : 0;
+        n += cap[s] ? (uint64_t)cap[s] + 4 * PMI_BULK_SENTINELS : 0;
     }
     return n;
 }
@@ -296,61 +296,159 @@ void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64
     b->stack = stack;
     memset(b->unsorted, 0, sizeof b->unsorted);
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        b->sp[s] = b->base[s] = o + PMI_BULK_SENTINELS;
+        b->sp[s] = b->base[s] = b->end[s] = o + PMI_BULK_SENTINELS;
         b->last[s] = 0;
         if (cap[s]) {
             for (uint32_t k = 0; k < PMI_BULK_SENTINELS; ++k) {
                 stack[o + k] = UINT64_MAX;
             }
-            o += cap[s] + PMI_BULK_SENTINELS;
+            /* room for every member and the sentinels of 3 more stacks (build_chains) */
+            o += cap[s] + 4 * PMI_BULK_SENTINELS;
+            b->end[s] = o;
         }
     }
     c->nfree = PMI_NONE; /* every index is empty: every node is fresh, taken in order */
     c->nfresh = 0;
 }
 
-/* Cells i..j-1, each a member of s alone, onto s's stack: the loop keeps the stack top, the
- * last key and the node counter in registers (one dependency chain per node: the pop count). */
-static void bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
-    uint64_t *restrict stk = b->stack;
-    uint64_t *restrict nkey = c->nkey;
+/* node nd of priority pr onto the stack whose top is stk[sp - 1]; returns the new top */
+static inline __attribute__((always_inline)) uint32_t bulk_push(uint64_t *restrict stk, uint32_t sp,
+                                                                uint32_t *restrict nl, uint32_t *restrict nr,
+                                                                uint32_t nd, uint32_t pr) {
+    uint64_t below = (uint64_t)pr << 32;
+    const uint64_t *top = stk + sp;
+    uint32_t k = ((uint32_t)(top[-1] < below) + (uint32_t)(top[-2] < below)) +
+                 ((uint32_t)(top[-3] < below) + (uint32_t)(top[-4] < below));
+    if (__builtin_expect(k == 4, 0)) { /* 6% of nodes pop 4 or more */
+        while (top[-1 - (int)k] < below) { /* stops at the sentinels */
+            ++k;
+        }
+    }
+    uint32_t has = (uint32_t)0 - (uint32_t)(k != 0);
+    uint32_t low = (uint32_t)top[-(int)k - 1 + (int)(k != 0)]; /* the lowest popped entry if k > 0 */
+    nl[nd] = low | ~has;
+    sp -= k;
+    uint32_t par = (uint32_t)stk[sp - 1];
+    par = par == PMI_NONE ? nd : par; /* a sentinel: the spine was empty */
+    nr[par] = nd;
+    nr[nd] = PMI_NONE;
+    stk[sp] = below | nd;
+    return sp + 1;
+}
+
+/* the treap merge of x and y (every key of x below y's) along x's right and y's left spine */
+static uint32_t zip(pmi_cells *c, uint32_t x, uint32_t y) {
+    uint32_t root = PMI_NONE, *link = &root;
+    while (x != PMI_NONE && y != PMI_NONE) {
+        if (c->nprio[x] > c->nprio[y]) {
+            *link = x;
+            link = &c->nr[x];
+            x = c->nr[x];
+        } else {
+            *link = y;
+            link = &c->nl[y];
+            y = c->nl[y];
+        }
+    }
+    *link = x != PMI_NONE ? x : y;
+    return root;
+}
+
+/* a part built on its own stack stk[bot..top) joins the stack stk[..sp) of the nodes before
+ * it: the entries below the part's root pop, their subtree merges with it, and the part's
+ * spine goes on top (the treap of the union); returns the new top */
+static uint32_t join_part(pmi_cells *c, uint64_t *stk, uint32_t sp, uint32_t bot, uint32_t top) {
+    uint64_t rb = stk[bot], below = rb & ~(uint64_t)UINT32_MAX;
+    uint32_t x = PMI_NONE;
+    while (stk[sp - 1] < below) { /* stops at the sentinels */
+        x = (uint32_t)stk[--sp];
+    }
+    uint32_t under = (uint32_t)stk[sp - 1];
+    uint32_t root = zip(c, x, (uint32_t)rb);
+    if (under != PMI_NONE) {
+        c->nr[under] = root;
+    }
+    memmove(stk + sp, stk + bot, sizeof(uint64_t) * (top - bot));
+    return sp + (top - bot);
+}
+
+/* the bottom of a stack of n entries ending at hi, its sentinels under it */
+static uint32_t part_stack(uint64_t *stk, uint32_t hi, uint32_t n) {
+    for (uint32_t k = 1; k <= PMI_BULK_SENTINELS; ++k) {
+        stk[hi - n - k] = UINT64_MAX;
+    }
+    return hi - n;
+}
+
+/* Nodes nd0..nd0+n-1 (priorities pr[0..n)) onto the stack stk[..sp): a long run as 4 (or 2)
+ * parts at once (independent dependency chains), part 0 on that stack and the others on
+ * stacks of their own at the end of the region (below end), joined in order after. */
+static uint32_t build_parts(pmi_cells *c, uint64_t *restrict stk, uint32_t sp, uint32_t end, uint32_t nd0,
+                            const uint32_t *restrict pr, uint32_t n) {
     uint32_t *restrict nl = c->nl;
     uint32_t *restrict nr = c->nr;
-    uint32_t *restrict nprio = c->nprio;
-    const pm_pos *restrict pos = c->pos;
-    uint64_t last = b->last[s], down = 0;
-    uint32_t sp = b->sp[s], nd = c->nfresh;
-    for (uint32_t x = i; x < j; ++x, ++nd) {
-        uint64_t key = key_of(pos[x], x);
-        down |= key < last;
-        last = key;
-        uint32_t pr = prio_of(key);
-        uint64_t below = (uint64_t)pr << 32;
-        nkey[nd] = key;
-        nprio[nd] = pr;
-        const uint64_t *top = stk + sp;
-        uint32_t k = ((uint32_t)(top[-1] < below) + (uint32_t)(top[-2] < below)) +
-                     ((uint32_t)(top[-3] < below) + (uint32_t)(top[-4] < below));
-        if (__builtin_expect(k == 4, 0)) { /* 6% of nodes pop 4 or more */
-            while (top[-1 - (int)k] < below) { /* stops at the sentinels */
-                ++k;
-            }
+    if (n >= 256) {
+        const uint32_t len = n / 4, l3 = n - 3 * len;
+        const uint32_t b3 = part_stack(stk, end, l3);
+        const uint32_t b2 = part_stack(stk, b3 - PMI_BULK_SENTINELS, len);
+        const uint32_t b1 = part_stack(stk, b2 - PMI_BULK_SENTINELS, len);
+        uint32_t t1 = b1, t2 = b2, t3 = b3;
+        for (uint32_t t = 0; t < len; ++t) {
+            sp = bulk_push(stk, sp, nl, nr, nd0 + t, pr[t]);
+            t1 = bulk_push(stk, t1, nl, nr, nd0 + len + t, pr[len + t]);
+            t2 = bulk_push(stk, t2, nl, nr, nd0 + 2 * len + t, pr[2 * len + t]);
+            t3 = bulk_push(stk, t3, nl, nr, nd0 + 3 * len + t, pr[3 * len + t]);
         }
-        uint32_t has = (uint32_t)0 - (uint32_t)(k != 0);
-        uint32_t low = (uint32_t)top[-(int)k - 1 + (int)(k != 0)]; /* the lowest popped entry if k > 0 */
-        nl[nd] = low | ~has;
-        sp -= k;
-        uint32_t par = (uint32_t)stk[sp - 1];
-        par = par == PMI_NONE ? nd : par; /* a sentinel: the spine was empty */
-        nr[par] = nd;
-        nr[nd] = PMI_NONE;
-        stk[sp++] = below | nd;
+        for (uint32_t t = len; t < l3; ++t) {
+            t3 = bulk_push(stk, t3, nl, nr, nd0 + 3 * len + t, pr[3 * len + t]);
+        }
+        sp = join_part(c, stk, sp, b1, t1);
+        sp = join_part(c, stk, sp, b2, t2);
+        return join_part(c, stk, sp, b3, t3);
     }
-    c->nfresh = nd;
-    c->cnt[s] += j - i;
-    b->sp[s] = sp;
-    b->last[s] = last;
-    b->unsorted[s >> 6] |= down << (s & 63);
+    if (n >= 64) {
+        const uint32_t len = n / 2, l1 = n - len;
+        const uint32_t b1 = part_stack(stk, end, l1);
+        uint32_t t1 = b1;
+        for (uint32_t t = 0; t < len; ++t) {
+            sp = bulk_push(stk, sp, nl, nr, nd0 + t, pr[t]);
+            t1 = bulk_push(stk, t1, nl, nr, nd0 + len + t, pr[len + t]);
+        }
+        if (l1 > len) {
+            t1 = bulk_push(stk, t1, nl, nr, nd0 + n - 1, pr[n - 1]);
+        }
+        return join_part(c, stk, sp, b1, t1);
+    }
+    for (uint32_t t = 0; t < n; ++t) {
+        sp = bulk_push(stk, sp, nl, nr, nd0 + t, pr[t]);
+    }
+    return sp;
+}
+
+/* Cells i..j-1, each a member of s alone, onto s's stack.  Keys, priorities and the order
+ * check first, in loops the compiler vectorizes; then the stack loop, one dependency chain
+ * per node (the pop count) and a short body. */
+static void bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
+    uint64_t *restrict stk = b->stack;
+    const uint32_t nd0 = c->nfresh, n = j - i;
+    uint64_t *restrict nkey = c->nkey + nd0;
+    uint32_t *restrict nprio = c->nprio + nd0;
+    const pm_pos *restrict pos = c->pos + i;
+    for (uint32_t t = 0; t < n; ++t) {
+        nkey[t] = ((uint64_t)((uint32_t)pos[t] ^ 0x80000000u) << 32) | (i + t); /* key_of */
+    }
+    for (uint32_t t = 0; t < n; ++t) {
+        nprio[t] = prio_of(i + t);
+    }
+    uint32_t down = nkey[0] < b->last[s];
+    for (uint32_t t = 1; t < n; ++t) {
+        down |= pos[t] < pos[t - 1]; /* cells ascend: keys ascend unless positions go down */
+    }
+    b->sp[s] = build_parts(c, stk, b->sp[s], b->end[s], nd0, nprio, n);
+    c->nfresh = nd0 + n;
+    c->cnt[s] += n;
+    b->last[s] = nkey[n - 1];
+    b->unsorted[s >> 6] |= (uint64_t)down << (s & 63);
 }
 
 void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1) {

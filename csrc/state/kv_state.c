@@ -81,7 +81,7 @@ static void write_rows(pmi_writer *w, const uint8_t *base, uint64_t row, const u
         return;
     }
     for (uint32_t r = 0; r < nr; ++r) {
-        memcpy(dst, base + runs[2 * r] * row, (size_t)(row * runs[2 * r + 1]));
+        pmi_copy_big(dst, base + runs[2 * r] * row, (size_t)(row * runs[2 * r + 1]));
         dst += row * runs[2 * r + 1];
     }
 }
@@ -293,7 +293,28 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
     if (st != PM_OK) {
         return st;
     }
-    for (uint32_t i = 0; i < sec->cc; ++i) {
+    uint32_t i = 0;
+    if (seq == -1) {
+        /* the common records first: one valid id each, inside the copy (ids counted by runs:
+         * no chain of increments through memory); anything else goes to the loop below */
+        const uint32_t rec = 12 + ext, n_seq_max = kv->n_seq_max;
+        uint32_t run_id = 0, run_n = 0;
+        for (; i < sec->cc && q + rec <= cp->n; ++i, q += rec) {
+            const uint8_t *p = cp->buf + q;
+            uint32_t id = pmi_rd_u32(p + 8 + ext);
+            if (pmi_rd_i32(p) < 0 || pmi_rd_u32(p + 4) != 1 || id >= n_seq_max) {
+                break;
+            }
+            if (id != run_id) {
+                sec->ids[run_id] += run_n;
+                run_id = id;
+                run_n = 0;
+            }
+            run_n++;
+        }
+        sec->ids[run_id] += run_n;
+    }
+    for (; i < sec->cc; ++i) {
         uint64_t at = m0 + q;
         if (avail - q < 8 + ext) {
             /* a truncated record: the reader's messages (only the reads that fail remain) */
@@ -526,7 +547,7 @@ void pmi_kv_plan_free(pmi_kv_plan *plan) {
 static void read_runs(uint8_t *base, uint64_t row, const uint32_t *runs, uint32_t nr,
                       const uint8_t *src) {
     for (uint32_t r = 0; r < nr; ++r) {
-        memcpy(base + runs[2 * r] * row, src, (size_t)(row * runs[2 * r + 1]));
+        pmi_copy_big(base + runs[2 * r] * row, src, (size_t)(row * runs[2 * r + 1]));
         src += row * runs[2 * r + 1];
     }
 }
@@ -594,7 +615,7 @@ static pm_status meta_whole_journaled(pmi_kv *kv, const pmi_kv_section *secs) {
 
 /* Whole restore outside a transaction: reserve and allocate first (a failure changes
  * nothing), then each stream is reset around its cells packed at 0..cc-1, every cell is
- * written once from its record and, 64 cells at a time while they are in L1, joins the
+ * written once from its record and, 512 cells at a time while they are in L1, joins the
  * sequence index (built in bulk, linear time). */
 static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
     pm_status st = PM_OK;
@@ -617,8 +638,8 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
         const uint8_t *p = secs[s].meta;
         pmi_cells_reset_packed(c, cc);
         pmi_cells_bulk_start(c, &bulk, secs[s].ids, stack);
-        for (uint32_t i0 = 0; i0 < cc; i0 += 64) {
-            uint32_t i1 = PMI_MIN(cc, i0 + 64);
+        for (uint32_t i0 = 0; i0 < cc; i0 += 512) {
+            uint32_t i1 = PMI_MIN(cc, i0 + 512);
             for (uint32_t i = i0; i < i1; ++i) {
                 pm_pos pos = pmi_rd_i32(p);
                 uint32_t nid = pmi_rd_u32(p + 4);
@@ -730,7 +751,7 @@ void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
                 pmi_kv_layer *L = &kv->layers[l];
                 uint8_t *kb = L->k + s * L->k_stream;
                 if (cc) {
-                    memcpy(kb, sec->k[l], (size_t)(L->k_row * cc));
+                    pmi_copy_big(kb, sec->k[l], (size_t)(L->k_row * cc));
                 }
                 memset(kb + L->k_row * cc, 0, (size_t)(L->k_row * rest));
                 if (L->v == NULL) {
@@ -742,7 +763,7 @@ void pmi_kv_state_data(pmi_kv *kv, const pmi_kv_plan *plan) {
                 for (uint32_t j = 0; j < n_rows; ++j) {
                     uint8_t *dst = vb + (uint64_t)j * kv->size * el;
                     if (cc) {
-                        memcpy(dst, sec->v[l] + (uint64_t)j * cc * el, (size_t)(el * cc));
+                        pmi_copy_big(dst, sec->v[l] + (uint64_t)j * cc * el, (size_t)(el * cc));
                     }
                     memset(dst + el * cc, 0, (size_t)(el * rest));
                 }
