@@ -29,7 +29,8 @@ static void bulk_load(pmi_cells *c, const cellrec *cells, uint32_t cc, uint64_t 
     pmi_cells_bulk_start(c, &b, cap, stack);
     uint32_t i0 = 0;
     while (i0 < cc) {
-        uint32_t i1 = i0 + 1 + check_rand32() % 80;
+        /* short chunks, and long ones (runs built as 2 or 4 parts at once) */
+        uint32_t i1 = i0 + 1 + (check_rand32() % 3 == 0 ? check_rand32() % 3000 : check_rand32() % 80);
         i1 = i1 < cc ? i1 : cc;
         for (uint32_t i = i0; i < i1; ++i) {
             pmi_ext e = {(int32_t)i, -(int32_t)i, (int32_t)(i * 7)};
@@ -49,7 +50,7 @@ static void one_case(uint32_t size, uint32_t cc, uint32_t mode) {
     uint64_t members = 0;
     for (uint32_t i = 0; i < cc; ++i) {
         /* mode 0: runs of one sequence with ascending positions; 1: random; 2: positions down */
-        uint32_t run = i / (1 + size / 8);
+        uint32_t run = i / (1 + size / (size > 4096 ? 2 : 8));
         cells[i].pos = mode == 2 ? (pm_pos)(cc - i) : mode == 1 ? (pm_pos)(check_rand32() % 50) : (pm_pos)i;
         uint32_t nid = mode == 0 ? 1 : check_rand32() % 4;
         for (uint32_t q = 0; q < nid; ++q) {
@@ -111,7 +112,7 @@ static void one_case(uint32_t size, uint32_t cc, uint32_t mode) {
 }
 
 static void test_bulk_build_matches_inserts(void) {
-    static const uint32_t SIZES[] = {1, 2, 7, 64, 65, 200, 1000, 4096};
+    static const uint32_t SIZES[] = {1, 2, 7, 64, 65, 200, 1000, 4096, 5000};
     for (size_t k = 0; k < sizeof SIZES / sizeof SIZES[0]; ++k) {
         for (uint32_t mode = 0; mode < 3; ++mode) {
             uint32_t size = SIZES[k];
