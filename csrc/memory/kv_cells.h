@@ -125,6 +125,8 @@ typedef struct pmi_bulk {
 uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap);
 void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64_t *stack);
 void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1);
+/* the same for cells [i, j) known to be members of s alone (j > i) */
+void pmi_cells_bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j);
 void pmi_cells_bulk_finish(pmi_cells *c, pmi_bulk *b);
 /* Whole-range operations on one sequence (cost: the cells in the range, see kv_cells.c).
  * rm / shift / keep return the lowest cell they emptied (PMI_NONE if none).  shift adds d to

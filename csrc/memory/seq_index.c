@@ -428,7 +428,7 @@ static uint32_t build_parts(pmi_cells *c, uint64_t *restrict stk, uint32_t sp, u
 /* Cells i..j-1, each a member of s alone, onto s's stack.  Keys, priorities and the order
  * check first, in loops the compiler vectorizes; then the stack loop, one dependency chain
  * per node (the pop count) and a short body. */
-static void bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
+void pmi_cells_bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
     uint64_t *restrict stk = b->stack;
     const uint32_t nd0 = c->nfresh, n = j - i;
     uint64_t *restrict nkey = c->nkey + nd0;
@@ -460,14 +460,14 @@ void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1) {
             /* several sequences: one run of one cell for each */
             for (uint32_t k = 0; k < PMI_SEQ_WORDS; ++k) {
                 for (uint64_t bits = sw[k]; bits; bits &= bits - 1) {
-                    bulk_run(c, b, k * 64 + (uint32_t)__builtin_ctzll(bits), i, j);
+                    pmi_cells_bulk_run(c, b, k * 64 + (uint32_t)__builtin_ctzll(bits), i, j);
                 }
             }
         } else if (!pmi_cells_seq_none(c, i)) {
             while (j < i1 && memcmp(c->seq + (size_t)j * PMI_SEQ_WORDS, sw, sizeof(uint64_t) * PMI_SEQ_WORDS) == 0) {
                 ++j;
             }
-            bulk_run(c, b, (uint32_t)pmi_cells_seq_get(c, i), i, j);
+            pmi_cells_bulk_run(c, b, (uint32_t)pmi_cells_seq_get(c, i), i, j);
         }
         i = j;
     }

@@ -615,8 +615,8 @@ static pm_status meta_whole_journaled(pmi_kv *kv, const pmi_kv_section *secs) {
 
 /* Whole restore outside a transaction: reserve and allocate first (a failure changes
  * nothing), then each stream is reset around its cells packed at 0..cc-1, every cell is
- * written once from its record and, 512 cells at a time while they are in L1, joins the
- * sequence index (built in bulk, linear time). */
+ * written once from its record and joins the sequence index while it is in L1 (built in
+ * bulk, linear time). */
 static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
     pm_status st = PM_OK;
     uint64_t most = 0;
@@ -625,6 +625,9 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
         st = pmi_cells_reserve(&kv->cells[s], section_ids(kv, &secs[s]));
     }
     uint64_t *stack = NULL;
+    if (st == PM_OK && most >= UINT32_MAX) { /* the stacks are indexed by uint32_t */
+        st = pmi_fail(PM_E_NOMEM, "sequence index cannot grow to %llu entries", (unsigned long long)most);
+    }
     if (st == PM_OK && most > 0 && (stack = malloc(sizeof(uint64_t) * most)) == NULL) {
         st = pmi_fail(PM_E_NOMEM, "out of memory");
     }
@@ -639,7 +642,7 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
         pmi_cells_reset_packed(c, cc);
         pmi_cells_bulk_start(c, &bulk, secs[s].ids, stack);
         for (uint32_t i0 = 0; i0 < cc; i0 += 512) {
-            uint32_t i1 = PMI_MIN(cc, i0 + 512);
+            uint32_t i1 = PMI_MIN(cc, i0 + 512), run_s = PMI_NONE, run_i = i0;
             for (uint32_t i = i0; i < i1; ++i) {
                 pm_pos pos = pmi_rd_i32(p);
                 uint32_t nid = pmi_rd_u32(p + 4);
@@ -661,10 +664,26 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
                     w2 |= (id >> 6) == 2 ? bit : 0;
                     w3 |= (id >> 6) == 3 ? bit : 0;
                 }
-                p += 4ull * nid;
                 pmi_cells_load(c, i, pos, ep, w0, w1, w2, w3);
+                /* into the index (cells still in L1): runs of cells of one sequence alone in
+                 * bulk, any other cell on its own, in cell order */
+                uint32_t id1 = nid == 1 ? pmi_rd_u32(p) : PMI_NONE;
+                if (id1 != run_s || nid != 1) {
+                    if (run_s != PMI_NONE) {
+                        pmi_cells_bulk_run(c, &bulk, run_s, run_i, i);
+                    }
+                    run_s = id1;
+                    run_i = i;
+                    if (nid > 1) {
+                        pmi_cells_bulk_cells(c, &bulk, i, i + 1);
+                        run_s = PMI_NONE;
+                    }
+                }
+                p += 4ull * nid;
             }
-            pmi_cells_bulk_cells(c, &bulk, i0, i1);
+            if (run_s != PMI_NONE) {
+                pmi_cells_bulk_run(c, &bulk, run_s, run_i, i1);
+            }
         }
         pmi_cells_bulk_finish(c, &bulk);
         kv->head[s] = 0;

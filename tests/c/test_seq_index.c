@@ -23,7 +23,8 @@ typedef struct cellrec {
     uint64_t w[PMI_SEQ_WORDS];
 } cellrec;
 
-static void bulk_load(pmi_cells *c, const cellrec *cells, uint32_t cc, uint64_t *stack, const uint32_t *cap) {
+static void bulk_load(pmi_cells *c, const cellrec *cells, uint32_t cc, uint64_t *stack, const uint32_t *cap,
+                      bool by_runs) {
     pmi_bulk b;
     pmi_cells_reset_packed(c, cc);
     pmi_cells_bulk_start(c, &b, cap, stack);
@@ -37,7 +38,30 @@ static void bulk_load(pmi_cells *c, const cellrec *cells, uint32_t cc, uint64_t 
             pmi_cells_load(c, i, cells[i].pos, i % 3 ? &e : NULL, cells[i].w[0], cells[i].w[1], cells[i].w[2],
                            cells[i].w[3]);
         }
-        pmi_cells_bulk_cells(c, &b, i0, i1);
+        if (by_runs) { /* as the whole restore calls it: runs of one sequence, other cells alone */
+            uint32_t i = i0;
+            while (i < i1) {
+                uint32_t j = i + 1;
+                const uint64_t *w = cells[i].w;
+                uint64_t x = w[0] | w[1] | w[2] | w[3];
+                bool one = x != 0 && (x & (x - 1)) == 0 && (w[0] != 0) + (w[1] != 0) + (w[2] != 0) + (w[3] != 0) == 1;
+                if (one) {
+                    while (j < i1 && memcmp(cells[j].w, w, sizeof cells[j].w) == 0) {
+                        ++j;
+                    }
+                    pm_seq_id s = 0;
+                    while (!((w[s >> 6] >> (s & 63)) & 1)) {
+                        ++s;
+                    }
+                    pmi_cells_bulk_run(c, &b, (uint32_t)s, i, j);
+                } else {
+                    pmi_cells_bulk_cells(c, &b, i, j);
+                }
+                i = j;
+            }
+        } else {
+            pmi_cells_bulk_cells(c, &b, i0, i1);
+        }
         i0 = i1;
     }
     pmi_cells_bulk_finish(c, &b);
@@ -75,9 +99,9 @@ static void one_case(uint32_t size, uint32_t cc, uint32_t mode) {
             }
         }
     }
-    /* twice: the second build reuses a pool whose nodes are all taken */
+    /* twice: the second build reuses a pool whose nodes are all taken, and goes by runs */
     for (int rep = 0; rep < 2; ++rep) {
-        bulk_load(&bulk, cells, cc, stack, cap);
+        bulk_load(&bulk, cells, cc, stack, cap, rep == 1);
         CHECK_MSG(bulk.used == cc && bulk.nlive == members, "size %u cc %u: used %u nlive %u", size, cc, bulk.used,
                   bulk.nlive);
         for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
