@@ -153,16 +153,27 @@ static inline uint32_t pmi_popcount64(uint64_t x) {
     return (uint32_t)((x * 0x0101010101010101ULL) >> 56);
 }
 
+/* little-endian 32-bit fields of the state format: one plain (unaligned) access on
+ * little-endian hosts, bytes elsewhere */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+static inline uint32_t pmi_rd_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline void pmi_wr_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+#else
 static inline uint32_t pmi_rd_u32(const uint8_t *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
            ((uint32_t)p[3] << 24);
 }
-static inline int32_t pmi_rd_i32(const uint8_t *p) { return (int32_t)pmi_rd_u32(p); }
 static inline void pmi_wr_u32(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)v;
     p[1] = (uint8_t)(v >> 8);
     p[2] = (uint8_t)(v >> 16);
     p[3] = (uint8_t)(v >> 24);
 }
+#endif
+static inline int32_t pmi_rd_i32(const uint8_t *p) { return (int32_t)pmi_rd_u32(p); }
 
 #endif /* PM_INTERNAL_H */

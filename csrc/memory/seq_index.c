@@ -499,10 +499,22 @@ void pmi_cells_bulk_finish(pmi_cells *c, pmi_bulk *b) {
     }
 }
 
+/* In order without recursion: the pending ancestors are kept at the end of out, below
+ * out[cnt[s]] (the cells found and the nodes pending never exceed the cnt[s] nodes, so the
+ * stack never reaches a cell still to be read). */
 uint32_t pmi_cells_seq_all(const pmi_cells *c, pm_seq_id s, uint32_t *out) {
-    uint32_t n = pmi_tr_collect(c, c->root[s], out, 0);
-    for (uint32_t k = 0; k < n; ++k) {
-        out[k] = (uint32_t)c->nkey[out[k]];
+    const uint32_t n = c->cnt[s];
+    uint32_t o = 0, top = n, t = c->root[s];
+    for (;;) {
+        while (t != PMI_NONE) {
+            out[--top] = t;
+            t = c->nl[t];
+        }
+        if (top == n) {
+            return o;
+        }
+        t = out[top++];
+        out[o++] = (uint32_t)c->nkey[t];
+        t = c->nr[t];
     }
-    return n;
 }

@@ -95,9 +95,12 @@ static void write_stream(const pmi_kv *kv, pmi_writer *w, uint32_t st, pm_seq_id
     }
     /* cell metadata: one reservation, then plain stores (ids >= n_seq_max are not written) */
     uint64_t nids = 0;
-    uint64_t wmask[PMI_SEQ_WORDS] = {0};
-    for (uint32_t q = 0; q < kv->n_seq_max; ++q) {
-        wmask[q >> 6] |= 1ULL << (q & 63);
+    uint64_t wmask[PMI_SEQ_WORDS];
+    for (uint32_t wq = 0; wq < PMI_SEQ_WORDS; ++wq) { /* the ids < n_seq_max */
+        uint32_t lo = wq * 64;
+        wmask[wq] = kv->n_seq_max >= lo + 64 ? UINT64_MAX
+                    : kv->n_seq_max > lo     ? (1ULL << (kv->n_seq_max - lo)) - 1
+                                             : 0;
     }
     if (seq == -1) {
         for (uint32_t k = 0; k < n; ++k) {
