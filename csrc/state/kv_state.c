@@ -297,7 +297,17 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
         return st;
     }
     uint32_t i = 0;
-    if (seq == -1) {
+    if (seq != -1) {
+        /* the common records first: one id each (not checked for a sequence blob), inside the
+         * copy; anything else goes to the loop below */
+        const uint32_t rec = 12 + ext;
+        for (; i < sec->cc && q + rec <= cp->n; ++i, q += rec) {
+            const uint8_t *p = cp->buf + q;
+            if (pmi_rd_i32(p) < 0 || pmi_rd_u32(p + 4) != 1) {
+                break;
+            }
+        }
+    } else {
         /* the common records first: one valid id each, inside the copy (ids counted by runs:
          * no chain of increments through memory); anything else goes to the loop below */
         const uint32_t rec = 12 + ext, n_seq_max = kv->n_seq_max;
@@ -372,6 +382,16 @@ static pm_status parse_cells(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq
     return PM_OK;
 }
 
+/* a 12-byte layer header and cc rows of `row` bytes remain in r (no overflow) */
+static bool span_ok(const pmi_reader *r, uint64_t head, uint64_t row, uint32_t cc) {
+    uint64_t left = r->len - r->off;
+    return left >= head && (row == 0 || (left - head) / row >= cc);
+}
+
+static uint64_t rd_u64(const uint8_t *p) {
+    return (uint64_t)pmi_rd_u32(p) | ((uint64_t)pmi_rd_u32(p + 4) << 32);
+}
+
 static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_seq_id seq,
                                pmi_kv_section *sec) {
     char what[96];
@@ -420,6 +440,12 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
     snprintf(note, sizeof note, " (%s)", pm_type_name(kv->type_k));
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         const pmi_kv_layer *L = &kv->layers[l];
+        if (span_ok(r, 12, L->k_row, sec->cc) && pmi_rd_i32(r->buf + r->off) == kv->type_k &&
+            rd_u64(r->buf + r->off + 4) == L->k_row) {
+            sec->k[l] = r->buf + r->off + 12; /* all as expected: no message to prepare */
+            r->off += 12 + L->k_row * sec->cc;
+            continue;
+        }
         snprintf(what, sizeof what, "KV stream %u layer %u K", s, L->p.il);
         if (!expect(r, 4, true, (uint64_t)kv->type_k, what, "type", note, false) ||
             !expect(r, 8, false, L->k_row, what, "row size", "", false) ||
@@ -431,6 +457,15 @@ static pm_status parse_section(const pmi_kv *kv, pmi_reader *r, uint32_t s, pm_s
     for (uint32_t l = 0; l < kv->n_layer; ++l) {
         const pmi_kv_layer *L = &kv->layers[l];
         if (L->v == NULL) {
+            continue;
+        }
+        const uint8_t *h = r->buf + r->off;
+        if (kv->v_trans ? span_ok(r, 12, L->v_row * L->n_embd_v_gqa, sec->cc) && pmi_rd_i32(h) == kv->type_v &&
+                              pmi_rd_u32(h + 4) == L->v_row && pmi_rd_u32(h + 8) == L->n_embd_v_gqa
+                        : span_ok(r, 12, L->v_row, sec->cc) && pmi_rd_i32(h) == kv->type_v &&
+                              rd_u64(h + 4) == L->v_row) {
+            sec->v[l] = h + 12; /* all as expected: no message to prepare */
+            r->off += 12 + (kv->v_trans ? L->v_row * L->n_embd_v_gqa : L->v_row) * sec->cc;
             continue;
         }
         snprintf(what, sizeof what, "KV stream %u layer %u V", s, L->p.il);
