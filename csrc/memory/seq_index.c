@@ -288,7 +288,7 @@ uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap) {
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
         n += cap[s] ? (uint64_t)cap[s] + 4 * PMI_BULK_SENTINELS : 0;
     }
-    return n;
+    return n + 1; /* the last stack's mark above its top */
 }
 
 void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64_t *stack) {
@@ -299,7 +299,7 @@ void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64
         b->sp[s] = b->base[s] = b->end[s] = o + PMI_BULK_SENTINELS;
         b->last[s] = 0;
         if (cap[s]) {
-            for (uint32_t k = 0; k < PMI_BULK_SENTINELS; ++k) {
+            for (uint32_t k = 0; k <= PMI_BULK_SENTINELS; ++k) { /* and the mark above the top */
                 stack[o + k] = UINT64_MAX;
             }
             /* room for every member and the sentinels of 3 more stacks (build_chains) */
@@ -311,7 +311,9 @@ void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64
     c->nfresh = 0;
 }
 
-/* node nd of priority pr onto the stack whose top is stk[sp - 1]; returns the new top */
+/* node nd of priority pr onto the stack whose top is stk[sp - 1]; returns the new top.  Each
+ * stack keeps UINT64_MAX one above its top (a mark whose low half is PMI_NONE: the new node's
+ * left child when nothing pops). */
 static inline __attribute__((always_inline)) uint32_t bulk_push(uint64_t *restrict stk, uint32_t sp,
                                                                 uint32_t *restrict nl, uint32_t *restrict nr,
                                                                 uint32_t nd, uint32_t pr) {
@@ -324,15 +326,14 @@ static inline __attribute__((always_inline)) uint32_t bulk_push(uint64_t *restri
             ++k;
         }
     }
-    uint32_t has = (uint32_t)0 - (uint32_t)(k != 0);
-    uint32_t low = (uint32_t)top[-(int)k - 1 + (int)(k != 0)]; /* the lowest popped entry if k > 0 */
-    nl[nd] = low | ~has;
+    nl[nd] = (uint32_t)top[-(int)k]; /* the lowest popped entry, or the mark above the top */
     sp -= k;
     uint32_t par = (uint32_t)stk[sp - 1];
     par = par == PMI_NONE ? nd : par; /* a sentinel: the spine was empty */
     nr[par] = nd;
     nr[nd] = PMI_NONE;
     stk[sp] = below | nd;
+    stk[sp + 1] = UINT64_MAX;
     return sp + 1;
 }
 
@@ -369,12 +370,14 @@ static uint32_t join_part(pmi_cells *c, uint64_t *stk, uint32_t sp, uint32_t bot
         c->nr[under] = root;
     }
     memmove(stk + sp, stk + bot, sizeof(uint64_t) * (top - bot));
-    return sp + (top - bot);
+    sp += top - bot;
+    stk[sp] = UINT64_MAX; /* the mark above the top */
+    return sp;
 }
 
 /* the bottom of a stack of n entries ending at hi, its sentinels under it */
 static uint32_t part_stack(uint64_t *stk, uint32_t hi, uint32_t n) {
-    for (uint32_t k = 1; k <= PMI_BULK_SENTINELS; ++k) {
+    for (uint32_t k = 0; k <= PMI_BULK_SENTINELS; ++k) { /* and the mark above the empty top */
         stk[hi - n - k] = UINT64_MAX;
     }
     return hi - n;
