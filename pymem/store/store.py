@@ -91,6 +91,7 @@ class Store:
         self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
         self._fetch_bufs: List[bytearray] = []   # per block index, for backends with get_into
         self._gather_scratch = bytearray()       # headers / transposed V of blocks read in place
+        self._gather_head = bytearray()          # block 0's headers, read first
         self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
@@ -628,6 +629,7 @@ class Store:
 
     def close(self) -> None:
         self._buf, self._save_buf, self._fetch_bufs = bytearray(), [], []
+        self._gather_scratch, self._gather_head = bytearray(), bytearray()
         self.backend.close()
 
     def __enter__(self) -> "Store":

@@ -11,8 +11,8 @@ Contract (every backend, checked by the shared backend tests):
   also across processes and after a writer is killed; it returns False (and changes nothing) when the
   key already exists.  Values are immutable: a key is never overwritten, only deleted.
 * ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``;
-  ``get_into`` and ``get_scattered`` (optional to override) do the same into a caller's reusable
-  buffer / into several buffers.
+  ``get_into``, ``get_scattered`` and ``get_head`` (optional to override) do the same into a
+  caller's reusable buffer / into several buffers / for the first bytes only (without a touch).
 * ``delete`` of absent keys is not an error; it returns how many keys it removed.
 * ``scan`` yields every entry's metadata (no values), in no particular order.
 * Counters are integers kept atomically across processes (hits, misses, tokens_saved, ...).
@@ -92,6 +92,17 @@ class Backend(abc.ABC):
             for b in bufs:
                 b[:] = mv[o:o + b.nbytes]
                 o += b.nbytes
+        return len(v)
+
+    def get_head(self, key: str, buf: Any) -> Optional[int]:
+        """The first ``len(buf)`` bytes of the value (all of it when shorter) into the writable
+        buffer ``buf``, without a touch; returns the value's size (None: absent).  Lets a restore
+        read a block's headers before it decides where the block's bytes go."""
+        v = self.get(key, touch=False)
+        if v is None:
+            return None
+        n = min(len(v), len(buf))
+        memoryview(buf).cast("B")[:n] = memoryview(v).cast("B")[:n]
         return len(v)
 
     def present(self, keys: Sequence[str]) -> List[bool]:

@@ -301,6 +301,25 @@ class FSBackend(Backend):
         want = sum(b.nbytes for b in bufs)
         if not _IOV_MAX or len(bufs) > _IOV_MAX:
             return super().get_scattered(key, bufs, touch=touch)
+        size = self._read_file(key, lambda fd, size: size != want or os.preadv(fd, bufs, 0) == size)
+        if size is not None and touch:
+            self.touch([key])
+        return size
+
+    def get_head(self, key: str, buf: Any) -> Optional[int]:
+        """One ``pread`` of the value file's first bytes (see :meth:`Backend.get_head`)."""
+        check_key(key)
+        dst = memoryview(buf).cast("B")
+
+        def head(fd: int, size: int) -> bool:
+            data = os.pread(fd, min(size, len(dst)), 0)
+            dst[:len(data)] = data
+            return len(data) == min(size, len(dst))
+        return self._read_file(key, head)
+
+    def _read_file(self, key: str, read: Any) -> Optional[int]:
+        """Open the value file, ``read(fd, size)`` from it; the file's size, or None when it is
+        absent or ``read`` says it was truncated from outside while being read (as in get())."""
         try:
             fd = os.open(self._value_path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -309,15 +328,11 @@ class FSBackend(Backend):
             raise self._fail(f"cannot read value {key}", exc) from exc
         try:
             size = os.fstat(fd).st_size
-            if size == want and os.preadv(fd, bufs, 0) != size:
-                return None          # truncated from outside while being read: absent, as in get()
+            return size if read(fd, size) else None
         except OSError as exc:
             raise self._fail(f"cannot read value {key}", exc) from exc
         finally:
             os.close(fd)
-        if touch:
-            self.touch([key])
-        return size
 
     def present(self, keys: Sequence[str]) -> List[bool]:
         keys = [check_key(k) for k in keys]
