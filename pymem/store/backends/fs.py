@@ -32,7 +32,7 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ...state.files import publish, write_temp
-from .base import Backend, Entry
+from .base import GONE_KEEP, Backend, Entry
 from .errors import (
     BackendClosedError,
     BackendCorruptError,
@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gone (key TEXT PRIMARY KEY, why TEXT NOT NULL, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS gone_at ON gone (at);
 """
 
 
@@ -419,6 +421,26 @@ class FSBackend(Backend):
 
             removed += self._write(drop, "delete")
         return removed
+
+    def mark_gone(self, reasons: Dict[str, str]) -> None:
+        rows = [(check_key(k), str(w), time.time()) for k, w in reasons.items()]
+        if not rows:
+            return
+
+        def put(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR REPLACE INTO gone (key, why, at) VALUES (?, ?, ?)", rows)
+            db.execute("DELETE FROM gone WHERE key IN (SELECT key FROM gone ORDER BY at DESC LIMIT -1 "
+                       "OFFSET ?)", (GONE_KEEP,))
+        self._write(put, "mark_gone")
+
+    def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
+        keys = [check_key(k) for k in keys]
+        out: Dict[str, str] = {}
+        for a in range(0, len(keys), 500):
+            part = keys[a:a + 500]
+            out.update(self._read(f"SELECT key, why FROM gone WHERE key IN ({','.join('?' * len(part))})",
+                                  tuple(part), "why_gone"))
+        return out
 
     def scan(self) -> Iterator[Entry]:
         last = ""
