@@ -94,12 +94,14 @@ def _first_layout(st: "Store", key: bytes, c: "_Ctx", scatter: bool) -> Tuple[A.
     return p0, value
 
 
-def copy_hash(runs: np.ndarray, digest: Any) -> None:
+def copy_hash(runs: Any, digest: Any, n_runs: int = -1, out: Any = None) -> None:
     """Run pm_copy_hash128 over ``runs`` (an (n, 6) uint64 array of pm_copy_run: src, dst,
-    n_rows, row_bytes, src_stride, dst_stride); CorruptValueError unless the XXH3-128 of the
-    sources equals ``digest`` (16 bytes)."""
-    out = ffi.new("uint8_t[16]")
-    check(lib.pm_copy_hash128(ffi.from_buffer("pm_copy_run[]", runs), len(runs), out))
+    n_rows, row_bytes, src_stride, dst_stride; or a ``pm_copy_run *`` with ``n_runs``);
+    CorruptValueError unless the XXH3-128 of the sources equals ``digest`` (16 bytes)."""
+    if n_runs < 0:
+        runs, n_runs = ffi.from_buffer("pm_copy_run[]", runs), len(runs)
+    out = out if out is not None else ffi.new("uint8_t[16]")
+    check(lib.pm_copy_hash128(runs, n_runs, out))
     if ffi.buffer(out)[:] != bytes(digest):
         raise CorruptValueError("checksum mismatch")
 
@@ -181,11 +183,15 @@ class _BlockReader:
             off += n
         t = np.array(rows, dtype=np.uint64)
         i = np.arange(sl.m // B, dtype=np.uint64)[:, None]
-        self.src = t[:, 0] + i * t[:, 1]                 # per block (hash-only runs have dst 0, step 0)
-        self.dst = t[:, 3] + i * t[:, 4]
-        self.in_value = t[:, 2]
-        self.runs = np.zeros((len(rows), 6), np.uint64)
-        self.runs[:, 2:] = t[:, 5:]
+        # every block's runs, made once (hash-only runs have dst 0, step 0); sources inside the
+        # value get its address added when it is known
+        self.runs = np.empty((sl.m // B, len(rows), 6), np.uint64)
+        self.runs[:, :, 0] = t[:, 0] + i * t[:, 1]
+        self.runs[:, :, 1] = t[:, 3] + i * t[:, 4]
+        self.runs[:, :, 2:] = t[:, 5:]
+        self.in_value = t[:, 2].astype(bool)
+        self.c_runs = ffi.from_buffer("pm_copy_run[]", self.runs)
+        self.c_digest = ffi.new("uint8_t[16]")
         self.keys: List[str] = []           # read without touching: refreshed at once at the end
 
     def read(self, key: bytes, i: int, seed: bytes, value: Any = None) -> None:
@@ -209,12 +215,14 @@ class _BlockReader:
             raise CorruptValueError(f"block {i} disagrees with block 0 on its cells or layer layout")
 
     def _run(self, i: int, vaddr: int, digest: Any) -> None:
+        """Block i's runs through pm_copy_hash128; CorruptValueError unless the digest matches."""
         if vaddr:
-            np.add(self.src[i], self.in_value * np.uint64(vaddr), out=self.runs[:, 0])
+            runs = self.runs[i].copy()
+            runs[self.in_value, 0] += np.uint64(vaddr)
+            copy_hash(runs, digest, out=self.c_digest)
         else:
-            self.runs[:, 0] = self.src[i]
-        self.runs[:, 1] = self.dst[i]
-        copy_hash(self.runs, digest)
+            nr = self.runs.shape[1]
+            copy_hash(self.c_runs + i * nr, digest, nr, self.c_digest)
 
     def _read_scattered(self, key: bytes, i: int, seed: bytes) -> None:
         """The embedded backend: K rows (and untransposed V) read straight into place, the rest
