@@ -1,10 +1,11 @@
 """The restore path of a plain KV cache: block values read straight to their places in the blob.
 
 A restored prefix of ``n`` tokens is ``n // B`` full blocks and perhaps a tail.  Every block of a
-prefix has the same payload header (its layer layout), so once the first block is read the place
-of every byte of the others in the assembled ``llama_state_seq_get_data`` blob is known: their K
-rows (and untransposed V rows) are read by the backend directly into the blob (one ``preadv`` per
-block on the embedded backend), the rest (envelope, payload header, transposed V, checksum) into
+prefix has the same payload header (its layer layout), so once the headers of the first block are
+read (one small ``pread`` on the embedded backend) the place of every byte of every block in the
+assembled ``llama_state_seq_get_data`` blob is known: their K rows (and untransposed V rows) are
+read by the backend directly into the blob (one ``preadv`` per block on the embedded backend), the
+rest (envelope, payload header, transposed V, checksum) into
 small reused buffers.  The checksum is then taken over the pieces while they are still in the
 CPU's cache.  Compared with fetching each value and copying it into the blob, this saves one copy
 of every byte.  Any disagreement (size, envelope, layout, checksum) is a corrupt value, handled
