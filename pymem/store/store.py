@@ -1,15 +1,18 @@
 """The prompt-cache store: put / lookup / restore / prefill over one backend (see pymem.store)."""
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .. import _errors as E
+from .._cliargs import size
+from .._guard import integer
 from . import assemble as A
 from . import gather as G
 from . import keys as K
@@ -69,22 +72,28 @@ class _Plan:
     tail_src: int = 0      # token count of the tail entry that serves the last partial block
 
 
+def _budget(value: Any) -> Optional[int]:
+    """A byte budget: None, an int >= 0 or a size like "8GiB" / "500MB"."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return size(value)
+        except argparse.ArgumentTypeError as exc:
+            raise E.InvalidArgumentError(f"budget_bytes: {exc}") from None
+    return integer(value, "budget_bytes", 0, 2 ** 63 - 1)
+
+
 class Store:
     """A prompt cache over a backend.  Create with :func:`pymem.store.open`."""
 
-    def __init__(self, backend: Backend, *, budget_bytes: Optional[int] = None, block_tokens: int = 256,
+    def __init__(self, backend: Backend, *, budget_bytes: Union[int, str, None] = None, block_tokens: int = 256,
                  checkpoint_every: int = 4, fingerprint: Any = None) -> None:
-        if int(block_tokens) < 1:
-            raise E.InvalidArgumentError(f"block_tokens must be >= 1 (got {block_tokens})")
-        if int(checkpoint_every) < 1:
-            raise E.InvalidArgumentError(f"checkpoint_every must be >= 1 (got {checkpoint_every})")
-        if budget_bytes is not None and int(budget_bytes) < 0:
-            raise E.InvalidArgumentError(f"budget_bytes must be >= 0 (got {budget_bytes})")
+        self.block_tokens = integer(block_tokens, "block_tokens", 1, 2 ** 31 - 1)
+        self.checkpoint_every = integer(checkpoint_every, "checkpoint_every", 1, 2 ** 31 - 1)
+        self.budget_bytes = _budget(budget_bytes)
         self.backend = backend
         self.url = getattr(backend, "url", "")
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
-        self.block_tokens = int(block_tokens)
-        self.checkpoint_every = int(checkpoint_every)
         self.fingerprint = fingerprint
         self._pins: List[Tuple[bytes, np.ndarray]] = []
         self._seeds: Dict[bytes, A.Layout] = {}
@@ -610,12 +619,12 @@ class Store:
         if self.budget_bytes is not None:
             self._evict(self.budget_bytes)
 
-    def gc(self, budget_bytes: Optional[int] = None) -> Dict[str, int]:
+    def gc(self, budget_bytes: Union[int, str, None] = None) -> Dict[str, int]:
         """Delete entries whose chain has a hole, then apply the byte budget."""
         with self._lock:
             bad = policy.orphans(self.backend.scan())
             n_orph = self._delete(bad, _ORPHAN)
-            budget = self.budget_bytes if budget_bytes is None else int(budget_bytes)
+            budget = self.budget_bytes if budget_bytes is None else _budget(budget_bytes)
             n_ev, freed = (0, 0) if budget is None else self._evict(budget)
             return {"orphans": n_orph, "evicted": n_ev, "freed_bytes": freed}
 
