@@ -63,3 +63,42 @@ def test_roundtrip_every_prefix_kind(layout, backend, tmp_path):
                 ref.seq_rm(dst_seq, want, -1)
             assert dst.state_write(seq_id=dst_seq) == ref.state_write(seq_id=dst_seq)
             assert dst.state_write(seq_id=0) == other
+
+
+@pytest.mark.parametrize("backend", ["memory", "fs"])
+@pytest.mark.parametrize("field", ["n", "n_layer", "k_row"])
+def test_block0_headers_that_lie_are_corrupt(field, backend, tmp_path):
+    """The in-place restore reads block 0's headers first and lays the blob out by them: a block 0
+    whose envelope and checksum are valid but whose payload headers do not fit the layout is a
+    corrupt value (deleted, counted), nothing is restored and the target is unchanged."""
+    from pymem.store import assemble as A
+    from pymem.store import values as V
+
+    n, B = 53, 16
+    layout = LAYOUTS[0]
+    src = filled(layout, 1, n)
+    P = list(range(1000, 1000 + n))
+    url = str(memory_url(None)) if backend == "memory" else str(tmp_path / "st")
+    with pymem.store.open(url, block_tokens=B, fingerprint="unit") as st:
+        st.put(src, P, 1)
+        e0 = next(e for e in st.backend.scan() if e.kind == "block" and e.n_tokens == B)
+        raw = st.backend.get(e0.key, touch=False)
+        h = V.open_header(memoryview(raw), len(raw))
+        pl = bytearray(raw[V.HEADER:V.HEADER + h.plen])
+        o = 4 + A._PHDR.size                         # the first layer header
+        if field == "n":
+            pl[4:8] = (B - 1).to_bytes(4, "little")
+        elif field == "n_layer":
+            pl[4 + 12:4 + 16] = (3).to_bytes(4, "little")
+        else:
+            pl[o + 4:o + 12] = (int.from_bytes(pl[o + 4:o + 12], "little") + 2).to_bytes(8, "little")
+        bad = V.seal("block", h.n_tokens, h.seed, h.key, bytes(pl))
+        st.backend.delete([e0.key])
+        assert st.backend.put_if_absent(e0, bad)
+        dst = filled(layout, 0, 7, seed=1)
+        before = dst.state_write()
+        corrupt = st.stats()["corrupt"]
+        assert st.restore(dst, P, 1) == 0
+        assert dst.state_write() == before
+        assert st.backend.entry(e0.key) is None and st.stats()["corrupt"] == corrupt + 1
+        assert "corrupt" in st.last_reason

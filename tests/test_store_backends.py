@@ -577,3 +577,33 @@ def test_bench_script_quick(tmp_path):
         assert row in r.stdout, (row, r.stdout)
     assert os.listdir(tmp_path) == []      # the stores are removed afterwards
 
+
+
+def test_get_head(backend):
+    v = value_of("gh", 5000)
+    backend.put_if_absent(ent("gh", created=1000.0, last_used=1000.0), v)
+    buf = bytearray(100)
+    assert backend.get_head("gh", buf) == 5000 and bytes(buf) == v[:100]
+    big = bytearray(6000)
+    assert backend.get_head("gh", big) == 5000 and bytes(big[:5000]) == v and not any(big[5000:])
+    assert backend.entry("gh").last_used == 1000.0              # no touch
+    assert backend.get_head("nope", buf) is None
+
+
+def test_gone_reasons(opener):
+    from pymem.store.backends.base import GONE_KEEP
+
+    a = opener.open()
+    b = opener.open() if opener.persistent else a
+    a.mark_gone({"g1": "evicted by the byte budget", "g2": "a corrupt value was deleted (x)"})
+    assert b.why_gone(["g1", "g2", "g3"]) == {"g1": "evicted by the byte budget",
+                                              "g2": "a corrupt value was deleted (x)"}
+    a.mark_gone({"g1": "found corrupt by verify and deleted"})      # the newest reason wins
+    assert b.why_gone(["g1"]) == {"g1": "found corrupt by verify and deleted"}
+    assert b.why_gone([]) == {}
+    with pytest.raises(pymem.Error):
+        a.mark_gone({"a\n": "x"})
+    if opener.name != "redis":                  # Redis keeps reasons for a week instead
+        a.mark_gone({f"{i:08x}": "evicted" for i in range(GONE_KEEP + 10)})
+        kept = b.why_gone([f"{i:08x}" for i in range(GONE_KEEP + 10)] + ["g2"])
+        assert len(kept) == GONE_KEEP

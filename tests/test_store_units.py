@@ -1,6 +1,7 @@
 """pymem.store pieces without llama.cpp: value envelopes, keys, the memory backend, the policy."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -214,3 +215,24 @@ def test_orphans_and_gc(store_url):
     assert rep["bad"] == 1                   # the test values are not sealed
     assert rep["checked"] == 1
     st.close()
+
+
+def test_settings_are_checked_and_sizes_read(tmp_path):
+    st = pymem.store.open(str(tmp_path / "st"), budget_bytes="2KiB", block_tokens=16)
+    assert st.budget_bytes == 2048
+    assert st.gc("1MB") == {"orphans": 0, "evicted": 0, "freed_bytes": 0}
+    for bad in ("1GB!", "-3MB", -1, 2 ** 63):
+        with pytest.raises(pymem.InvalidArgumentError, match="budget_bytes"):
+            st.gc(bad)
+    with pytest.raises(TypeError, match="budget_bytes"):
+        st.gc(1.5)
+    st.close()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for opts in (dict(block_tokens=0), dict(block_tokens=2 ** 31), dict(checkpoint_every=0),
+                 dict(budget_bytes="lots")):
+        with pytest.raises(pymem.InvalidArgumentError):
+            pymem.store.open(str(tmp_path / "st"), **opts)
+    with pytest.raises(TypeError, match="block_tokens"):
+        pymem.store.open(str(tmp_path / "st"), block_tokens=1.5)
+    if fds is not None:                       # a refused open closes the backend it opened
+        assert len(os.listdir("/proc/self/fd")) == fds

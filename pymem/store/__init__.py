@@ -16,7 +16,7 @@ blocks and are seeded with the model and memory-layout fingerprints (see :mod:`.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import BackendError, CorruptValueError, FingerprintError, StoreError, TargetError
 from .store import Lookup, PrefillResult, PutResult, Store
@@ -25,15 +25,20 @@ __all__ = ["open", "Store", "PutResult", "Lookup", "PrefillResult", "StoreError"
            "CorruptValueError", "FingerprintError", "TargetError"]
 
 
-def open(url_or_path: Any, *, budget_bytes: Optional[int] = None, block_tokens: int = 256,
+def open(url_or_path: Any, *, budget_bytes: Union[int, str, None] = None, block_tokens: int = 256,
          checkpoint_every: int = 4, fingerprint: Any = None, **backend_opts: Any) -> Store:  # noqa: A001
     """Open a prompt-cache store: a directory path (embedded backend), ``redis://host:port/db``,
     or ``memory://[name]`` (in-process).  ``budget_bytes`` caps the stored bytes (LRU eviction
     that keeps chains whole), ``block_tokens`` is the block size, ``checkpoint_every`` how many
-    blocks apart ``prefill`` captures checkpoints, ``fingerprint`` replaces the model fingerprint."""
+    blocks apart ``prefill`` captures checkpoints, ``fingerprint`` replaces the model fingerprint.
+    ``budget_bytes`` is an int or a size such as ``"8GiB"`` / ``"500MB"``."""
     from .backends import open_backend
 
     url = os.fspath(url_or_path) if isinstance(url_or_path, os.PathLike) else url_or_path
     backend = open_backend(url, **backend_opts)
-    return Store(backend, budget_bytes=budget_bytes, block_tokens=block_tokens,
-                 checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+    try:
+        return Store(backend, budget_bytes=budget_bytes, block_tokens=block_tokens,
+                     checkpoint_every=checkpoint_every, fingerprint=fingerprint)
+    except BaseException:
+        backend.close()                  # bad settings: nothing left open
+        raise

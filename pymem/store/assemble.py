@@ -258,12 +258,9 @@ def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
         raise CorruptValueError(f"block value has {n_parts} parts, the layout {n_full}")
     parts = []
     for _ in range(n_parts):
-        n, n_stream, v_trans, n_layer, k_rot, v_rot, ext = r.unpack(_PHDR)
-        if not 1 <= n_stream <= 256:
-            raise CorruptValueError(f"block value: n_stream {n_stream}")
-        hdrs = [r.unpack(_LHDR) for _ in range(n_layer)]
-        p = PartData(n, v_trans, n_stream, 0, k_rot, v_rot, bool(ext))
-        if ext:
+        p, hdrs = _part_header(r)
+        n, v_trans = p.n, p.v_trans
+        if p.cell_ext:
             p.ext = r.array(n * 3, np.dtype("<i4")).reshape(n, 3)
         ks = [r.array(n * h[1]).reshape(n, h[1]) for h in hdrs]
         for h, k in zip(hdrs, ks):
@@ -280,6 +277,36 @@ def decode_payload(payload: memoryview, n_full: int) -> List[PartData]:
     if r.o != len(payload):
         raise CorruptValueError(f"block value has {len(payload) - r.o} trailing bytes")
     return parts
+
+
+def _part_header(r: _R) -> Tuple[PartData, List[tuple]]:
+    """The part header of a block / tail payload and its layer headers (k_type, k_row, v_type,
+    v_row, v_embd)."""
+    n, n_stream, v_trans, n_layer, k_rot, v_rot, ext = r.unpack(_PHDR)
+    if not 1 <= n_stream <= 256:
+        raise CorruptValueError(f"block value: n_stream {n_stream}")
+    hdrs = [r.unpack(_LHDR) for _ in range(n_layer)]
+    return PartData(n, v_trans, n_stream, 0, k_rot, v_rot, bool(ext)), hdrs
+
+
+def header_len(n_layer: int) -> int:
+    """Bytes before the rows of a one-part payload of ``n_layer`` layers."""
+    return _U32.size + _PHDR.size + n_layer * _LHDR.size
+
+
+def block_layout(head: memoryview, n_layer: int) -> PartData:
+    """The headers of a one-part block payload (its first :func:`header_len` bytes) as a
+    PartData without rows: layers have empty ``k`` and ``v`` (``v`` None where there is none)."""
+    r = _R(head, 0, "block value", CorruptValueError)
+    if r.u32() != 1:
+        raise CorruptValueError("block value: not one part")
+    p, hdrs = _part_header(r)
+    if len(hdrs) != n_layer:
+        raise CorruptValueError(f"block value has {len(hdrs)} layers, the layout {n_layer}")
+    none = np.zeros((0, 0), np.uint8)
+    p.layers = [LayerData(kt, krow, vt, vrow, vembd, none, None if vt == -1 else none)
+                for kt, krow, vt, vrow, vembd in hdrs]
+    return p
 
 
 def head_cells(p: PartData, r: int) -> PartData:

@@ -1,15 +1,18 @@
 """The prompt-cache store: put / lookup / restore / prefill over one backend (see pymem.store)."""
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .. import _errors as E
+from .._cliargs import size
+from .._guard import integer
 from . import assemble as A
 from . import gather as G
 from . import keys as K
@@ -23,6 +26,8 @@ __all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
 
 _PROBE_SLOTS = 8
 _GONE_MAX = 1 << 16
+_GONE_SCAN = 4096   # checkpoint candidates a miss reason looks at for a kept deletion reason
+_ORPHAN = "deleted by gc / verify: a block before it in its chain was gone"
 _CKPT_BATCH = 256           # checkpoint candidates looked up per backend round trip
 _NOSEED = b"\0" * 16
 
@@ -67,22 +72,28 @@ class _Plan:
     tail_src: int = 0      # token count of the tail entry that serves the last partial block
 
 
+def _budget(value: Any) -> Optional[int]:
+    """A byte budget: None, an int >= 0 or a size like "8GiB" / "500MB"."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return size(value)
+        except argparse.ArgumentTypeError as exc:
+            raise E.InvalidArgumentError(f"budget_bytes: {exc}") from None
+    return integer(value, "budget_bytes", 0, 2 ** 63 - 1)
+
+
 class Store:
     """A prompt cache over a backend.  Create with :func:`pymem.store.open`."""
 
-    def __init__(self, backend: Backend, *, budget_bytes: Optional[int] = None, block_tokens: int = 256,
+    def __init__(self, backend: Backend, *, budget_bytes: Union[int, str, None] = None, block_tokens: int = 256,
                  checkpoint_every: int = 4, fingerprint: Any = None) -> None:
-        if int(block_tokens) < 1:
-            raise E.InvalidArgumentError(f"block_tokens must be >= 1 (got {block_tokens})")
-        if int(checkpoint_every) < 1:
-            raise E.InvalidArgumentError(f"checkpoint_every must be >= 1 (got {checkpoint_every})")
-        if budget_bytes is not None and int(budget_bytes) < 0:
-            raise E.InvalidArgumentError(f"budget_bytes must be >= 0 (got {budget_bytes})")
+        self.block_tokens = integer(block_tokens, "block_tokens", 1, 2 ** 31 - 1)
+        self.checkpoint_every = integer(checkpoint_every, "checkpoint_every", 1, 2 ** 31 - 1)
+        self.budget_bytes = _budget(budget_bytes)
         self.backend = backend
         self.url = getattr(backend, "url", "")
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
-        self.block_tokens = int(block_tokens)
-        self.checkpoint_every = int(checkpoint_every)
         self.fingerprint = fingerprint
         self._pins: List[Tuple[bytes, np.ndarray]] = []
         self._seeds: Dict[bytes, A.Layout] = {}
@@ -91,6 +102,7 @@ class Store:
         self._save_buf: list = []         # [bytearray]: where a restore saves the destination sequence
         self._fetch_bufs: List[bytearray] = []   # per block index, for backends with get_into
         self._gather_scratch = bytearray()       # headers / transposed V of blocks read in place
+        self._gather_head = bytearray()          # block 0's headers, read first
         self._gone: "OrderedDict[str, str]" = OrderedDict()   # deleted keys -> why (evicted, corrupt)
         self.last_reason = ""
 
@@ -150,16 +162,29 @@ class Store:
         """Delete a value found corrupt, count it, remember why; raises ``exc``."""
         self.backend.delete([key.hex()])
         self.backend.incr("corrupt")
-        self._forget(key.hex(), f"a corrupt value was deleted ({exc})")
+        self._forget({key.hex(): f"a corrupt value was deleted ({exc})"})
         raise exc
 
-    def _forget(self, key: str, why: str) -> None:
-        """Remember why a key went away (this process only), for lookup reasons."""
+    def _forget(self, reasons: Dict[str, str]) -> None:
+        """Remember why keys went away (key -> why), for lookup reasons: here, and in the backend
+        for every process that shares it."""
+        if not reasons:
+            return
         g = self._gone
-        g[key] = why
-        g.move_to_end(key)
+        for key, why in reasons.items():
+            g[key] = why
+            g.move_to_end(key)
         while len(g) > _GONE_MAX:
             g.popitem(last=False)
+        self.backend.mark_gone(reasons)
+
+    def _delete(self, keys: List[str], why: str) -> int:
+        n = self.backend.delete(keys) if keys else 0
+        self._forget(dict.fromkeys(keys, why))
+        return n
+
+    def _why_gone(self, key: str) -> Optional[str]:
+        return self._gone.get(key) or self.backend.why_gone([key]).get(key)
 
     def _put_value(self, key: bytes, kind: str, n_tokens: int, parent: Optional[bytes], seed: bytes,
                    payload: bytes, pinned: bool = False) -> int:
@@ -230,23 +255,39 @@ class Store:
                 return fp
         parts = []
         if lay.n_full and (j + 1) * B <= N:
-            gone = self._gone.get(chain.block(j).hex())
+            gone = self._why_gone(chain.block(j).hex())
             parts.append(f"block {j} (tokens {j * B}..{(j + 1) * B - 1}) is not in the store ("
-                         + (gone or "never stored with this prefix, or evicted by another process") + ")")
+                         + (gone or "never stored with this prefix, or deleted too long ago for its reason to be kept") + ")")
         elif lay.n_full and not lay.needs_ckpt and N > m:
-            parts.append(f"tokens {m}..{N - 1} are not in the store (no stored prompt with this prefix "
-                         f"goes further, or its entries were evicted)")
+            gone = self._why_gone(chain.prefix(N).hex()) if N % B else None
+            parts.append(f"tokens {m}..{N - 1} are not in the store (" + (
+                f"the entry of this prompt's last {N % B} tokens: {gone}" if gone else
+                "no stored prompt with this prefix goes further, or its entries were deleted") + ")")
         if lay.needs_ckpt:
             what = " and ".join((["sliding-window"] if "swa" in lay.roles else []) + (["recurrent"] if lay.recurrent else []))
             cover = min(N, j * B + B - 1) if lay.n_full else N
             if m:
                 parts.append(f"tokens {m}..{N - 1} are not in the store: no checkpoint of the {what} part at "
                              f"a token count in {m + 1}..{cover} (checkpoints exist at stored prompt lengths "
-                             f"and, after prefill, every checkpoint_every blocks)")
+                             f"and, after prefill, every checkpoint_every blocks)" + self._gone_ckpt(chain, m + 1, cover))
             else:
                 parts.append(f"no checkpoint of the {what} part at a token count <= {cover}"
-                             + (f" (blocks cover {j * B} tokens)" if lay.n_full else ""))
+                             + (f" (blocks cover {j * B} tokens)" if lay.n_full else "")
+                             + self._gone_ckpt(chain, 1, cover))
         return "; ".join(parts) or "not in the store"
+
+    def _gone_ckpt(self, chain: K.Chain, lo: int, hi: int) -> str:
+        """'; the checkpoint at m tokens: why' for the largest m in lo..hi whose checkpoint was
+        deleted with a kept reason (looked up in batches, at most _GONE_SCAN candidates)."""
+        for top in range(hi, max(lo, hi - _GONE_SCAN + 1) - 1, -_CKPT_BATCH):
+            ms = range(top, max(top - _CKPT_BATCH, lo - 1), -1)
+            keys = [chain.ckpt(m).hex() for m in ms]
+            kept = self.backend.why_gone(keys)
+            for m, k in zip(ms, keys):
+                why = self._gone.get(k) or kept.get(k)
+                if why:
+                    return f"; the checkpoint at {m} tokens: {why}"
+        return ""
 
     def _probe_reason(self, c: _Ctx, toks: np.ndarray) -> str:
         diffs = []
@@ -564,23 +605,27 @@ class Store:
                 n += len(present)
             return n
 
+    def _evict(self, budget: int) -> Tuple[int, int]:
+        """Apply a byte budget: (entries evicted, bytes freed); the evicted keys are remembered."""
+        gone: Dict[str, str] = {}
+        n, freed = policy.evict_to_budget(self.backend, budget,
+                                          lambda k: gone.__setitem__(k, "evicted by the byte budget"))
+        self._forget(gone)
+        if n:
+            self.backend.incr("evictions", n)
+        return n, freed
+
     def _enforce(self) -> None:
         if self.budget_bytes is not None:
-            n, _ = policy.evict_to_budget(self.backend, self.budget_bytes,
-                                          lambda k: self._forget(k, "evicted by the byte budget"))
-            if n:
-                self.backend.incr("evictions", n)
+            self._evict(self.budget_bytes)
 
-    def gc(self, budget_bytes: Optional[int] = None) -> Dict[str, int]:
+    def gc(self, budget_bytes: Union[int, str, None] = None) -> Dict[str, int]:
         """Delete entries whose chain has a hole, then apply the byte budget."""
         with self._lock:
             bad = policy.orphans(self.backend.scan())
-            n_orph = self.backend.delete(bad) if bad else 0
-            budget = self.budget_bytes if budget_bytes is None else int(budget_bytes)
-            n_ev, freed = (0, 0) if budget is None else policy.evict_to_budget(
-                self.backend, budget, lambda k: self._forget(k, "evicted by the byte budget"))
-            if n_ev:
-                self.backend.incr("evictions", n_ev)
+            n_orph = self._delete(bad, _ORPHAN)
+            budget = self.budget_bytes if budget_bytes is None else _budget(budget_bytes)
+            n_ev, freed = (0, 0) if budget is None else self._evict(budget)
             return {"orphans": n_orph, "evicted": n_ev, "freed_bytes": freed}
 
     def verify(self, delete: bool = True) -> Dict[str, Any]:
@@ -600,11 +645,11 @@ class Store:
                         raise CorruptValueError("kind differs from the index")
                 except (CorruptValueError, ValueError):
                     bad.append(e.key)
-            if delete and bad:
-                self.backend.delete(bad)
+            if delete:
+                self._delete(bad, "found corrupt by verify and deleted")
             orph = sorted(policy.orphans(self.backend.scan()))
-            if delete and orph:
-                self.backend.delete(orph)
+            if delete:
+                self._delete(orph, _ORPHAN)
             return {"checked": checked, "bad": len(bad), "orphans": len(orph), "ok": not bad and not orph,
                     "bad_keys": bad, "orphan_keys": orph}
 
@@ -628,6 +673,7 @@ class Store:
 
     def close(self) -> None:
         self._buf, self._save_buf, self._fetch_bufs = bytearray(), [], []
+        self._gather_scratch, self._gather_head = bytearray(), bytearray()
         self.backend.close()
 
     def __enter__(self) -> "Store":

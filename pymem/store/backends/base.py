@@ -11,9 +11,12 @@ Contract (every backend, checked by the shared backend tests):
   also across processes and after a writer is killed; it returns False (and changes nothing) when the
   key already exists.  Values are immutable: a key is never overwritten, only deleted.
 * ``get`` returns the bytes or None; it refreshes ``last_used`` (LRU) unless ``touch=False``;
-  ``get_into`` and ``get_scattered`` (optional to override) do the same into a caller's reusable
-  buffer / into several buffers.
+  ``get_into``, ``get_scattered`` and ``get_head`` (optional to override) do the same into a
+  caller's reusable buffer / into several buffers / for the first bytes only (without a touch).
 * ``delete`` of absent keys is not an error; it returns how many keys it removed.
+* ``mark_gone`` / ``why_gone`` (optional) keep why keys were deleted (evicted, found corrupt) so
+  that a look-up in any process sharing the backend can say it; bounded (the newest
+  :data:`GONE_KEEP`, or a week, per backend).
 * ``scan`` yields every entry's metadata (no values), in no particular order.
 * Counters are integers kept atomically across processes (hits, misses, tokens_saved, ...).
 * Backend failures raise :class:`pymem.store.StoreError` subclasses, never raw driver exceptions.
@@ -24,7 +27,10 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-__all__ = ["Backend", "Entry"]
+__all__ = ["Backend", "Entry", "GONE_KEEP"]
+
+GONE_KEEP = 4096       # reasons kept for deleted keys (the newest)
+GONE_TTL = 7 * 86400  # seconds a reason is kept where the backend expires keys by time
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,25 @@ class Backend(abc.ABC):
                 b[:] = mv[o:o + b.nbytes]
                 o += b.nbytes
         return len(v)
+
+    def get_head(self, key: str, buf: Any) -> Optional[int]:
+        """The first ``len(buf)`` bytes of the value (all of it when shorter) into the writable
+        buffer ``buf``, without a touch; returns the value's size (None: absent).  Lets a restore
+        read a block's headers before it decides where the block's bytes go."""
+        v = self.get(key, touch=False)
+        if v is None:
+            return None
+        n = min(len(v), len(buf))
+        memoryview(buf).cast("B")[:n] = memoryview(v).cast("B")[:n]
+        return len(v)
+
+    def mark_gone(self, reasons: Dict[str, str]) -> None:
+        """Remember why ``reasons``' keys were deleted (key -> why); a backend that does not
+        keep them ignores this (look-ups then say less)."""
+
+    def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
+        """The kept reasons for those of ``keys`` that have one (see :meth:`mark_gone`)."""
+        return {}
 
     def present(self, keys: Sequence[str]) -> List[bool]:
         """Which of ``keys`` are stored (one round trip where the backend can)."""

@@ -32,7 +32,7 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ...state.files import publish, write_temp
-from .base import Backend, Entry
+from .base import GONE_KEEP, Backend, Entry
 from .errors import (
     BackendClosedError,
     BackendCorruptError,
@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gone (key TEXT PRIMARY KEY, why TEXT NOT NULL, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS gone_at ON gone (at);
 """
 
 
@@ -301,6 +303,25 @@ class FSBackend(Backend):
         want = sum(b.nbytes for b in bufs)
         if not _IOV_MAX or len(bufs) > _IOV_MAX:
             return super().get_scattered(key, bufs, touch=touch)
+        size = self._read_file(key, lambda fd, size: size != want or os.preadv(fd, bufs, 0) == size)
+        if size is not None and touch:
+            self.touch([key])
+        return size
+
+    def get_head(self, key: str, buf: Any) -> Optional[int]:
+        """One ``pread`` of the value file's first bytes (see :meth:`Backend.get_head`)."""
+        check_key(key)
+        dst = memoryview(buf).cast("B")
+
+        def head(fd: int, size: int) -> bool:
+            data = os.pread(fd, min(size, len(dst)), 0)
+            dst[:len(data)] = data
+            return len(data) == min(size, len(dst))
+        return self._read_file(key, head)
+
+    def _read_file(self, key: str, read: Any) -> Optional[int]:
+        """Open the value file, ``read(fd, size)`` from it; the file's size, or None when it is
+        absent or ``read`` says it was truncated from outside while being read (as in get())."""
         try:
             fd = os.open(self._value_path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -309,15 +330,11 @@ class FSBackend(Backend):
             raise self._fail(f"cannot read value {key}", exc) from exc
         try:
             size = os.fstat(fd).st_size
-            if size == want and os.preadv(fd, bufs, 0) != size:
-                return None          # truncated from outside while being read: absent, as in get()
+            return size if read(fd, size) else None
         except OSError as exc:
             raise self._fail(f"cannot read value {key}", exc) from exc
         finally:
             os.close(fd)
-        if touch:
-            self.touch([key])
-        return size
 
     def present(self, keys: Sequence[str]) -> List[bool]:
         keys = [check_key(k) for k in keys]
@@ -404,6 +421,26 @@ class FSBackend(Backend):
 
             removed += self._write(drop, "delete")
         return removed
+
+    def mark_gone(self, reasons: Dict[str, str]) -> None:
+        rows = [(check_key(k), str(w), time.time()) for k, w in reasons.items()]
+        if not rows:
+            return
+
+        def put(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR REPLACE INTO gone (key, why, at) VALUES (?, ?, ?)", rows)
+            db.execute("DELETE FROM gone WHERE key IN (SELECT key FROM gone ORDER BY at DESC LIMIT -1 "
+                       "OFFSET ?)", (GONE_KEEP,))
+        self._write(put, "mark_gone")
+
+    def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
+        keys = [check_key(k) for k in keys]
+        out: Dict[str, str] = {}
+        for a in range(0, len(keys), 500):
+            part = keys[a:a + 500]
+            out.update(self._read(f"SELECT key, why FROM gone WHERE key IN ({','.join('?' * len(part))})",
+                                  tuple(part), "why_gone"))
+        return out
 
     def scan(self) -> Iterator[Entry]:
         last = ""

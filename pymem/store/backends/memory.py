@@ -4,12 +4,14 @@ opens the store of that name shared by every ``open`` in this process."""
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 import threading
 import time
 import weakref
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .base import Backend, Entry
+from .base import GONE_KEEP, Backend, Entry
+from .errors import check_key
 
 __all__ = ["MemoryBackend"]
 
@@ -19,6 +21,7 @@ class _Data:
         self.lock = threading.RLock()
         self.items: Dict[str, Tuple[Entry, bytes]] = {}
         self.counters: Dict[str, int] = {}
+        self.gone: "OrderedDict[str, str]" = OrderedDict()
         self.nbytes = 0
 
 
@@ -111,6 +114,20 @@ class MemoryBackend(Backend):
                     d.nbytes -= len(it[1])
                     n += 1
         return n
+
+    def mark_gone(self, reasons: Dict[str, str]) -> None:
+        d = self._data()
+        with d.lock:
+            for k, why in reasons.items():
+                d.gone[check_key(k)] = str(why)
+                d.gone.move_to_end(k)
+            while len(d.gone) > GONE_KEEP:
+                d.gone.popitem(last=False)
+
+    def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
+        d = self._data()
+        with d.lock:
+            return {k: d.gone[k] for k in keys if k in d.gone}
 
     def scan(self) -> Iterator[Entry]:
         d = self._data()

@@ -8,6 +8,7 @@ Keys, under one prefix ``P`` (default ``pymem:``, ``?prefix=`` in the URL or ``p
                    the entry exists exactly when this hash exists
     P stats        hash: bytes, entries (kept by the scripts below, so total_bytes is one HGET)
     P counters     hash: the store's counters (HINCRBY)
+    P g:<key>      why a deleted key went (evicted, corrupt): a string kept for a week
 
 put_if_absent's commit, delete and pinning are Lua scripts and get is a MULTI / EXEC of a metadata
 check (with the last_used update) and a GET: each is one atomic step on the server, so concurrent
@@ -25,7 +26,7 @@ import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from .base import Backend, Entry
+from .base import GONE_TTL, Backend, Entry
 from .errors import (
     BackendClosedError,
     BackendError,
@@ -134,6 +135,7 @@ class RedisBackend(Backend):
         self._v = p + b"v:"
         self._t = p + b"t:"
         self._m = p + b"m:"
+        self._g = p + b"g:"
         self._closed = False
         try:
             self._r = _redis.Redis.from_url(url, socket_timeout=socket_timeout,
@@ -252,6 +254,24 @@ class RedisBackend(Backend):
             with self._errors("delete"):
                 n += int(self._del(keys=flat))
         return n
+
+    def mark_gone(self, reasons: Dict[str, str]) -> None:
+        items = [(self._g + self._kb(check_key(k)), str(w).encode("utf-8")) for k, w in reasons.items()]
+        if not items:
+            return
+        with self._errors("mark_gone"):
+            pipe = self._r.pipeline(transaction=False)
+            for k, w in items:
+                pipe.set(k, w, ex=GONE_TTL)
+            pipe.execute()
+
+    def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
+        keys = [check_key(k) for k in keys]
+        if not keys:
+            return {}
+        with self._errors("why_gone"):
+            got = self._r.mget([self._g + self._kb(k) for k in keys])
+        return {k: w.decode("utf-8", "replace") for k, w in zip(keys, got) if w is not None}
 
     def scan(self) -> Iterator[Entry]:
         match = _glob_escape(self.prefix).encode("utf-8") + b"m:*"
