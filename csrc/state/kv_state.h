@@ -9,6 +9,8 @@
  * and reads nothing (b11739; the SWA cache of an iSWA memory is the partial part). */
 bool pmi_kv_partial_skips(const pmi_kv *kv, uint32_t flags);
 pm_status pmi_kv_state_write(const pmi_kv *kv, pmi_writer *w, pm_seq_id seq, uint32_t flags);
+/* runs of consecutive cells of cells[0..n): (first cell, length) pairs into runs; the count */
+uint32_t pmi_kv_make_runs(const uint32_t *cells, uint32_t n, uint32_t *runs);
 
 /* One stream section of a KV blob, parsed and validated (pointers into the blob). */
 typedef struct pmi_kv_section {
