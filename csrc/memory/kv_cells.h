@@ -123,6 +123,9 @@ typedef struct pmi_bulk {
     uint64_t unsorted[PM_MAX_SEQ / 64];        /* a key came after a larger one */
 } pmi_bulk;
 uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap);
+/* the stacks may be c->tmp when they fit: this many uint64_t (bulk_finish reads the roots off
+ * the stacks before it uses c->tmp for anything else) */
+static inline uint64_t pmi_cells_scratch_u64(const pmi_cells *c) { return 2 * (uint64_t)c->size; }
 void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64_t *stack);
 void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1);
 /* the same for cells [i, j) known to be members of s alone (j > i) */

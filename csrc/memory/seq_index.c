@@ -479,17 +479,19 @@ void pmi_cells_bulk_cells(pmi_cells *c, pmi_bulk *b, uint32_t i0, uint32_t i1) {
 void pmi_cells_bulk_finish(pmi_cells *c, pmi_bulk *b) {
     c->nlive = c->nfresh;
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
-        if (c->cnt[s] == 0) {
+        if (c->cnt[s] != 0) {
+            c->root[s] = (uint32_t)b->stack[b->base[s]]; /* the bottom of the right spine */
+        }
+    }
+    /* where positions went down, the same nodes get the keys in ascending order and the tree
+     * is built again (in c->tmp: nodes, the build's stack, keys; the spent stacks may have
+     * been there) */
+    uint64_t *keys = (uint64_t *)(c->tmp + 2 * (size_t)c->size);
+    for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
+        if (c->cnt[s] == 0 || !((b->unsorted[s >> 6] >> (s & 63)) & 1)) {
             continue;
         }
-        c->root[s] = (uint32_t)b->stack[b->base[s]]; /* the bottom of the right spine */
-        if (!((b->unsorted[s >> 6] >> (s & 63)) & 1)) {
-            continue;
-        }
-        /* positions went down: the same nodes get the keys in ascending order and the tree
-         * is built again (the stacks are spent: their memory holds the keys) */
         uint32_t n = pmi_tr_collect(c, c->root[s], c->tmp, 0);
-        uint64_t *keys = b->stack;
         for (uint32_t j = 0; j < n; ++j) {
             keys[j] = c->nkey[c->tmp[j]];
         }

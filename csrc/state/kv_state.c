@@ -430,9 +430,10 @@ static pm_status meta_whole_journaled(pmi_kv *kv, const pmi_kv_section *secs) {
  * bulk, linear time). */
 static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
     pm_status st = PM_OK;
-    uint64_t most = 0;
+    uint64_t most = 0; /* the largest stacks that do not fit in their stream's scratch */
     for (uint32_t s = 0; s < kv->n_stream && st == PM_OK; ++s) {
-        most = PMI_MAX(most, pmi_cells_bulk_stack_len(secs[s].ids));
+        uint64_t len = pmi_cells_bulk_stack_len(secs[s].ids);
+        most = len > pmi_cells_scratch_u64(&kv->cells[s]) ? PMI_MAX(most, len) : most;
         st = pmi_cells_reserve(&kv->cells[s], section_ids(kv, &secs[s]));
     }
     uint64_t *stack = NULL;
@@ -451,7 +452,9 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
         const uint32_t cc = secs[s].cc;
         const uint8_t *p = secs[s].meta;
         pmi_cells_reset_packed(c, cc);
-        pmi_cells_bulk_start(c, &bulk, secs[s].ids, stack);
+        /* the stacks in the stream's scratch when they fit (one id per cell: they do) */
+        bool own = pmi_cells_bulk_stack_len(secs[s].ids) <= pmi_cells_scratch_u64(c);
+        pmi_cells_bulk_start(c, &bulk, secs[s].ids, own ? (uint64_t *)c->tmp : stack);
         for (uint32_t i0 = 0; i0 < cc; i0 += 512) {
             uint32_t i1 = PMI_MIN(cc, i0 + 512), run_s = PMI_NONE, run_i = i0;
             for (uint32_t i = i0; i < i1; ++i) {

@@ -101,7 +101,9 @@ static void one_case(uint32_t size, uint32_t cc, uint32_t mode) {
     }
     /* twice: the second build reuses a pool whose nodes are all taken, and goes by runs */
     for (int rep = 0; rep < 2; ++rep) {
-        bulk_load(&bulk, cells, cc, stack, cap, rep == 1);
+        /* the second time the stacks sit in the cells' scratch when they fit (as restores do) */
+        bool in_tmp = rep == 1 && pmi_cells_bulk_stack_len(cap) <= pmi_cells_scratch_u64(&bulk);
+        bulk_load(&bulk, cells, cc, in_tmp ? (uint64_t *)bulk.tmp : stack, cap, rep == 1);
         CHECK_MSG(bulk.used == cc && bulk.nlive == members, "size %u cc %u: used %u nlive %u", size, cc, bulk.used,
                   bulk.nlive);
         for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
