@@ -499,6 +499,7 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
                 pmi_cells_bulk_run(c, &bulk, run_s, run_i, i1);
             }
         }
+        pmi_cells_load_end();
         pmi_cells_bulk_finish(c, &bulk);
         kv->head[s] = 0;
     }

@@ -64,6 +64,7 @@ static void bulk_load(pmi_cells *c, const cellrec *cells, uint32_t cc, uint64_t 
         }
         i0 = i1;
     }
+    pmi_cells_load_end();
     pmi_cells_bulk_finish(c, &b);
 }
 
