@@ -278,11 +278,12 @@ pm_token pmi_cells_seq_pos_tok_le(const pmi_cells *c, pm_seq_id s, pm_pos p) {
  * right spine; priorities fall from the bottom up), in linear time, all sequences at once as
  * the cells arrive in ascending order (their keys are then ascending unless positions go
  * down, fixed in pmi_cells_bulk_finish).  Each stack sits on PMI_BULK_SENTINELS entries of
- * UINT64_MAX that never pop (no priority exceeds UINT32_MAX), so the count a new node pops is
- * taken branch-free from the top 8 (the stack is monotonic), with a loop only when all 8 pop;
- * the right child link goes through a select (the new node itself when the spine was empty,
- * overwritten right after).  The shape is the one repeated inserts give: a function of the
- * keys alone. */
+ * UINT64_MAX that never pop (no priority exceeds UINT32_MAX) and keeps a UINT64_MAX mark one
+ * above its top, so the count a new node pops is taken branch-free from the top 4 (the stack
+ * is monotonic; a loop only when all 4 pop) and the new node's left child is read off the
+ * stack either way (bulk_push).  A long run is built as 2 or 4 parts at once, joined by a
+ * treap merge (build_parts).  The shape is the one repeated inserts give: a function of the
+ * keys alone (tests/c/test_seq_index.c). */
 uint64_t pmi_cells_bulk_stack_len(const uint32_t *cap) {
     uint64_t n = 0;
     for (uint32_t s = 0; s < PM_MAX_SEQ; ++s) {
@@ -302,7 +303,7 @@ void pmi_cells_bulk_start(pmi_cells *c, pmi_bulk *b, const uint32_t *cap, uint64
             for (uint32_t k = 0; k <= PMI_BULK_SENTINELS; ++k) { /* and the mark above the top */
                 stack[o + k] = UINT64_MAX;
             }
-            /* room for every member and the sentinels of 3 more stacks (build_chains) */
+            /* room for every member and the sentinels of 3 more stacks (build_parts) */
             o += cap[s] + 4 * PMI_BULK_SENTINELS;
             b->end[s] = o;
         }
@@ -428,9 +429,9 @@ static uint32_t build_parts(pmi_cells *c, uint64_t *restrict stk, uint32_t sp, u
     return sp;
 }
 
-/* Cells i..j-1, each a member of s alone, onto s's stack.  Keys, priorities and the order
- * check first, in loops the compiler vectorizes; then the stack loop, one dependency chain
- * per node (the pop count) and a short body. */
+/* Cells i..j-1, each a member of s alone, onto s's stack, as nodes nfresh.. in cell order.
+ * Keys, priorities and the order check first, in loops the compiler vectorizes; then the
+ * stack loops (build_parts). */
 void pmi_cells_bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint32_t j) {
     uint64_t *restrict stk = b->stack;
     const uint32_t nd0 = c->nfresh, n = j - i;
@@ -441,7 +442,7 @@ void pmi_cells_bulk_run(pmi_cells *c, pmi_bulk *b, uint32_t s, uint32_t i, uint3
         nkey[t] = ((uint64_t)((uint32_t)pos[t] ^ 0x80000000u) << 32) | (i + t); /* key_of */
     }
     for (uint32_t t = 0; t < n; ++t) {
-        nprio[t] = prio_of(i + t);
+        nprio[t] = prio_of(i + t); /* a hash of the cell: the low half of the key */
     }
     uint32_t down = nkey[0] < b->last[s];
     for (uint32_t t = 1; t < n; ++t) {
