@@ -452,7 +452,8 @@ static pm_status meta_whole_bulk(pmi_kv *kv, const pmi_kv_section *secs) {
         const uint32_t cc = secs[s].cc;
         const uint8_t *p = secs[s].meta;
         pmi_cells_reset_packed(c, cc);
-        /* the stacks in the stream's scratch when they fit (one id per cell: they do) */
+        /* the stacks in the stream's scratch when they fit (with one id per cell they do, but
+         * in a tiny cache of many sequences) */
         bool own = pmi_cells_bulk_stack_len(secs[s].ids) <= pmi_cells_scratch_u64(c);
         pmi_cells_bulk_start(c, &bulk, secs[s].ids, own ? (uint64_t *)c->tmp : stack);
         for (uint32_t i0 = 0; i0 < cc; i0 += 512) {
