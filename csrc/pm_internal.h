@@ -128,8 +128,6 @@ static inline pm_status pmi_copy_need(const pmi_reader *r, uint64_t m0, pmi_copy
     return end <= c->n ? PM_OK : pmi_copy_window(r, m0, c, end);
 }
 
-/* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
- * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */
 /* memcpy of a large block as pieces of 256 KB: glibc's memcpy of one multi-megabyte block
  * runs about a fifth slower than the same bytes in pieces on the machines measured (bench/
  * README.md); the tensor copies of state reads and writes go through here. */
@@ -146,6 +144,8 @@ static inline void pmi_copy_big(void *dst, const void *src, size_t n) {
     memcpy(d, s, n);
 }
 
+/* Set bits of x.  The portable x86-64 baseline has no POPCNT instruction, and
+ * __builtin_popcountll then becomes a libgcc call; this stays inline on every target. */
 static inline uint32_t pmi_popcount64(uint64_t x) {
     x = x - ((x >> 1) & 0x5555555555555555ULL);
     x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
