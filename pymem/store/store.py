@@ -26,7 +26,7 @@ __all__ = ["Store", "PutResult", "Lookup", "PrefillResult"]
 
 _PROBE_SLOTS = 8
 _GONE_MAX = 1 << 16
-_GONE_SCAN = 4096   # checkpoint candidates a miss reason looks at for a kept deletion reason
+_GONE_SCAN = 1024   # checkpoint candidates a miss reason looks at for a kept deletion reason
 _ORPHAN = "deleted by gc / verify: a block before it in its chain was gone"
 _CKPT_BATCH = 256           # checkpoint candidates looked up per backend round trip
 _NOSEED = b"\0" * 16
@@ -208,7 +208,9 @@ class Store:
             return total
         return 0
 
-    def _plan(self, c: _Ctx, toks: np.ndarray, limit: int) -> _Plan:
+    def _plan(self, c: _Ctx, toks: np.ndarray, limit: int, explain: bool = False) -> _Plan:
+        """What a restore of ``toks`` (at most ``limit`` tokens) would take, and why not more;
+        ``explain`` (lookup) also searches the kept deletion reasons of checkpoints."""
         B, lay = self.block_tokens, c.lay
         chain = K.Chain(c.seed, B, toks)
         T = len(toks)
@@ -223,21 +225,23 @@ class Store:
         else:
             j = N // B
         hi = min(N, (j + 1) * B - 1)
+
+        def plan(m: int, start: int, src: int = 0) -> _Plan:
+            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N, explain), start, src)
         if not lay.needs_ckpt:
             for m in range(hi, j * B, -1):
                 src = self._tail_src(chain, m, T)
                 if src:
-                    return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j, src)
-            m = j * B
-            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), j)
+                    return plan(m, j, src)
+            return plan(j * B, j)
         for m in self._stored_ckpts(chain, hi):
             src = m
             if m % B and lay.n_full:
                 src = self._tail_src(chain, m, T)
                 if not src:
                     continue
-            return _Plan(m, "" if m == N else self._why_short(c, toks, chain, j, m, N), m // B, src)
-        return _Plan(0, self._why_short(c, toks, chain, j, 0, N), 0)
+            return plan(m, m // B, src)
+        return plan(0, 0)
 
     def _stored_ckpts(self, chain: K.Chain, hi: int) -> Iterable[int]:
         """Token counts m <= hi with a stored checkpoint, longest first (one backend round trip
@@ -247,7 +251,8 @@ class Store:
             have = self.backend.present([chain.ckpt(m).hex() for m in ms])
             yield from (m for m, h in zip(ms, have) if h)
 
-    def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int) -> str:
+    def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int,
+                   explain: bool = False) -> str:
         B, lay = self.block_tokens, c.lay
         if m == 0 and j == 0 and lay.n_full or (m == 0 and not lay.n_full):
             fp = self._probe_reason(c, toks)
@@ -269,16 +274,19 @@ class Store:
             if m:
                 parts.append(f"tokens {m}..{N - 1} are not in the store: no checkpoint of the {what} part at "
                              f"a token count in {m + 1}..{cover} (checkpoints exist at stored prompt lengths "
-                             f"and, after prefill, every checkpoint_every blocks)" + self._gone_ckpt(chain, m + 1, cover))
+                             f"and, after prefill, every checkpoint_every blocks)" + self._gone_ckpt(chain, m + 1, cover, explain))
             else:
                 parts.append(f"no checkpoint of the {what} part at a token count <= {cover}"
                              + (f" (blocks cover {j * B} tokens)" if lay.n_full else "")
-                             + self._gone_ckpt(chain, 1, cover))
+                             + self._gone_ckpt(chain, 1, cover, explain))
         return "; ".join(parts) or "not in the store"
 
-    def _gone_ckpt(self, chain: K.Chain, lo: int, hi: int) -> str:
+    def _gone_ckpt(self, chain: K.Chain, lo: int, hi: int, explain: bool) -> str:
         """'; the checkpoint at m tokens: why' for the largest m in lo..hi whose checkpoint was
-        deleted with a kept reason (looked up in batches, at most _GONE_SCAN candidates)."""
+        deleted with a kept reason (looked up in batches, at most _GONE_SCAN candidates; only
+        for ``explain``: a restore does not spend the look-ups on its reason)."""
+        if not explain:
+            return ""
         for top in range(hi, max(lo, hi - _GONE_SCAN + 1) - 1, -_CKPT_BATCH):
             ms = range(top, max(top - _CKPT_BATCH, lo - 1), -1)
             keys = [chain.ckpt(m).hex() for m in ms]
@@ -318,7 +326,7 @@ class Store:
         No side effects (no counters, no LRU refresh)."""
         c = self._ctx(target, model)
         toks = K.tokens_array(tokens)
-        p = self._plan(c, toks, len(toks))
+        p = self._plan(c, toks, len(toks), explain=True)
         return Lookup(p.n, p.reason)
 
     # -- put -------------------------------------------------------------------------------------
