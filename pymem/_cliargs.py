@@ -77,19 +77,28 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2,
           "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
 
-def size(text: str) -> int:
-    """A byte size: a number >= 0 with an optional unit (B, KB ... TB, KiB ... TiB), below 2^64."""
+def parse_size(text: str) -> int:
+    """A byte size: a number >= 0 with an optional unit (B, KB ... TB, KiB ... TiB), below 2^64;
+    ValueError naming what is wrong."""
     t = text.strip().lower().replace("_", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
     try:
         value = float(num)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
+        raise ValueError(f"{text!r} is not a size (e.g. 8GiB, 512MB, 1e9)") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+        raise ValueError(f"{text!r} is negative")
     if unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        raise ValueError(f"{text!r}: unknown unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
     if not value * _UNITS[unit] < 2 ** 64:  # also inf and nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size below 2^64 bytes")
+        raise ValueError(f"{text!r} is not a size below 2^64 bytes")
     return int(value * _UNITS[unit])
+
+
+def size(text: str) -> int:
+    """:func:`parse_size` as an argparse type."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -242,24 +242,18 @@ class Memory:
         w = "state_write_into"
         s, f, env = self._state_args(w, seq_id, flags, envelope)
         view = ffi.from_buffer(buffer, require_writable=True)
-        g = self._guard
+        g, out = self._guard, self._o_u64
         try:
-            with g.lock:              # Guard.call inlined (a hot path): lock, live memory, status
-                h = g.handle
-                if h is None:
-                    raise E.InvalidStateError(f"operation on a closed {g.owner}")
-                st = lib.pm_mem_state_write(h.ptr, s, f, env, view, len(view), self._o_u64)
-                n = int(self._o_u64[0])
-                if st:
-                    try:
-                        check(st, w)
-                    except E.BufferTooSmallError as exc:
-                        exc.needed = n
-                        del exc           # no reference cycle through this frame (see _release)
-                        raise
+            with g.lock:              # the out-parameter is shared: read it under the lock
+                try:
+                    g.call(w, lib.pm_mem_state_write, s, f, env, view, len(view), out)
+                except E.BufferTooSmallError as exc:
+                    exc.needed = int(out[0])
+                    del exc               # no reference cycle through this frame (see _release)
+                    raise
+                return int(out[0])
         finally:
             _release(view)
-        return n
 
     def state_read(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None,
                    allow_trailing: bool = False) -> int:
@@ -268,19 +262,13 @@ class Memory:
         w = "state_read"
         s, f, env = self._state_args(w, seq_id, flags, envelope)
         view = ffi.from_buffer(data)
-        g = self._guard
+        g, out = self._guard, self._o_u64
         try:
-            with g.lock:              # Guard.call inlined (a hot path): lock, live memory, status
-                h = g.handle
-                if h is None:
-                    raise E.InvalidStateError(f"operation on a closed {g.owner}")
-                st = lib.pm_mem_state_read(h.ptr, s, f, env, view, len(view), bool(allow_trailing), self._o_u64)
-                if st:
-                    check(st, w)
-                n = int(self._o_u64[0])
+            with g.lock:              # the out-parameter is shared: read it under the lock
+                g.call(w, lib.pm_mem_state_read, s, f, env, view, len(view), bool(allow_trailing), out)
+                return int(out[0])
         finally:
             _release(view)
-        return n
 
     def state_check(self, data: Any, seq_id: int = -1, flags: int = 0, envelope: Optional[str] = None) -> int:
         """Validate a state for this memory without changing anything; returns the bytes it

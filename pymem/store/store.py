@@ -1,7 +1,6 @@
 """The prompt-cache store: put / lookup / restore / prefill over one backend (see pymem.store)."""
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 from collections import OrderedDict
@@ -11,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from .. import _errors as E
-from .._cliargs import size
+from .._cliargs import parse_size
 from .._guard import integer
 from . import assemble as A
 from . import gather as G
@@ -78,8 +77,8 @@ def _budget(value: Any) -> Optional[int]:
         return None
     if isinstance(value, str):
         try:
-            return size(value)
-        except argparse.ArgumentTypeError as exc:
+            return parse_size(value)
+        except ValueError as exc:
             raise E.InvalidArgumentError(f"budget_bytes: {exc}") from None
     return integer(value, "budget_bytes", 0, 2 ** 63 - 1)
 
@@ -160,9 +159,8 @@ class Store:
 
     def _corrupt(self, key: bytes, exc: CorruptValueError) -> None:
         """Delete a value found corrupt, count it, remember why; raises ``exc``."""
-        self.backend.delete([key.hex()])
+        self._delete([key.hex()], f"a corrupt value was deleted ({exc})")
         self.backend.incr("corrupt")
-        self._forget({key.hex(): f"a corrupt value was deleted ({exc})"})
         raise exc
 
     def _forget(self, reasons: Dict[str, str]) -> None:
@@ -243,13 +241,18 @@ class Store:
             return plan(m, m // B, src)
         return plan(0, 0)
 
+    @staticmethod
+    def _ckpt_batches(chain: K.Chain, hi: int, lo: int = 1) -> Iterable[Tuple[range, List[str]]]:
+        """Checkpoint candidates hi, hi-1, ..., lo and their keys, _CKPT_BATCH at a time (one
+        backend round trip each)."""
+        for top in range(hi, lo - 1, -_CKPT_BATCH):
+            ms = range(top, max(top - _CKPT_BATCH, lo - 1), -1)
+            yield ms, [chain.ckpt(m).hex() for m in ms]
+
     def _stored_ckpts(self, chain: K.Chain, hi: int) -> Iterable[int]:
-        """Token counts m <= hi with a stored checkpoint, longest first (one backend round trip
-        per batch of candidates)."""
-        for top in range(hi, 0, -_CKPT_BATCH):
-            ms = range(top, max(top - _CKPT_BATCH, 0), -1)
-            have = self.backend.present([chain.ckpt(m).hex() for m in ms])
-            yield from (m for m, h in zip(ms, have) if h)
+        """Token counts m <= hi with a stored checkpoint, longest first."""
+        for ms, keys in self._ckpt_batches(chain, hi):
+            yield from (m for m, h in zip(ms, self.backend.present(keys)) if h)
 
     def _why_short(self, c: _Ctx, toks: np.ndarray, chain: K.Chain, j: int, m: int, N: int,
                    explain: bool = False) -> str:
@@ -287,9 +290,7 @@ class Store:
         for ``explain``: a restore does not spend the look-ups on its reason)."""
         if not explain:
             return ""
-        for top in range(hi, max(lo, hi - _GONE_SCAN + 1) - 1, -_CKPT_BATCH):
-            ms = range(top, max(top - _CKPT_BATCH, lo - 1), -1)
-            keys = [chain.ckpt(m).hex() for m in ms]
+        for ms, keys in self._ckpt_batches(chain, hi, max(lo, hi - _GONE_SCAN + 1)):
             kept = self.backend.why_gone(keys)
             for m, k in zip(ms, keys):
                 why = self._gone.get(k) or kept.get(k)

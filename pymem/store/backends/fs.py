@@ -336,14 +336,17 @@ class FSBackend(Backend):
         finally:
             os.close(fd)
 
-    def present(self, keys: Sequence[str]) -> List[bool]:
-        keys = [check_key(k) for k in keys]
-        have: set = set()
+    def _read_in(self, select: str, keys: List[str], what: str) -> List[tuple]:
+        """``select`` + `` WHERE key IN (...)`` over checked ``keys``, 500 at a time."""
+        rows: List[tuple] = []
         for a in range(0, len(keys), 500):
             part = keys[a:a + 500]
-            rows = self._read(f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(part))})",
-                              tuple(part), "present")
-            have.update(r[0] for r in rows)
+            rows += self._read(f"{select} WHERE key IN ({','.join('?' * len(part))})", tuple(part), what)
+        return rows
+
+    def present(self, keys: Sequence[str]) -> List[bool]:
+        keys = [check_key(k) for k in keys]
+        have = {r[0] for r in self._read_in("SELECT key FROM entries", keys, "present")}
         return [k in have for k in keys]
 
     def touch(self, keys: Iterable[str]) -> None:
@@ -434,13 +437,7 @@ class FSBackend(Backend):
         self._write(put, "mark_gone")
 
     def why_gone(self, keys: Sequence[str]) -> Dict[str, str]:
-        keys = [check_key(k) for k in keys]
-        out: Dict[str, str] = {}
-        for a in range(0, len(keys), 500):
-            part = keys[a:a + 500]
-            out.update(self._read(f"SELECT key, why FROM gone WHERE key IN ({','.join('?' * len(part))})",
-                                  tuple(part), "why_gone"))
-        return out
+        return dict(self._read_in("SELECT key, why FROM gone", [check_key(k) for k in keys], "why_gone"))
 
     def scan(self) -> Iterator[Entry]:
         last = ""

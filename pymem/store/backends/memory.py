@@ -4,10 +4,10 @@ opens the store of that name shared by every ``open`` in this process."""
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .base import GONE_KEEP, Backend, Entry
