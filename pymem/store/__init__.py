@@ -16,7 +16,7 @@ blocks and are seeded with the model and memory-layout fingerprints (see :mod:`.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .errors import BackendError, CorruptValueError, FingerprintError, StoreError, TargetError
 from .store import Lookup, PrefillResult, PutResult, Store
